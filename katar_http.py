@@ -1,0 +1,1387 @@
+#!/usr/bin/env python3
+"""katar_http: an HTTP task-queue server for polling workers, in one standard-library file.
+
+Producers put tasks in named queues; workers in any language poll over HTTP:
+
+    python katar_http.py --port 3000 --queue jobs:1000     # queue "jobs", workers poll every 1000 ms
+    curl -X POST localhost:3000/v1/queue/jobs/tasks -d '{"data": {"n": 1}}'
+    curl localhost:3000/v1/queue/jobs                     # {"configuration": {"interval": 1000}}
+    curl -X POST localhost:3000/v1/queue/jobs -d '{}'     # {"tasks": [{"_id": ..., "data": ..., "attempt": 1}]}
+    curl -X POST localhost:3000/v1/queue/jobs -d '{"tasks": [{"_id": "...", "status": "done"}]}'
+
+The worker protocol (GET the configuration; POST to lease a task and to report tasks done or failed) is the one of
+the original katar HTTP worker server, kept exactly. Everything beyond it is opt-in: `max` and `wait` (batches and
+long polling) on the same POST, leases that run out when a worker dies, fenced reports carrying the `attempt` they
+answer, retries with exponential backoff, dead letters, idempotent reports and insert keys, and producer and
+operator routes (insert, list, inspect, wait for a result, cancel, pause, retry, purge, stats).
+
+Task statuses, in katar's words: paused, queued, in progress, done, failed, cancelled. A task is `in progress`
+while leased; `failed` is final (a dead letter): a failure that will be retried puts the task back to `queued`.
+
+Delivery is at least once: a task is handed out again when its lease runs out before a report arrives.
+
+The file reads top to bottom as the architecture:
+  1. constants and errors (each error carries its HTTP status);
+  2. the queue core (Broker, Queue, Task): thread-safe behind one lock, knowing nothing of HTTP. Every change of
+     state is one record (a dict) applied by Broker._apply, so a journal can write exactly those records and replay
+     them through the same function;
+  3. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, call the core, serialise);
+  4. the server object and the command line.
+
+Not here (yet): persistence across restarts, authentication, TLS. Bind to 127.0.0.1 (the default) until then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import heapq
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__version__ = "0.1.0"
+__all__ = [
+    "Broker", "Queue", "KatarServer", "serve", "main", "build_parser",
+    "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "LengthRequired",
+    "PayloadTooLarge", "UnsupportedMediaType",
+    "PAUSED", "QUEUED", "IN_PROGRESS", "DONE", "FAILED", "CANCELLED", "STATUSES", "PRIORITIES",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Constants and errors
+# ---------------------------------------------------------------------------------------------------------------
+
+PAUSED, QUEUED, IN_PROGRESS, DONE, FAILED, CANCELLED = "paused", "queued", "in progress", "done", "failed", "cancelled"
+STATUSES = (PAUSED, QUEUED, IN_PROGRESS, DONE, FAILED, CANCELLED)
+FINAL_STATUSES = (DONE, FAILED, CANCELLED)  # a task in one of these waits for nobody but an operator
+PRIORITIES = {"high": 10, "normal": 0, "low": -10}
+
+DEFAULT_INTERVAL_MS = 30000  # the original's default poll interval
+# Queue options and their defaults. `configuration` (what GET /v1/queue/<q> returns) is kept beside them.
+QUEUE_DEFAULTS: Dict[str, Any] = {
+    "lease": 60000,          # ms a leased task stays `in progress` without a report or heartbeat
+    "max_attempts": 5,       # deliveries that may end in failure or expiry before the task is a dead letter
+    "persistent": False,     # keep done and cancelled tasks (katar's default is to discard them)
+    "paused": False,         # a paused queue leases nothing
+    "max_in_flight": 0,      # cap on tasks in progress at once; 0 is no cap
+    "backoff": 1000,         # ms before the first retry; doubled for each later one
+    "max_backoff": 300000,   # ms, the cap on that doubling
+}
+MAX_LEASE_BATCH = 1000       # upper bound of `max` on a poll
+MAX_REPORTS = 1000           # reports on one poll
+MAX_INSERT_BATCH = 1000      # tasks in one insert
+MAX_LIST_LIMIT = 1000        # tasks in one page of a listing
+MAX_DELAY_MS = 366 * 86400 * 1000
+MAX_PRIORITY = 10 ** 9
+MAX_TEXT = 65536             # characters in an error, worker id or key
+HISTORY_LIMIT = 20           # attempts remembered per task
+FINISHED_MEMORY = 10000      # ids of discarded tasks a non-persistent queue remembers, for idempotent reports
+DEFAULT_MAX_WAIT_MS = 30000  # the server's cap on `wait`
+DEFAULT_MAX_BODY = 1 << 20   # bytes in a request body
+QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+
+class KatarError(Exception):
+    """Root of the errors a client can cause; `status` is the HTTP status it answers with."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str, ids: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.ids = list(ids)
+
+    def to_json(self) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"error": str(self)}
+        if self.ids:
+            body["ids"] = self.ids
+        return body
+
+
+class BadRequest(KatarError):
+    """The request is malformed: a field is missing, of the wrong type or out of range."""
+    status = HTTPStatus.BAD_REQUEST
+
+
+class NotFound(KatarError):
+    """No such queue, task or route."""
+    status = HTTPStatus.NOT_FOUND
+
+
+class MethodNotAllowed(KatarError):
+    """The route exists but not with this method; `allow` lists the methods it has."""
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+
+    def __init__(self, message: str, allow: Iterable[str]) -> None:
+        super().__init__(message)
+        self.allow = sorted(allow)
+
+
+class Conflict(KatarError):
+    """The request contradicts the task's state (a superseded delivery, a finished task, ...)."""
+    status = HTTPStatus.CONFLICT
+
+
+class LengthRequired(KatarError):
+    """A body was sent without a Content-Length (chunked bodies are not accepted)."""
+    status = HTTPStatus.LENGTH_REQUIRED
+
+
+class PayloadTooLarge(KatarError):
+    """The request body is larger than the server accepts."""
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UnsupportedMediaType(KatarError):
+    """The body is declared as something other than JSON."""
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+# Field checks shared by the core and the HTTP layer. Each names the offending field.
+
+def _check_int(field: str, value: Any, low: int, high: int) -> int:
+    # bool is an int to Python but never to a JSON client; floats with no fraction (1.0) are accepted.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"{field} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise BadRequest(f"{field} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _check_text(field: str, value: Any, limit: int = MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise BadRequest(f"{field} is longer than {limit} characters")
+    return value
+
+
+def _check_bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{field} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _check_priority(value: Any) -> int:
+    if isinstance(value, str):
+        if value not in PRIORITIES:
+            raise BadRequest(f"priority must be an integer or one of {', '.join(PRIORITIES)}, got {value!r}")
+        return PRIORITIES[value]
+    return _check_int("priority", value, -MAX_PRIORITY, MAX_PRIORITY)
+
+
+def _json_default(value: Any) -> Any:
+    # As the original sent `new Date()`: dates and times travel as ISO 8601 strings.
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _json_value(field: str, value: Any) -> Any:
+    """Return `value` as plain JSON values (what a journal can write and a client can read), or raise BadRequest."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
+        return value
+    try:
+        return json.loads(json.dumps(value, default=_json_default, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"{field} must be JSON: {exc}") from None
+
+
+def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Validate queue options (the keys of QUEUE_DEFAULTS and `configuration`); return them normalised."""
+    checked: Dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "configuration":
+            if not isinstance(value, dict):
+                raise BadRequest("configuration must be an object")
+            value = _json_value("configuration", dict(value))
+            value.setdefault("interval", DEFAULT_INTERVAL_MS)
+            _check_int("configuration.interval", value["interval"], 0, 2 ** 31)
+        elif name in ("persistent", "paused"):
+            _check_bool(name, value)
+        elif name == "max_attempts":
+            value = _check_int(name, value, 1, 10 ** 6)
+        elif name in QUEUE_DEFAULTS:
+            value = _check_int(name, value, 1 if name == "lease" else 0, MAX_DELAY_MS)
+        else:
+            raise BadRequest(f"unknown queue option {name!r}; options are configuration, {', '.join(QUEUE_DEFAULTS)}")
+        checked[name] = value
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The queue core: Task, Queue, Broker. Pure Python, one lock, no HTTP.
+# ---------------------------------------------------------------------------------------------------------------
+
+class Task:
+    """One task. `attempt` numbers its deliveries (1, 2, ...); `spent` counts those that ended in failure or expiry,
+    which is what `max_attempts` limits (a task handed back does not spend an attempt)."""
+
+    __slots__ = ("id", "seq", "data", "priority", "status", "key", "created_at", "updated_at", "run_at",
+                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "token")
+
+    def __init__(self, task_id: str, seq: int, data: Any, priority: int, status: str, key: Optional[str],
+                 run_at: int, at: int) -> None:
+        self.id, self.seq, self.data, self.priority, self.status, self.key = task_id, seq, data, priority, status, key
+        self.created_at = self.updated_at = at
+        self.run_at = run_at
+        self.attempt = self.spent = 0
+        self.worker: Optional[str] = None
+        self.lease_until: Optional[int] = None
+        self.error: Optional[str] = None
+        self.result: Any = None
+        self.history: List[Dict[str, Any]] = []
+        self.token = 0  # which heap entry is current; an index detail, never journalled
+
+    def latest(self) -> Optional[Dict[str, Any]]:
+        """The history entry of the latest delivery, if it is still remembered."""
+        if self.history and self.history[-1]["attempt"] == self.attempt:
+            return self.history[-1]
+        return None
+
+    def outcome(self, attempt: int) -> Optional[str]:
+        for entry in reversed(self.history):
+            if entry["attempt"] == attempt:
+                return entry["outcome"]
+        return None
+
+    def snapshot(self, queue: str) -> Dict[str, Any]:
+        return {
+            "_id": self.id, "queue": queue, "status": self.status, "data": self.data, "priority": self.priority,
+            "key": self.key, "attempt": self.attempt, "attempts_spent": self.spent, "worker": self.worker,
+            "lease_expires_at": self.lease_until, "run_at": self.run_at, "error": self.error, "result": self.result,
+            "history": [dict(entry) for entry in self.history],
+            "created_at": self.created_at, "updated_at": self.updated_at,
+        }
+
+
+class _Waiter:
+    """A thread waiting under the broker lock: a long poll (wants up to `max` tasks) or a wait for a result."""
+
+    __slots__ = ("cond", "max", "worker", "result")
+
+    def __init__(self, lock: threading.Lock, max_tasks: int = 0, worker: Optional[str] = None) -> None:
+        self.cond = threading.Condition(lock)
+        self.max, self.worker = max_tasks, worker
+        self.result: Any = None
+
+
+class Queue:
+    """A named queue. Public methods take the broker lock; `_apply_*` methods change state and run only from
+    Broker._apply; everything else prepares records or keeps indexes.
+
+    Indexes, rebuilt from the tasks alone (so a journal never needs them):
+      _ready    heap of (-priority, seq, token, id): queued tasks whose run_at has come, best first;
+      _delayed  heap of (run_at, seq, token, id): queued tasks waiting for a delay or a backoff;
+      _leases   heap of (lease_until, seq, attempt, id): tasks in progress, soonest expiry first.
+    Heap entries go stale when a task moves on; a stale entry is skipped when popped (its token or lease no longer
+    matches) and the heaps are rebuilt when stale entries outnumber live ones.
+    """
+
+    def __init__(self, broker: "Broker", name: str, options: Dict[str, Any]) -> None:
+        self.name = name
+        self._broker = broker
+        self.options = dict(QUEUE_DEFAULTS, configuration={"interval": DEFAULT_INTERVAL_MS})
+        self.options.update(options)
+        self._tasks: Dict[str, Task] = {}
+        # Per status, the ids in the order they entered it: counts, the oldest queued task, purges, listings.
+        self._by_status: Dict[str, "collections.OrderedDict[str, Task]"] = {
+            status: collections.OrderedDict() for status in STATUSES}
+        self._ready: List[Tuple[int, int, int, str]] = []
+        self._delayed: List[Tuple[int, int, int, str]] = []
+        self._leases: List[Tuple[int, int, int, str]] = []
+        self._keys: Dict[str, str] = {}
+        # Discarded tasks of a non-persistent queue: id -> (status, attempt, its outcome, key), oldest first.
+        self._finished: "collections.OrderedDict[str, Tuple[str, int, Optional[str], Optional[str]]]" = \
+            collections.OrderedDict()
+        self._waiters: "collections.deque[_Waiter]" = collections.deque()  # long polls, first come first served
+        self._result_waiters: Dict[str, List[_Waiter]] = {}
+        self.totals = {name: 0 for name in
+                       ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled")}
+
+    # -- public surface ------------------------------------------------------------------------------------------
+
+    def describe(self) -> Dict[str, Any]:
+        """The queue's name, configuration and options."""
+        with self._broker._lock:
+            return dict(self.options, name=self.name, configuration=dict(self.options["configuration"]))
+
+    @property
+    def configuration(self) -> Dict[str, Any]:
+        """What workers receive from GET /v1/queue/<name>: `interval` plus any custom keys."""
+        with self._broker._lock:
+            return dict(self.options["configuration"])
+
+    def configure(self, **options: Any) -> Dict[str, Any]:
+        """Change options (see QUEUE_DEFAULTS) or `configuration`; returns describe()."""
+        self._broker.queue(self.name, **options)
+        return self.describe()
+
+    def insert(self, tasks: Union[Dict[str, Any], List[Dict[str, Any]]]) -> Any:
+        """Insert one task `{"data", "priority"?, "delay"? ms, "key"?, "status"? queued|paused}` or a list of them.
+
+        Returns a dict (or a list of dicts) `{"_id", "status", "created"}`; `created` is false when `key` matched a
+        task the queue still holds or remembers, which is then the task returned."""
+        single = isinstance(tasks, dict)
+        entries = [tasks] if single else tasks
+        if not isinstance(entries, list) or not entries:
+            raise BadRequest("tasks must be a task object or a non-empty list of them")
+        if len(entries) > MAX_INSERT_BATCH:
+            raise BadRequest(f"tasks holds {len(entries)} tasks; at most {MAX_INSERT_BATCH} per insert")
+        checked = [self._check_insert(index, entry) for index, entry in enumerate(entries)]
+        broker = self._broker
+        with broker._lock:
+            now = broker._now()
+            results, records, new_keys = [], [], {}
+            for data, priority, delay, key, status in checked:
+                if key is not None and (key in self._keys or key in new_keys):
+                    known = new_keys.get(key) or (self._keys[key], self._status_of(self._keys[key]))
+                    results.append({"_id": known[0], "status": known[1], "created": False})
+                    continue
+                task_id = broker._next_id()
+                if key is not None:
+                    new_keys[key] = (task_id, status)
+                records.append({"op": "insert", "q": self.name, "id": task_id, "data": data, "priority": priority,
+                                "status": status, "key": key, "run_at": now + delay, "at": now})
+                results.append({"_id": task_id, "status": status, "created": True})
+            broker._commit(records)
+            self._serve_waiters(now)
+        return results[0] if single else results
+
+    def lease(self, max: int = 1, wait: float = 0, worker: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Lease up to `max` tasks, waiting up to `wait` ms for the first; returns `[{"_id", "data", "attempt"}]`."""
+        return self.poll((), max=max, wait=wait, worker=worker)
+
+    def report(self, reports: List[Dict[str, Any]]) -> None:
+        """Apply reports `{"_id", "status", "attempt"?, ...}`: all of them, or none if any is refused."""
+        self.poll(reports, max=0)
+
+    def poll(self, reports: Iterable[Dict[str, Any]] = (), max: int = 1, wait: float = 0,
+             worker: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms."""
+        max = _check_int("max", max, 0, MAX_LEASE_BATCH)
+        wait_ms = _check_number("wait", wait, 0, 10 ** 9)
+        if worker is not None:
+            worker = _check_text("worker", worker, 256)
+        reports = _check_reports(reports)
+        broker = self._broker
+        with broker._lock:
+            now = broker._now()
+            self._tick(now)
+            if reports:
+                broker._commit(self._plan_reports(reports, now))
+            self._serve_waiters(now)  # earlier waiters come first, also for what these reports freed
+            leased = self._take(max, worker, now)
+            if leased or not max or wait_ms <= 0 or broker._closed:
+                return leased
+            return self._wait_for_tasks(_Waiter(broker._lock, max, worker), wait_ms)
+
+    def task(self, task_id: str, wait: float = 0) -> Dict[str, Any]:
+        """A task's full record; with `wait` ms, hold until it is done, failed or cancelled (or the time is up)."""
+        wait_ms = _check_number("wait", wait, 0, 10 ** 9)
+        broker = self._broker
+        with broker._lock:
+            self._tick(broker._now())
+            task = self._tasks.get(task_id)
+            if task is None or wait_ms <= 0 or task.status in FINAL_STATUSES or broker._closed:
+                return self._task_view(task_id)
+            waiter = _Waiter(broker._lock)
+            self._result_waiters.setdefault(task_id, []).append(waiter)
+            try:
+                self._wait(waiter, wait_ms)
+            finally:
+                waiting = self._result_waiters.get(task_id, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._result_waiters[task_id]
+            return waiter.result if waiter.result is not None else self._task_view(task_id)
+
+    def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
+        """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
+        allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED)}
+        if status not in allowed:
+            raise BadRequest(f"status must be one of {', '.join(allowed)}, got {status!r}")
+        broker = self._broker
+        with broker._lock:
+            now = broker._now()
+            self._tick(now)
+            task = self._tasks.get(task_id)
+            if task is None:
+                raise NotFound(f"task {task_id} not found in queue {self.name}", [task_id])
+            if task.status != status:
+                if task.status not in allowed[status]:
+                    raise Conflict(f"task {task_id} is {task.status}; it cannot become {status}", [task_id])
+                broker._commit([{"op": "status", "q": self.name, "id": task_id, "status": status, "at": now}])
+                self._serve_waiters(now)
+            return self._task_view(task_id)
+
+    def cancel(self, task_id: str) -> Dict[str, Any]:
+        """Cancel a queued or paused task."""
+        return self.set_status(task_id, CANCELLED)
+
+    def purge(self, status: str) -> int:
+        """Delete every task with `status` (not `in progress`: cancel or wait for those); returns how many."""
+        if status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if status == IN_PROGRESS:
+            raise Conflict("tasks in progress cannot be purged; wait for their reports or leases")
+        broker = self._broker
+        with broker._lock:
+            now = broker._now()
+            self._tick(now)
+            ids = list(self._by_status[status])
+            if ids:
+                broker._commit([{"op": "purge", "q": self.name, "ids": ids, "at": now}])
+            return len(ids)
+
+    def tasks(self, status: Optional[str] = None, limit: int = 100, after: Optional[str] = None) -> Dict[str, Any]:
+        """A page of tasks in insertion order: `{"tasks": [...], "next": cursor or None}`."""
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        limit = _check_int("limit", limit, 1, MAX_LIST_LIMIT)
+        after_seq = _seq_of(after) if after is not None else 0
+        with self._broker._lock:
+            self._tick(self._broker._now())
+            # A listing is an operator's tool: it walks the tasks of one status (or all) in insertion order.
+            if status is None:
+                candidates: Iterable[Task] = self._tasks.values()
+            else:
+                candidates = sorted(self._by_status[status].values(), key=lambda task: task.seq)
+            page: List[Dict[str, Any]] = []
+            for task in candidates:
+                if task.seq > after_seq:
+                    if len(page) == limit:
+                        return {"tasks": page, "next": page[-1]["_id"]}
+                    page.append(task.snapshot(self.name))
+            return {"tasks": page, "next": None}
+
+    def stats(self) -> Dict[str, Any]:
+        """Counts per status, the age of the oldest queued task, totals and waiting workers."""
+        with self._broker._lock:
+            now = self._broker._now()
+            self._tick(now)
+            queued = self._by_status[QUEUED]
+            oldest = next(iter(queued.values())) if queued else None
+            return {
+                "queue": self.name,
+                "counts": {status: len(ids) for status, ids in self._by_status.items()},
+                "total": len(self._tasks),
+                "oldest_queued_age_ms": max(0, now - oldest.updated_at) if oldest else None,
+                "waiting_workers": len(self._waiters),
+                "paused": self.options["paused"],
+                "totals": dict(self.totals),
+            }
+
+    # -- validation and planning (under the lock; no state changes) ---------------------------------------------
+
+    def _check_insert(self, index: int, entry: Any) -> Tuple[Any, int, int, Optional[str], str]:
+        where = f"tasks[{index}]" if index or not isinstance(entry, dict) else "task"
+        if not isinstance(entry, dict):
+            raise BadRequest(f"{where} must be an object")
+        try:
+            data = _json_value("data", entry.get("data"))
+            priority = _check_priority(entry.get("priority", 0))
+            delay = _check_int("delay", entry.get("delay", 0), 0, MAX_DELAY_MS)
+            key = entry.get("key")
+            if key is not None:
+                key = _check_text("key", key, 256)
+            status = entry.get("status", QUEUED)
+            if status not in (QUEUED, PAUSED):
+                raise BadRequest(f"status of a new task must be queued or paused, got {status!r}")
+        except BadRequest as exc:
+            raise BadRequest(f"{where}: {exc}") from None
+        return data, priority, delay, key, status
+
+    def _status_of(self, task_id: str) -> str:
+        task = self._tasks.get(task_id)
+        if task is not None:
+            return task.status
+        return self._finished[task_id][0]  # a key outlives its task only while the task is remembered
+
+    def _open_delivery(self, task: Task) -> bool:
+        """Whether reports for the latest delivery still apply: it is in progress, or its lease ran out and nobody
+        has taken the task since (so a slow worker may still finish it)."""
+        if task.status == IN_PROGRESS:
+            return True
+        latest = task.latest()
+        return latest is not None and latest["outcome"] == "expired" and task.status in (QUEUED, FAILED)
+
+    def _plan_reports(self, reports: List[Dict[str, Any]], now: int) -> List[Dict[str, Any]]:
+        """Turn reports into records, or raise for the whole request: 404 before 409, each naming its ids."""
+        records, missing, conflicts = [], [], []
+        for report in reports:
+            task_id, status, attempt = report["_id"], report["status"], report.get("attempt")
+            task = self._tasks.get(task_id)
+            if task is None:
+                memo = self._finished.get(task_id)
+                if memo is None:
+                    missing.append(task_id)
+                elif not (memo[2] == _OUTCOME[status] and attempt in (None, memo[1])):
+                    conflicts.append((task_id, f"task {task_id} is {memo[0]}"))
+                continue
+            if self._open_delivery(task) and attempt in (None, task.attempt):
+                record = self._report_record(task, report, now)
+                if record is not None:
+                    records.append(record)
+                continue
+            if task.outcome(attempt or task.attempt) == _OUTCOME[status]:
+                continue  # this report was applied before: succeed without effect
+            if attempt is not None and attempt > task.attempt:
+                conflicts.append((task_id, f"task {task_id} has had no delivery {attempt}"))
+            elif attempt is not None and attempt < task.attempt:
+                conflicts.append((task_id, f"delivery {attempt} of task {task_id} was superseded by {task.attempt}"))
+            else:
+                conflicts.append((task_id, f"task {task_id} is {task.status}, not in progress"))
+        if missing:
+            raise NotFound(f"no task {', '.join(missing)} in queue {self.name}", missing)
+        if conflicts:
+            raise Conflict("; ".join(reason for _, reason in conflicts), [task_id for task_id, _ in conflicts])
+        return records
+
+    def _report_record(self, task: Task, report: Dict[str, Any], now: int) -> Optional[Dict[str, Any]]:
+        status, base = report["status"], {"q": self.name, "id": task.id, "at": now}
+        if status == DONE:
+            return dict(base, op="done", result=report.get("result"))
+        if status == IN_PROGRESS:
+            return dict(base, op="heartbeat", until=now + self.options["lease"])
+        if status == QUEUED:
+            return dict(base, op="release") if task.status == IN_PROGRESS else None
+        # failed: retry after a backoff while attempts remain, unless the worker says not to.
+        spent = task.spent + (1 if task.status == IN_PROGRESS else 0)  # an expiry already spent this attempt
+        retry_at = None
+        if report.get("retry", True) and spent < self.options["max_attempts"] and task.status != FAILED:
+            delay = report.get("retry_after")
+            retry_at = now + (delay if delay is not None else self._backoff(spent))
+        return dict(base, op="fail", outcome="failed", error=report["error"], retry_at=retry_at)
+
+    def _backoff(self, spent: int) -> int:
+        """Exponential backoff with equal jitter: half the doubled delay, plus up to as much again at random."""
+        delay = min(self.options["max_backoff"], self.options["backoff"] * 2 ** min(spent - 1, 40))
+        return delay // 2 + self._broker._random.randint(0, delay - delay // 2)
+
+    # -- time: due delays and expired leases -----------------------------------------------------------------------
+
+    def _tick(self, now: int) -> None:
+        """Move tasks whose delay has passed to the ready heap, and expire leases that ran out."""
+        delayed, ready, tasks = self._delayed, self._ready, self._tasks
+        while delayed and delayed[0][0] <= now:
+            _, seq, token, task_id = heapq.heappop(delayed)
+            task = tasks.get(task_id)
+            if task is not None and task.token == token and task.status == QUEUED:
+                heapq.heappush(ready, (-task.priority, seq, token, task_id))
+        leases = self._leases
+        while leases and leases[0][0] <= now:
+            until, _, attempt, task_id = heapq.heappop(leases)
+            task = tasks.get(task_id)
+            if task is None or task.status != IN_PROGRESS or task.attempt != attempt or task.lease_until != until:
+                continue
+            dead = task.spent + 1 >= self.options["max_attempts"]
+            self._broker._commit([{"op": "fail", "q": self.name, "id": task_id, "at": now, "outcome": "expired",
+                                   "error": "lease expired", "retry_at": None if dead else now}])
+        self._serve_waiters(now)
+
+    def _next_due(self) -> Optional[int]:
+        """When the next delayed task comes due or the next lease runs out (ms), if ever."""
+        times = [heap[0][0] for heap in (self._delayed, self._leases) if heap]
+        return min(times) if times else None
+
+    # -- leasing and waiting ---------------------------------------------------------------------------------------
+
+    def _take(self, max_tasks: int, worker: Optional[str], now: int) -> List[Dict[str, Any]]:
+        """Lease up to `max_tasks` ready tasks (respecting pause and max_in_flight) and return what workers see."""
+        limit = max_tasks
+        if self.options["max_in_flight"]:
+            limit = min(limit, self.options["max_in_flight"] - len(self._by_status[IN_PROGRESS]))
+        if limit <= 0 or self.options["paused"]:
+            return []
+        ready, tasks, ids = self._ready, self._tasks, []
+        while ready and len(ids) < limit:
+            _, _, token, task_id = heapq.heappop(ready)
+            task = tasks.get(task_id)
+            if task is not None and task.token == token and task.status == QUEUED:
+                ids.append(task_id)
+        if not ids:
+            return []
+        self._broker._commit([{"op": "lease", "q": self.name, "ids": ids, "worker": worker,
+                               "until": now + self.options["lease"], "at": now}])
+        return [{"_id": task_id, "data": tasks[task_id].data, "attempt": tasks[task_id].attempt} for task_id in ids]
+
+    def _serve_waiters(self, now: int) -> None:
+        """Hand ready tasks to waiting long polls, oldest first, so that nobody barges ahead of them."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            leased = self._take(waiter.max, waiter.worker, now)
+            if not leased:
+                return
+            self._waiters.popleft()
+            waiter.result = leased
+            waiter.cond.notify()
+
+    def _wait_for_tasks(self, waiter: _Waiter, wait_ms: float) -> List[Dict[str, Any]]:
+        self._waiters.append(waiter)
+        try:
+            self._wait(waiter, wait_ms)
+        finally:
+            if waiter.result is None:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+        return waiter.result or []
+
+    def _wait(self, waiter: _Waiter, wait_ms: float) -> None:
+        """Block (lock held, released while waiting) until the waiter is served, the time is up or the broker
+        closes. Wakes early when a delay or lease comes due, to run the clock: no background thread needed."""
+        broker = self._broker
+        deadline = time.monotonic() + wait_ms / 1000.0
+        while waiter.result is None and not broker._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            due = self._next_due()
+            if due is not None:
+                remaining = min(remaining, max(0.001, (due - broker._now()) / 1000.0))
+            waiter.cond.wait(remaining)
+            if waiter.result is None:
+                self._tick(broker._now())
+
+    def _task_view(self, task_id: str) -> Dict[str, Any]:
+        task = self._tasks.get(task_id)
+        if task is not None:
+            return task.snapshot(self.name)
+        memo = self._finished.get(task_id)
+        if memo is None:
+            raise NotFound(f"task {task_id} not found in queue {self.name}", [task_id])
+        # A non-persistent queue discarded it; what is remembered is its end.
+        return {"_id": task_id, "queue": self.name, "status": memo[0], "attempt": memo[1], "discarded": True}
+
+    # -- state changes: run only from Broker._apply, live or in replay ------------------------------------------
+
+    def _apply_insert(self, rec: Dict[str, Any]) -> None:
+        task = Task(rec["id"], _seq_of(rec["id"]), rec["data"], rec["priority"], rec["status"], rec["key"],
+                    rec["run_at"], rec["at"])
+        self._tasks[task.id] = task
+        self._by_status[task.status][task.id] = task
+        if task.key is not None:
+            self._keys[task.key] = task.id
+        self.totals["inserted"] += 1
+        if task.status == QUEUED:
+            self._place(task, rec["at"])
+
+    def _apply_lease(self, rec: Dict[str, Any]) -> None:
+        at, until, worker = rec["at"], rec["until"], rec["worker"]
+        for task_id in rec["ids"]:
+            task = self._tasks[task_id]
+            task.attempt += 1
+            task.worker, task.lease_until = worker, until
+            task.history.append({"attempt": task.attempt, "worker": worker, "leased_at": at, "ended_at": None,
+                                 "outcome": None, "error": None, "duration_ms": None})
+            del task.history[:-HISTORY_LIMIT]
+            self._move(task, IN_PROGRESS, at)
+            heapq.heappush(self._leases, (until, task.seq, task.attempt, task_id))
+        self.totals["leased"] += len(rec["ids"])
+        if len(self._leases) > 2 * len(self._by_status[IN_PROGRESS]) + 1024:
+            self._reindex()
+
+    def _apply_heartbeat(self, rec: Dict[str, Any]) -> None:
+        task = self._tasks[rec["id"]]
+        latest = task.latest()
+        if latest is not None:
+            latest["outcome"] = latest["ended_at"] = latest["duration_ms"] = None  # revived after an expiry
+        task.lease_until = rec["until"]
+        self._move(task, IN_PROGRESS, rec["at"])
+        heapq.heappush(self._leases, (rec["until"], task.seq, task.attempt, task.id))
+
+    def _apply_done(self, rec: Dict[str, Any]) -> None:
+        task = self._tasks[rec["id"]]
+        self._end_delivery(task, "done", None, rec["at"])
+        task.result, task.error = rec["result"], None
+        self.totals["done"] += 1
+        self._finish(task, DONE, rec["at"])
+
+    def _apply_fail(self, rec: Dict[str, Any]) -> None:
+        task, at, outcome = self._tasks[rec["id"]], rec["at"], rec["outcome"]
+        self._end_delivery(task, outcome, rec["error"], at)
+        task.error = rec["error"]
+        self.totals["expired" if outcome == "expired" else "failed"] += 1
+        if rec["retry_at"] is None:
+            if outcome == "expired":
+                self.totals["failed"] += 1
+            self._finish(task, FAILED, at)
+        else:
+            self.totals["retried"] += 1
+            task.run_at = rec["retry_at"]
+            self._move(task, QUEUED, at)
+            self._place(task, at)
+
+    def _apply_release(self, rec: Dict[str, Any]) -> None:
+        task = self._tasks[rec["id"]]
+        self._end_delivery(task, "queued", None, rec["at"])
+        self.totals["released"] += 1
+        task.run_at = rec["at"]
+        self._move(task, QUEUED, rec["at"])
+        self._place(task, rec["at"])
+
+    def _apply_status(self, rec: Dict[str, Any]) -> None:
+        task, status, at = self._tasks[rec["id"]], rec["status"], rec["at"]
+        if status == CANCELLED:
+            self.totals["cancelled"] += 1
+            self._finish(task, CANCELLED, at)
+            return
+        if status == QUEUED and task.status == FAILED:
+            task.spent = 0  # an operator retries a dead letter: it gets its attempts back
+            task.run_at = at
+        self._move(task, status, at)
+        if status == QUEUED:
+            self._place(task, at)
+
+    def _apply_purge(self, rec: Dict[str, Any]) -> None:
+        for task_id in rec["ids"]:
+            task = self._tasks.pop(task_id, None)
+            if task is not None:
+                del self._by_status[task.status][task_id]
+                if task.key is not None and self._keys.get(task.key) == task_id:
+                    del self._keys[task.key]
+
+    # -- helpers of the apply functions ----------------------------------------------------------------------------
+
+    def _move(self, task: Task, status: str, at: int) -> None:
+        del self._by_status[task.status][task.id]
+        self._by_status[status][task.id] = task
+        task.status, task.updated_at = status, at
+        if status != IN_PROGRESS:
+            task.lease_until = None
+
+    def _place(self, task: Task, now: int) -> None:
+        """Index a queued task in the ready or the delayed heap; earlier entries for it go stale."""
+        task.token += 1
+        if task.run_at <= now:
+            heapq.heappush(self._ready, (-task.priority, task.seq, task.token, task.id))
+        else:
+            heapq.heappush(self._delayed, (task.run_at, task.seq, task.token, task.id))
+        if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the heaps from the tasks, dropping stale entries (amortised: runs when they are half garbage)."""
+        self._ready, self._delayed, self._leases = [], [], []
+        for task in self._by_status[QUEUED].values():
+            entry = (task.seq, task.token, task.id)
+            if task.run_at <= self._broker._now():
+                self._ready.append((-task.priority,) + entry)
+            else:
+                self._delayed.append((task.run_at,) + entry)
+        for task in self._by_status[IN_PROGRESS].values():
+            self._leases.append((task.lease_until, task.seq, task.attempt, task.id))
+        for heap in (self._ready, self._delayed, self._leases):
+            heapq.heapify(heap)
+
+    def _end_delivery(self, task: Task, outcome: str, error: Optional[str], at: int) -> None:
+        """Close the history entry of the latest delivery; failures and expiries spend an attempt, once."""
+        latest = task.latest()
+        first_end = latest is None or latest["outcome"] is None
+        if outcome in ("failed", "expired") and first_end:
+            task.spent += 1
+        if latest is not None:
+            latest.update(outcome=outcome, error=error, ended_at=at, duration_ms=at - latest["leased_at"])
+
+    def _finish(self, task: Task, status: str, at: int) -> None:
+        """Move a task to a final status: kept, or (done and cancelled on a non-persistent queue) discarded and
+        remembered. Dead letters (failed) are always kept. Result waiters are answered."""
+        self._move(task, status, at)
+        waiters = self._result_waiters.pop(task.id, ())
+        if waiters:
+            view = task.snapshot(self.name)
+            for waiter in waiters:
+                waiter.result = view
+                waiter.cond.notify()
+        if status == FAILED or self.options["persistent"]:
+            return
+        del self._tasks[task.id]
+        del self._by_status[status][task.id]
+        latest = task.latest()
+        self._finished[task.id] = (status, task.attempt, latest["outcome"] if latest else None, task.key)
+        while len(self._finished) > FINISHED_MEMORY:
+            old_id, (_, _, _, key) = self._finished.popitem(last=False)
+            if key is not None and self._keys.get(key) == old_id:
+                del self._keys[key]  # the key's window closes when its task is forgotten
+
+
+_OUTCOME = {DONE: "done", FAILED: "failed", QUEUED: "queued", IN_PROGRESS: None}
+
+
+def _seq_of(task_id: Any) -> int:
+    """The sequence number inside a task id ("<epoch>-<seq>"), which orders listings; BadRequest if malformed."""
+    try:
+        return int(str(task_id).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise BadRequest(f"after must be a task id, got {task_id!r}") from None
+
+
+def _check_number(field: str, value: Any, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise BadRequest(f"{field} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise BadRequest(f"{field} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
+    """Validate the shape of every report before anything is applied; a repeated id is refused."""
+    if not isinstance(reports, (list, tuple)):
+        raise BadRequest("tasks must be a list of reports")
+    if len(reports) > MAX_REPORTS:
+        raise BadRequest(f"tasks holds {len(reports)} reports; at most {MAX_REPORTS} per request")
+    checked, seen = [], set()
+    for index, report in enumerate(reports):
+        where = f"tasks[{index}]"
+        if not isinstance(report, dict):
+            raise BadRequest(f"{where} must be an object with _id and status")
+        task_id = report.get("_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise BadRequest(f"{where}._id must be a task id string")
+        if task_id in seen:
+            raise BadRequest(f"{where}: task {task_id} is reported twice", [task_id])
+        seen.add(task_id)
+        status = report.get("status")
+        if status not in _OUTCOME:
+            raise BadRequest(f"{where}.status must be done, failed, in progress or queued, got {status!r}", [task_id])
+        item: Dict[str, Any] = {"_id": task_id, "status": status}
+        try:
+            if report.get("attempt") is not None:
+                item["attempt"] = _check_int("attempt", report["attempt"], 1, 2 ** 31)
+            if status == FAILED:
+                if not isinstance(report.get("error"), str):
+                    raise BadRequest("a failed report needs an error string")
+                item["error"] = _check_text("error", report["error"])
+                if "retry" in report:
+                    item["retry"] = _check_bool("retry", report["retry"])
+                if report.get("retry_after") is not None:
+                    item["retry_after"] = _check_int("retry_after", report["retry_after"], 0, MAX_DELAY_MS)
+            if status == DONE and "result" in report:
+                item["result"] = _json_value("result", report["result"])
+        except BadRequest as exc:
+            raise BadRequest(f"{where}: {exc}", [task_id]) from None
+        checked.append(item)
+    return checked
+
+
+class Broker:
+    """The queues and the one lock that guards all of their state.
+
+    `clock` returns seconds since the epoch (time.time); tests inject a fake one. `random` draws the backoff jitter.
+    Every state change goes through `_commit(records)` -> `_apply(record)`, which a journal can write and replay.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, random_source: Optional[random.Random] = None) -> None:
+        # This lock guards every queue, task, index and waiter list below; conditions of waiters are built on it.
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._random = random_source or random.Random()
+        self._queues: Dict[str, Queue] = {}
+        self._seq = 0
+        # Ids are "<epoch>-<seq>": a fresh epoch per broker, so that a worker still holding an id from before a
+        # restart of an in-memory server cannot report on an unrelated task that reused the number.
+        self._epoch = "%08x" % random.SystemRandom().getrandbits(32)
+        self._closed = False
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"{self._epoch}-{self._seq}"
+
+    def queue(self, name: str, **options: Any) -> Queue:
+        """Return the queue `name`, creating it; given options (QUEUE_DEFAULTS keys or `configuration`) are set."""
+        if not isinstance(name, str) or not QUEUE_NAME.match(name):
+            raise BadRequest(f"queue name must be 1 to 128 letters, digits, '_', '.' or '-', got {name!r}")
+        options = _check_options(options)
+        with self._lock:
+            queue = self._queues.get(name)
+            if queue is None or options:
+                merged = dict(queue.options) if queue is not None else {}
+                merged.update(options)
+                self._commit([{"op": "queue", "q": name, "options": merged}])
+                queue = self._queues[name]
+                queue._serve_waiters(self._now())  # a resumed queue or a raised cap may serve waiting polls
+            return queue
+
+    def get(self, name: str) -> Queue:
+        """The queue `name`, or NotFound (the original's "Queue not found")."""
+        queue = self._queues.get(name)
+        if queue is None:
+            raise NotFound("Queue not found")
+        return queue
+
+    def queues(self) -> List[Queue]:
+        with self._lock:
+            return list(self._queues.values())
+
+    def close(self) -> None:
+        """Answer every waiting long poll and result wait now, and make later waits return at once."""
+        with self._lock:
+            self._closed = True
+            for queue in self._queues.values():
+                for waiter in list(queue._waiters) + [w for ws in queue._result_waiters.values() for w in ws]:
+                    waiter.cond.notify()
+
+    # -- the one place state changes ------------------------------------------------------------------------------
+
+    def _commit(self, records: List[Dict[str, Any]]) -> None:
+        """Apply records in order (lock held). This is where a journal appends them."""
+        for record in records:
+            self._apply(record)
+
+    def _apply(self, record: Dict[str, Any]) -> None:
+        op = record["op"]
+        if op == "queue":
+            queue = self._queues.get(record["q"])
+            if queue is None:
+                self._queues[record["q"]] = Queue(self, record["q"], record["options"])
+            else:
+                queue.options.update(record["options"])
+            return
+        if op == "insert":
+            self._seq = max(self._seq, _seq_of(record["id"]))
+        getattr(self._queues[record["q"]], "_apply_" + op)(record)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The HTTP layer: parse, call the core, serialise. No queue logic here.
+# ---------------------------------------------------------------------------------------------------------------
+
+QUEUE_SEGMENT = r"/v1/queue/([^/]+)"
+# One route table: path pattern -> {method: handler}. The matcher decides 404 against 405 (with Allow) from it.
+ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
+    (re.compile(r"/healthz"), {"GET": "route_health"}),
+    (re.compile(r"/v1/queues"), {"GET": "route_queues"}),
+    (re.compile(QUEUE_SEGMENT), {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
+    (re.compile(QUEUE_SEGMENT + r"/stats"), {"GET": "route_stats"}),
+    (re.compile(QUEUE_SEGMENT + r"/tasks"), {"GET": "route_list", "POST": "route_insert", "DELETE": "route_purge"}),
+    (re.compile(QUEUE_SEGMENT + r"/tasks/([^/]+)"),
+     {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
+]
+JSON_MEDIA = ("", "application/json")
+# curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
+LENIENT_MEDIA = ("application/x-www-form-urlencoded", "text/plain")
+Reply = Tuple[int, Any]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request at a time on one connection (HTTP/1.1 keep-alive); `server` is a _HTTPServer."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "katar_http/" + __version__
+    server: "_HTTPServer"
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # an idle keep-alive connection, or a stalled client, is cut off
+        super().setup()
+        # Each response is one write, but a client may send its request in pieces: no Nagle delays on either side.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
+
+    def do_GET(self) -> None:
+        self.dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """The base class calls this for requests it cannot parse, and with 501 for a method that has no do_X:
+        those get the same 404/405 as any unknown route; everything else a JSON error, and the connection closes."""
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            self.dispatch()
+            return
+        self.close_connection = True
+        self.respond(code, {"error": message or HTTPStatus(code).phrase})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:
+            sys.stderr.write("%s - %s\n" % (self.address_string(), format % args))
+
+    # -- dispatch ----------------------------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        started = time.monotonic()
+        self.body_read = False
+        headers: List[Tuple[str, str]] = []
+        try:
+            route, params, self.query = self.match()
+            status, payload = getattr(self, route)(*params)
+        except MethodNotAllowed as exc:
+            status, payload = exc.status, exc.to_json()
+            headers.append(("Allow", ", ".join(exc.allow)))
+        except KatarError as exc:
+            status, payload = exc.status, exc.to_json()
+        except Exception:  # a bug: log it, answer JSON, keep serving
+            self.log_error("internal error on %s %s", self.command, self.path)
+            import traceback
+            traceback.print_exc()
+            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        if not self.body_read and self._declared_body():
+            self.close_connection = True  # the unread body would be taken for the next request
+        size = self.respond(status, payload, headers)
+        if not self.server.quiet:
+            sys.stderr.write('%s "%s %s" %d %d %.1fms\n' % (
+                self.address_string(), self.command, urlsplit(self.path).path, status, size,
+                (time.monotonic() - started) * 1000))
+
+    def match(self) -> Tuple[str, List[str], Dict[str, List[str]]]:
+        parts = urlsplit(self.path)
+        for pattern, methods in ROUTES:
+            found = pattern.fullmatch(parts.path)
+            if found:
+                if self.command not in methods:
+                    raise MethodNotAllowed(f"{self.command} is not allowed on {parts.path}", methods)
+                params = [unquote(group, errors="strict") for group in found.groups()]
+                return methods[self.command], params, parse_qs(parts.query, keep_blank_values=True)
+        raise NotFound(f"no route {parts.path}")
+
+    def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
+        """Write status line, headers and body in one send; returns the body size."""
+        status = int(status)
+        body = b"" if status == HTTPStatus.NO_CONTENT else json.dumps(payload, separators=(",", ":")).encode()
+        lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
+                 "Server: " + self.server_version, "Date: " + self.date_time_string()]
+        if status != HTTPStatus.NO_CONTENT:
+            lines += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
+        lines += ["%s: %s" % header for header in headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        try:
+            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError:
+            self.close_connection = True  # the client went away; its lease (if any) will run out
+        return len(body)
+
+    # -- request parts -------------------------------------------------------------------------------------------
+
+    def _declared_body(self) -> bool:
+        headers = getattr(self, "headers", None)
+        if headers is None:
+            return False
+        return bool(headers.get("Transfer-Encoding")) or headers.get("Content-Length", "0").strip() not in ("", "0")
+
+    def read_object(self) -> Dict[str, Any]:
+        """The request body as a JSON object; an empty body is {} (as a bare POST from the original's workers)."""
+        if self.headers.get("Transfer-Encoding"):
+            raise LengthRequired("send the body with a Content-Length; chunked bodies are not accepted")
+        length_text = self.headers.get("Content-Length", "0").strip() or "0"
+        if not length_text.isdigit() or not length_text.isascii():
+            raise BadRequest(f"Content-Length must be a number of bytes, got {length_text!r}")
+        length = int(length_text)
+        if length > self.server.max_body:
+            raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {self.server.max_body}")
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            self.close_connection = True
+            raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
+        self.body_read = True
+        media = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
+            raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media}")
+        if not raw.strip():
+            if media in LENIENT_MEDIA:
+                raise BadRequest("the body must be JSON; an empty form is not")
+            return {}
+        try:
+            body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def query_value(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        values = self.query.get(name)
+        if not values:
+            return default
+        if len(values) > 1:
+            raise BadRequest(f"query parameter {name} is given {len(values)} times")
+        return values[0]
+
+    def query_number(self, name: str, default: int) -> float:
+        text = self.query_value(name)
+        if text is None:
+            return default
+        try:
+            return float(text) if "." in text else int(text)
+        except ValueError:
+            raise BadRequest(f"{name} must be a number, got {text!r}") from None
+
+    def capped_wait(self, wait: Any) -> Any:
+        """`wait` beyond the server's limit is cut to it (not refused), as a proxy cuts a long poll."""
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > self.server.max_wait:
+            return self.server.max_wait
+        return wait
+
+    # -- routes: each returns (status, payload) ------------------------------------------------------------------
+
+    def route_health(self) -> Reply:
+        return HTTPStatus.OK, {"status": "ok", "version": __version__}
+
+    def route_queues(self) -> Reply:
+        return HTTPStatus.OK, {"queues": [queue.stats() for queue in self.server.broker.queues()]}
+
+    def route_configuration(self, name: str) -> Reply:
+        return HTTPStatus.OK, {"configuration": self.server.broker.get(name).configuration}
+
+    def route_poll(self, name: str) -> Reply:
+        queue = self.server.broker.get(name)
+        body = self.read_object()
+        reports = body.get("tasks")
+        leased = queue.poll([] if reports is None else reports, max=body.get("max", 1),
+                            wait=self.capped_wait(body.get("wait", 0)), worker=body.get("worker"))
+        return (HTTPStatus.OK, {"tasks": leased}) if leased else (HTTPStatus.NO_CONTENT, None)
+
+    def route_put_queue(self, name: str) -> Reply:
+        body = self.read_object()
+        options = {key: value for key, value in body.items() if key in QUEUE_DEFAULTS or key == "configuration"}
+        existed = name in self.server.broker._queues
+        queue = self.server.broker.queue(name, **options)
+        return (HTTPStatus.OK if existed else HTTPStatus.CREATED), queue.describe()
+
+    def route_stats(self, name: str) -> Reply:
+        return HTTPStatus.OK, self.server.broker.get(name).stats()
+
+    def route_insert(self, name: str) -> Reply:
+        queue = self.server.broker.get(name)
+        body = self.read_object()
+        if "tasks" in body:
+            if "data" in body:
+                raise BadRequest("send one task (data, ...) or a list (tasks), not both")
+            if not isinstance(body["tasks"], list):
+                raise BadRequest("tasks must be a list of task objects")
+            results = queue.insert(body["tasks"])
+        else:
+            results = [queue.insert(body)]
+        created = any(result["created"] for result in results)
+        return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}
+
+    def route_list(self, name: str) -> Reply:
+        queue = self.server.broker.get(name)
+        return HTTPStatus.OK, queue.tasks(status=self.query_value("status"), limit=self.query_number("limit", 100),
+                                          after=self.query_value("after"))
+
+    def route_purge(self, name: str) -> Reply:
+        queue = self.server.broker.get(name)
+        status = self.query_value("status")
+        if status is None:
+            raise BadRequest("purge needs ?status= (done, failed, cancelled, queued or paused)")
+        return HTTPStatus.OK, {"purged": queue.purge(status)}
+
+    def route_task(self, name: str, task_id: str) -> Reply:
+        queue = self.server.broker.get(name)
+        return HTTPStatus.OK, queue.task(task_id, wait=self.capped_wait(self.query_number("wait", 0)))
+
+    def route_patch_task(self, name: str, task_id: str) -> Reply:
+        queue = self.server.broker.get(name)
+        body = self.read_object()
+        return HTTPStatus.OK, queue.set_status(task_id, body.get("status"))
+
+    def route_cancel_task(self, name: str, task_id: str) -> Reply:
+        return HTTPStatus.OK, self.server.broker.get(name).cancel(task_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The server object and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, plus what the handler reads: the broker and the limits."""
+
+    daemon_threads = True  # a stuck connection never keeps the process alive; close() drains them instead
+
+    def __init__(self, address: Tuple[str, int], broker: Broker, max_wait: int, max_body: int, quiet: bool,
+                 idle_timeout: float) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.broker, self.max_wait, self.max_body, self.quiet = broker, max_wait, max_body, quiet
+        self.idle_timeout = idle_timeout
+        self._connections: set = set()
+        self._connections_changed = threading.Condition()
+        super().__init__(address, Handler)
+
+    def track(self, connection: socket.socket, is_open: bool) -> None:
+        with self._connections_changed:
+            if is_open:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+                self._connections_changed.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Stop reading from every connection (a response being written still completes), then wait for the
+        handler threads to finish, at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._connections_changed:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+            while self._connections and time.monotonic() < deadline:
+                self._connections_changed.wait(deadline - time.monotonic())
+
+
+class KatarServer:
+    """A running HTTP front for a broker. `serve()` starts one in a background thread; `close()` stops it,
+    answering waiting long polls first."""
+
+    def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = 3000, *,
+                 max_wait: int = DEFAULT_MAX_WAIT_MS, max_body: int = DEFAULT_MAX_BODY, quiet: bool = True,
+                 idle_timeout: float = 60.0) -> None:
+        self.broker = broker
+        self.httpd = _HTTPServer((host, port), broker, max_wait, max_body, quiet, idle_timeout)
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "http://%s:%d" % (host, self.port)
+
+    def start(self) -> "KatarServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="katar_http", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, answer long polls and result waits, let responses being written finish, close."""
+        if self._thread is not None:
+            self.httpd.shutdown()  # only once serve_forever runs: it would block forever otherwise
+            self._thread.join()
+            self._thread = None
+        self.broker.close()
+        self.httpd.drain(timeout)
+        self.httpd.server_close()
+
+    def config(self, queue: Union[str, Queue], config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Get, or set (replacing it, `interval` defaulting to 30000), the configuration workers receive."""
+        target = self.broker.get(queue.name if isinstance(queue, Queue) else queue)
+        if config is not None:
+            target.configure(configuration=config)
+        return target.configuration
+
+    def __enter__(self) -> "KatarServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def serve(broker: Broker, port: int = 3000, host: str = "127.0.0.1", **options: Any) -> KatarServer:
+    """Serve `broker` over HTTP from a background thread; options are KatarServer's."""
+    return KatarServer(broker, host, port, **options).start()
+
+
+EXAMPLES = """\
+examples:
+  python katar_http.py --port 3000 --queue jobs:1000        queue "jobs", workers poll every second
+  python katar_http.py --queue jobs --queue mail:5000       two queues (jobs polls every 30 s, the default)
+  python katar_http.py --config queues.json                 queues and their options from a file:
+      {"queues": {"jobs": {"configuration": {"interval": 1000}, "lease": 30000, "max_attempts": 3}}}
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="katar_http.py", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="An HTTP task-queue server for polling workers (standard library only).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000; 0 picks a free one)")
+    parser.add_argument("--queue", action="append", default=[], metavar="NAME[:INTERVAL]",
+                        help="create a queue; INTERVAL is the poll interval in ms sent to workers (default 30000); "
+                             "repeat for more queues")
+    parser.add_argument("--config", metavar="FILE",
+                        help='JSON file {"queues": {NAME: {"configuration": {...}, "lease": MS, ...}}}')
+    parser.add_argument("--max-wait", type=int, default=DEFAULT_MAX_WAIT_MS, metavar="MS",
+                        help="longest long poll a client may ask for with wait (default %(default)s)")
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
+                        help="largest request body accepted (default %(default)s)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="close a connection that sends nothing for this long (default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    parser.add_argument("--version", action="version", version="katar_http " + __version__)
+    return parser
+
+
+def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[str]) -> None:
+    """Create the queues of --config and --queue (a --queue interval overrides the file's)."""
+    if config_file:
+        with open(config_file, encoding="utf-8") as handle:
+            document = json.load(handle)
+        queues = document.get("queues") if isinstance(document, dict) else None
+        if not isinstance(queues, dict):
+            raise BadRequest(f'{config_file}: expected {{"queues": {{NAME: {{options}}}}}}')
+        for name, options in queues.items():
+            if not isinstance(options, dict):
+                raise BadRequest(f"{config_file}: the options of queue {name} must be an object")
+            broker.queue(name, **options)
+    for spec in queue_specs:
+        name, _, interval = spec.partition(":")
+        queue = broker.queue(name)
+        if interval:
+            if not interval.isdigit():
+                raise BadRequest(f"--queue {spec}: the interval must be milliseconds, like jobs:1000")
+            configuration = dict(queue.configuration, interval=int(interval))
+            queue.configure(configuration=configuration)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    broker = Broker()
+    try:
+        load_queues(broker, args.config, args.queue)
+    except (OSError, ValueError, KatarError) as exc:
+        print(f"katar_http: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = KatarServer(broker, args.host, args.port, max_wait=args.max_wait, max_body=args.max_body,
+                             quiet=args.quiet, idle_timeout=args.idle_timeout)
+    except OSError as exc:
+        print(f"katar_http: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    print(f"katar_http {__version__} listening on {server.url}", file=sys.stderr, flush=True)
+    for queue in broker.queues():
+        print(f"  queue {queue.name}: {server.url}/v1/queue/{queue.name}", file=sys.stderr, flush=True)
+    stop.wait()
+    print("katar_http: stopping", file=sys.stderr, flush=True)
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
