@@ -415,7 +415,7 @@ class Queue:
     def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
         """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
         allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED)}
-        if status not in allowed:
+        if not isinstance(status, str) or status not in allowed:
             raise BadRequest(f"status must be one of {', '.join(allowed)}, got {status!r}")
         broker = self._broker
         with broker._lock:
@@ -902,7 +902,7 @@ class Broker:
         self._closed = False
 
     def _now(self) -> int:
-        return int(self._clock() * 1000)
+        return int(round(self._clock() * 1000))  # round: 1.001 s is 1000.9999 ms as a float
 
     def _next_id(self) -> str:
         self._seq += 1
@@ -1019,6 +1019,8 @@ class Handler(BaseHTTPRequestHandler):
         if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
             self.dispatch()
             return
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = HTTPStatus.BAD_REQUEST  # a client's mistake: only the server's own faults are 5xx here
         self.close_connection = True
         self.respond(code, {"error": message or HTTPStatus(code).phrase})
 
@@ -1060,7 +1062,10 @@ class Handler(BaseHTTPRequestHandler):
             if found:
                 if self.command not in methods:
                     raise MethodNotAllowed(f"{self.command} is not allowed on {parts.path}", methods)
-                params = [unquote(group, errors="strict") for group in found.groups()]
+                try:
+                    params = [unquote(group, errors="strict") for group in found.groups()]
+                except UnicodeDecodeError:
+                    raise NotFound(f"no route {parts.path}: its escapes are not UTF-8") from None
                 return methods[self.command], params, parse_qs(parts.query, keep_blank_values=True)
         raise NotFound(f"no route {parts.path}")
 
@@ -1269,7 +1274,8 @@ class KatarServer:
         return "http://%s:%d" % (host, self.port)
 
     def start(self) -> "KatarServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="katar_http", daemon=True)
+        # serve_forever notices shutdown() only between polls: a short poll makes close() quick.
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="katar_http", daemon=True)
         self._thread.start()
         return self
 
