@@ -54,7 +54,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 __version__ = "0.1.0"
 __all__ = [
     "Broker", "Queue", "KatarServer", "serve", "main", "build_parser",
-    "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "LengthRequired",
+    "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "RequestTimeout", "LengthRequired",
     "PayloadTooLarge", "UnsupportedMediaType",
     "PAUSED", "QUEUED", "IN_PROGRESS", "DONE", "FAILED", "CANCELLED", "STATUSES", "PRIORITIES",
 ]
@@ -131,6 +131,11 @@ class MethodNotAllowed(KatarError):
 class Conflict(KatarError):
     """The request contradicts the task's state (a superseded delivery, a finished task, ...)."""
     status = HTTPStatus.CONFLICT
+
+
+class RequestTimeout(KatarError):
+    """The client stopped sending its request before the body was complete."""
+    status = HTTPStatus.REQUEST_TIMEOUT
 
 
 class LengthRequired(KatarError):
@@ -702,8 +707,10 @@ class Queue:
     def _apply_heartbeat(self, rec: Dict[str, Any]) -> None:
         task = self._tasks[rec["id"]]
         latest = task.latest()
-        if latest is not None:
-            latest["outcome"] = latest["ended_at"] = latest["duration_ms"] = None  # revived after an expiry
+        if latest is not None and latest["outcome"] == "expired":
+            # Revived after its lease ran out (nobody took the task): as if it never expired.
+            task.spent -= 1
+            latest.update(outcome=None, error=None, ended_at=None, duration_ms=None)
         task.lease_until = rec["until"]
         self._move(task, IN_PROGRESS, rec["at"])
         heapq.heappush(self._leases, (rec["until"], task.seq, task.attempt, task.id))
@@ -717,12 +724,13 @@ class Queue:
 
     def _apply_fail(self, rec: Dict[str, Any]) -> None:
         task, at, outcome = self._tasks[rec["id"]], rec["at"], rec["outcome"]
+        was_dead = task.status == FAILED  # a late failure report on a task its expiry already dead-lettered
         self._end_delivery(task, outcome, rec["error"], at)
         task.error = rec["error"]
-        self.totals["expired" if outcome == "expired" else "failed"] += 1
+        if outcome == "expired":
+            self.totals["expired"] += 1
         if rec["retry_at"] is None:
-            if outcome == "expired":
-                self.totals["failed"] += 1
+            self.totals["failed"] += 0 if was_dead else 1
             self._finish(task, FAILED, at)
         else:
             self.totals["retried"] += 1
@@ -930,6 +938,9 @@ class Broker:
             raise NotFound("Queue not found")
         return queue
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._queues
+
     def queues(self) -> List[Queue]:
         with self._lock:
             return list(self._queues.values())
@@ -1104,7 +1115,11 @@ class Handler(BaseHTTPRequestHandler):
         length = int(length_text)
         if length > self.server.max_body:
             raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {self.server.max_body}")
-        raw = self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except OSError:  # includes socket.timeout: a client that stalls mid-body is cut off
+            self.close_connection = True
+            raise RequestTimeout(f"the body did not arrive within {self.server.idle_timeout:g} s") from None
         if len(raw) < length:
             self.close_connection = True
             raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
@@ -1169,7 +1184,7 @@ class Handler(BaseHTTPRequestHandler):
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
         options = {key: value for key, value in body.items() if key in QUEUE_DEFAULTS or key == "configuration"}
-        existed = name in self.server.broker._queues
+        existed = name in self.server.broker
         queue = self.server.broker.queue(name, **options)
         return (HTTPStatus.OK if existed else HTTPStatus.CREATED), queue.describe()
 

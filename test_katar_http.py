@@ -374,6 +374,29 @@ class LeaseTest(ServerTestCase):
         self.assertEqual(self.task(task_id)["status"], "in progress")
         self.poll(expect=204)
 
+    def test_a_revived_lease_that_then_fails_spends_one_attempt_not_two(self):
+        self.broker.queue("jobs", persistent=True)
+        task_id, = self.insert({"data": 1})
+        self.lease_one()
+        self.clock.advance(10001)
+        self.poll({"tasks": [{"_id": task_id, "status": "in progress"}], "max": 0}, expect=204)
+        self.poll({"tasks": [{"_id": task_id, "status": "failed", "error": "x"}], "max": 0}, expect=204)
+        detail = self.task(task_id)
+        self.assertEqual((detail["status"], detail["attempts_spent"]), ("queued", 1))
+        totals = self.call("GET", "/v1/queue/jobs/stats")[1]["totals"]
+        self.assertEqual((totals["expired"], totals["retried"], totals["failed"]), (1, 2, 0))  # events, not tasks
+
+    def test_a_late_failure_after_the_last_lease_expired_keeps_one_dead_letter(self):
+        self.broker.queue("jobs", max_attempts=1)
+        task_id, = self.insert({"data": 1})
+        self.lease_one()
+        self.clock.advance(10000)
+        self.assertEqual(self.task(task_id)["status"], "failed")
+        self.poll({"tasks": [{"_id": task_id, "status": "failed", "error": "it crashed"}], "max": 0}, expect=204)
+        detail = self.task(task_id)
+        self.assertEqual((detail["status"], detail["error"], detail["attempts_spent"]), ("failed", "it crashed", 1))
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1]["totals"]["failed"], 1)
+
     def test_failed_report_retries_after_exponential_backoff_with_a_cap(self):
         self.broker.queue("jobs", max_attempts=10)
         task_id, = self.insert({"data": 1})
@@ -469,7 +492,8 @@ class IdempotencyAndAtomicityTest(ServerTestCase):
         before = self.task(failed_id)
         self.poll({"tasks": reports, "max": 0}, expect=204)
         self.assertEqual(self.task(failed_id), before)
-        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1]["totals"]["failed"], 1)
+        totals = self.call("GET", "/v1/queue/jobs/stats")[1]["totals"]
+        self.assertEqual((totals["retried"], totals["failed"], totals["done"]), (1, 0, 1))
 
     def test_a_report_contradicting_what_was_applied_is_409(self):
         task_id, = self.insert({"data": 1})
@@ -890,6 +914,14 @@ class HostileInputTest(ServerTestCase):
             answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n{}")
             self.assertTrue(answer.startswith(b"HTTP/1.1 400"), (head, answer))
             self.assertIn(b'{"error":', answer)
+        self.assert_nothing_lost()
+
+    def test_a_client_that_stalls_mid_body_is_cut_off_with_408(self):
+        self.server.httpd.idle_timeout = 0.2
+        with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
+            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            answer = connection.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer)
         self.assert_nothing_lost()
 
     def test_garbage_request_lines_and_headers_get_json_errors(self):
