@@ -537,7 +537,7 @@ class Queue:
                 memo = self._finished.get(task_id)
                 if memo is None:
                     missing.append(task_id)
-                elif not (memo[2] == _OUTCOME[status] and attempt in (None, memo[1])):
+                elif not (_OUTCOME[status] is not None and memo[2] == _OUTCOME[status] and attempt in (None, memo[1])):
                     conflicts.append((task_id, f"task {task_id} is {memo[0]}"))
                 continue
             if self._open_delivery(task) and attempt in (None, task.attempt):
@@ -545,8 +545,8 @@ class Queue:
                 if record is not None:
                     records.append(record)
                 continue
-            if task.outcome(attempt or task.attempt) == _OUTCOME[status]:
-                continue  # this report was applied before: succeed without effect
+            if _OUTCOME[status] is not None and task.outcome(attempt or task.attempt) == _OUTCOME[status]:
+                continue  # this report was applied before: succeed without effect (a heartbeat never is)
             if attempt is not None and attempt > task.attempt:
                 conflicts.append((task_id, f"task {task_id} has had no delivery {attempt}"))
             elif attempt is not None and attempt < task.attempt:

@@ -502,6 +502,16 @@ class IdempotencyAndAtomicityTest(ServerTestCase):
         status, payload = self.poll({"tasks": [{"_id": task_id, "status": "failed", "error": "late"}], "max": 0})
         self.assertEqual((status, payload["ids"]), (409, [task_id]))
 
+    def test_a_heartbeat_for_a_finished_or_forgotten_delivery_is_409(self):
+        task_id, = self.insert({"data": 1})
+        self.lease_one()
+        self.poll({"tasks": [{"_id": task_id, "status": "done"}], "max": 0}, expect=204)
+        for report in ({"_id": task_id, "status": "in progress"}, {"_id": task_id, "status": "in progress", "attempt": 1}):
+            self.assertEqual(self.poll({"tasks": [report], "max": 0})[0], 409, report)
+        cancelled, = self.insert({"data": 2, "status": "paused"})
+        self.call("DELETE", f"/v1/queue/jobs/tasks/{cancelled}")
+        self.assertEqual(self.poll({"tasks": [{"_id": cancelled, "status": "in progress"}], "max": 0})[0], 409)
+
     def test_a_report_on_a_task_never_leased_is_409(self):
         task_id, = self.insert({"data": 1})
         status, payload = self.poll({"tasks": [{"_id": task_id, "status": "done"}], "max": 0})
