@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -1081,12 +1082,22 @@ class ConcurrencyTest(unittest.TestCase):
 # The command line, as a user runs it
 # ---------------------------------------------------------------------------------------------------------------
 
+def stop_process(process, group=False):
+    """Kill a test's subprocess (and its children, with group) if it still runs, and reap it."""
+    if process.poll() is None:
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    process.wait(10)
+
+
 class CommandLineTest(unittest.TestCase):
     def start(self, *args):
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", *args],
                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
         self.addCleanup(process.stderr.close)
+        self.addCleanup(stop_process, process)
         line = process.stderr.readline()
         self.assertIn("listening on", line)
         return process, line.split("listening on ")[1].strip()
@@ -1143,6 +1154,50 @@ class CommandLineTest(unittest.TestCase):
         for flag in ("--host", "--port", "--queue", "--config", "--max-wait", "--max-body", "--idle-timeout",
                      "--quiet", "examples:"):
             self.assertIn(flag, result.stdout)
+
+
+class ReadmeTest(unittest.TestCase):
+    @unittest.skipUnless(shutil.which("curl") and shutil.which("sh"), "the shell worker needs curl and sh")
+    def test_the_readme_shell_worker_runs_each_task_and_reports_it(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            readme = handle.read()
+        script = readme.split("<!-- worker.sh")[1].split("```sh\n", 1)[1].split("```", 1)[0]
+        self.assertLessEqual(len(script.strip().splitlines()), 25)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "worker.sh"), "w") as handle:
+            handle.write(script)
+        broker = K.Broker()
+        jobs = broker.queue("jobs", persistent=True, max_attempts=1, configuration={"interval": 1000})
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        ids = [task["_id"] for task in jobs.insert([
+            {"data": "ok-1"}, {"data": {"note": "a \"quoted\" fail, \"attempt\":3}"}}, {"data": [1, {"b": None}]}])]
+        # The command fails exactly for data that mentions "fail", and records what it was given.
+        seen = os.path.join(directory, "seen")
+        command = f"tee -a {seen} | grep -q fail && exit 1; echo >> {seen}; exit 0"
+        worker = subprocess.Popen(["sh", os.path.join(directory, "worker.sh"), server.url, "jobs", "sh", "-c", command],
+                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(stop_process, worker, group=True)
+        finished = [jobs.task(task_id, wait=15000) for task_id in ids]  # waits on the tasks, not on a timer
+        self.assertEqual([task["status"] for task in finished], ["done", "failed", "done"])
+        self.assertEqual(finished[1]["error"], "exit 1")
+        self.assertEqual(finished[0]["history"][0]["outcome"], "done")
+        with open(seen) as handle:
+            given = handle.read()
+        self.assertIn('"ok-1"', given)
+        self.assertIn('[1,{"b":null}]', given)
+        self.assertIn('{"note":"a \\"quoted\\" fail, \\"attempt\\":3}"}', given)
+
+    def test_a_port_already_in_use_exits_1_with_a_message(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", str(port)],
+                                    capture_output=True, text=True, timeout=20)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot listen", result.stderr)
 
 
 if __name__ == "__main__":
