@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import heapq
 import json
@@ -48,13 +49,15 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __version__ = "0.1.0"
 __all__ = [
     "Broker", "Queue", "KatarServer", "serve", "main", "build_parser",
+    "Journal", "JournalError", "FSYNC_MODES",
     "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "RequestTimeout", "LengthRequired",
+    "Unavailable",
     "PayloadTooLarge", "UnsupportedMediaType",
     "PAUSED", "QUEUED", "IN_PROGRESS", "DONE", "FAILED", "CANCELLED", "STATUSES", "PRIORITIES",
 ]
@@ -131,6 +134,15 @@ class MethodNotAllowed(KatarError):
 class Conflict(KatarError):
     """The request contradicts the task's state (a superseded delivery, a finished task, ...)."""
     status = HTTPStatus.CONFLICT
+
+
+class Unavailable(KatarError):
+    """The change could not be made durable (the journal's disk failed): nothing was acknowledged; retry later."""
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class JournalError(Exception):
+    """The journal cannot be opened: corrupt, in use by another server, or of an unknown version."""
 
 
 class RequestTimeout(KatarError):
@@ -265,6 +277,14 @@ class Task:
                 return entry["outcome"]
         return None
 
+    def record(self, queue: str) -> Dict[str, Any]:
+        """The whole task as one record, for a compacted journal."""
+        return {"op": "task", "q": queue, "id": self.id, "data": self.data, "priority": self.priority,
+                "status": self.status, "key": self.key, "created_at": self.created_at, "updated_at": self.updated_at,
+                "run_at": self.run_at, "attempt": self.attempt, "spent": self.spent, "worker": self.worker,
+                "lease_until": self.lease_until, "error": self.error, "result": self.result,
+                "history": [dict(entry) for entry in self.history]}
+
     def snapshot(self, queue: str) -> Dict[str, Any]:
         return {
             "_id": self.id, "queue": queue, "status": self.status, "data": self.data, "priority": self.priority,
@@ -350,7 +370,7 @@ class Queue:
             raise BadRequest(f"tasks holds {len(entries)} tasks; at most {MAX_INSERT_BATCH} per insert")
         checked = [self._check_insert(index, entry) for index, entry in enumerate(entries)]
         broker = self._broker
-        with broker._lock:
+        with broker._changing():
             now = broker._now()
             results, records, new_keys = [], [], {}
             for data, priority, delay, key, status in checked:
@@ -385,7 +405,7 @@ class Queue:
             worker = _check_text("worker", worker, 256)
         reports = _check_reports(reports)
         broker = self._broker
-        with broker._lock:
+        with broker._changing():
             now = broker._now()
             self._tick(now)
             if reports:
@@ -423,7 +443,7 @@ class Queue:
         if not isinstance(status, str) or status not in allowed:
             raise BadRequest(f"status must be one of {', '.join(allowed)}, got {status!r}")
         broker = self._broker
-        with broker._lock:
+        with broker._changing():
             now = broker._now()
             self._tick(now)
             task = self._tasks.get(task_id)
@@ -447,7 +467,7 @@ class Queue:
         if status == IN_PROGRESS:
             raise Conflict("tasks in progress cannot be purged; wait for their reports or leases")
         broker = self._broker
-        with broker._lock:
+        with broker._changing():
             now = broker._now()
             self._tick(now)
             ids = list(self._by_status[status])
@@ -590,6 +610,8 @@ class Queue:
             task = tasks.get(task_id)
             if task is not None and task.token == token and task.status == QUEUED:
                 heapq.heappush(ready, (-task.priority, seq, token, task_id))
+        if not self._broker._writable():
+            return  # the journal's disk fails: reads go on, expiries and hand-offs wait for it
         leases = self._leases
         while leases and leases[0][0] <= now:
             until, _, attempt, task_id = heapq.heappop(leases)
@@ -759,6 +781,38 @@ class Queue:
         if status == QUEUED:
             self._place(task, at)
 
+    def _apply_task(self, rec: Dict[str, Any]) -> None:
+        task = Task(rec["id"], _seq_of(rec["id"]), rec["data"], rec["priority"], rec["status"], rec["key"],
+                    rec["run_at"], rec["created_at"])
+        for field in ("updated_at", "attempt", "spent", "worker", "lease_until", "error", "result"):
+            setattr(task, field, rec[field])
+        task.history = [dict(entry) for entry in rec["history"]]
+        self._tasks[task.id] = task
+        self._by_status[task.status][task.id] = task
+        if task.key is not None:
+            self._keys[task.key] = task.id
+        if task.status == QUEUED:
+            self._place(task, rec["updated_at"])
+        elif task.status == IN_PROGRESS:
+            heapq.heappush(self._leases, (task.lease_until, task.seq, task.attempt, task.id))
+
+    def _apply_restore(self, rec: Dict[str, Any]) -> None:
+        self.totals.update(rec["totals"])
+        for task_id, status, attempt, outcome, key in rec["finished"]:
+            self._finished[task_id] = (status, attempt, outcome, key)
+            if key is not None:
+                self._keys.setdefault(key, task_id)
+        # Each status lists its tasks in the order they entered it, which is the order of updated_at.
+        for status, tasks in self._by_status.items():
+            ordered = sorted(tasks.values(), key=lambda task: task.updated_at)
+            self._by_status[status] = collections.OrderedDict((task.id, task) for task in ordered)
+
+    def _adopt(self, other: "Queue") -> None:
+        """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
+        for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
+                     "totals"):
+            setattr(self, name, getattr(other, name))
+
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
         for task_id in rec["ids"]:
             task = self._tasks.pop(task_id, None)
@@ -897,17 +951,32 @@ class Broker:
     Every state change goes through `_commit(records)` -> `_apply(record)`, which a journal can write and replay.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, random_source: Optional[random.Random] = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, random_source: Optional[random.Random] = None,
+                 journal: Union[None, str, "Journal"] = None) -> None:
         # This lock guards every queue, task, index and waiter list below; conditions of waiters are built on it.
         self._lock = threading.Lock()
         self._clock = clock
         self._random = random_source or random.Random()
         self._queues: Dict[str, Queue] = {}
         self._seq = 0
-        # Ids are "<epoch>-<seq>": a fresh epoch per broker, so that a worker still holding an id from before a
-        # restart of an in-memory server cannot report on an unrelated task that reused the number.
+        # Ids are "<epoch>-<seq>": a fresh epoch per broker (kept in the journal), so that a worker still holding
+        # an id from before a restart of an in-memory server cannot report on an unrelated task with that number.
         self._epoch = "%08x" % random.SystemRandom().getrandbits(32)
         self._closed = False
+        self._journal: Optional[Journal] = None
+        self._compaction: Optional[threading.Thread] = None
+        if journal is not None:
+            journal = Journal(journal) if isinstance(journal, str) else journal
+            records = journal.open()
+            try:
+                self._replay(records, journal.path)
+            except BaseException:
+                journal.close()
+                raise
+            self._journal = journal
+            if not records or records[0][1]["op"] != "journal":
+                with self._changing():
+                    self._commit([self._header()])
 
     def _now(self) -> int:
         return int(round(self._clock() * 1000))  # round: 1.001 s is 1000.9999 ms as a float
@@ -921,7 +990,7 @@ class Broker:
         if not isinstance(name, str) or not QUEUE_NAME.match(name):
             raise BadRequest(f"queue name must be 1 to 128 letters, digits, '_', '.' or '-', got {name!r}")
         options = _check_options(options)
-        with self._lock:
+        with self._changing():
             queue = self._queues.get(name)
             if queue is None or options:
                 merged = dict(queue.options) if queue is not None else {}
@@ -946,22 +1015,145 @@ class Broker:
             return list(self._queues.values())
 
     def close(self) -> None:
-        """Answer every waiting long poll and result wait now, and make later waits return at once."""
+        """Answer every waiting long poll and result wait now, make later waits return at once, and close the
+        journal (after writing what is pending)."""
         with self._lock:
             self._closed = True
             for queue in self._queues.values():
                 for waiter in list(queue._waiters) + [w for ws in queue._result_waiters.values() for w in ws]:
                     waiter.cond.notify()
+        if self._compaction is not None:
+            self._compaction.join()
+        if self._journal is not None:
+            self._journal.close()
+
+    # -- durability -----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the lock for a change; on leaving, wait (without the lock) until what was committed is durable.
+        This is what makes a 2xx mean "on disk": the caller answers only after this returns."""
+        with self._lock:
+            yield
+            ticket = self._journal.ticket if self._journal is not None else 0
+        if ticket:
+            self._sync(ticket)
+
+    def _sync(self, ticket: int) -> None:
+        journal = self._journal
+        assert journal is not None
+        try:
+            journal.wait(ticket)
+        except Unavailable:
+            with self._lock:
+                self._writable()  # put memory back to what the disk holds, if the disk lets us already
+            raise
+
+    def _writable(self) -> bool:
+        """Whether changes can be journalled now (lock held). After a disk failure, memory is first rebuilt from
+        the durable part of the file, so that it never holds what the disk lost; then the journal is truncated to
+        that part, which succeeds once the disk works again."""
+        journal = self._journal
+        if journal is None or journal.failed is None:
+            return journal is None or not journal._closed
+        if not journal.rolled_back:
+            try:
+                self._rebuild(journal.read_back(), journal.path)
+                journal.rolled_back = True
+            except OSError:
+                return False
+        try:
+            journal.reset()
+        except OSError:
+            return False
+        return True
+
+    def _rebuild(self, records: List[Tuple[int, Dict[str, Any]]], path: str) -> None:
+        """Replace the state of every queue by what `records` build; waiters stay where they are."""
+        fresh = Broker(clock=self._clock, random_source=self._random)
+        fresh._replay(records, path)
+        for name in list(self._queues):
+            if name not in fresh._queues:
+                del self._queues[name]
+        for name, queue in fresh._queues.items():
+            if name in self._queues:
+                self._queues[name]._adopt(queue)
+            else:
+                queue._broker = self
+                self._queues[name] = queue
+        self._epoch, self._seq = fresh._epoch, fresh._seq
+
+    def _replay(self, records: List[Tuple[int, Dict[str, Any]]], path: str) -> None:
+        for number, record in records:
+            try:
+                self._apply(record)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise JournalError(f"{path}: line {number} cannot be applied ({type(exc).__name__}: {exc}); "
+                                   f"the journal is corrupt") from None
+
+    def _header(self) -> Dict[str, Any]:
+        return {"op": "journal", "version": JOURNAL_VERSION, "epoch": self._epoch, "seq": self._seq}
+
+    def _snapshot(self) -> List[Dict[str, Any]]:
+        """The live state as records (lock held): what a compacted journal starts with."""
+        records = [self._header()]
+        for queue in self._queues.values():
+            records.append({"op": "queue", "q": queue.name,
+                            "options": dict(queue.options, configuration=dict(queue.options["configuration"]))})
+            records.extend(task.record(queue.name) for task in queue._tasks.values())
+            records.append({"op": "restore", "q": queue.name, "totals": dict(queue.totals),
+                            "finished": [[task_id] + list(memo) for task_id, memo in queue._finished.items()]})
+        return records
+
+    def compact(self) -> None:
+        """Rewrite the journal now as a snapshot of the live state (it also happens by itself as the journal
+        grows). Serving goes on meanwhile; only taking the snapshot holds the lock."""
+        with self._lock:
+            journal = self._journal
+            if journal is None or not journal.begin_compaction():
+                return  # no journal, or a compaction is already running
+            snapshot = self._snapshot()
+        journal.compact(snapshot)
+
+    def _maybe_compact(self) -> None:
+        """Lock held: start a compaction in the background when the journal has grown well past the state."""
+        journal = self._journal
+        if self._closed or not journal.wants_compaction(sum(len(q._tasks) + 2 for q in self._queues.values())):
+            return
+        if journal.begin_compaction():
+            self._compaction = threading.Thread(target=self._compact_quietly, args=(journal, self._snapshot()),
+                                                name="katar_http compaction", daemon=True)
+            self._compaction.start()
+
+    @staticmethod
+    def _compact_quietly(journal: "Journal", snapshot: List[Dict[str, Any]]) -> None:
+        try:
+            journal.compact(snapshot)
+        except OSError as exc:
+            print(f"katar_http: compaction of {journal.path} failed, the journal is unchanged: {exc}",
+                  file=sys.stderr)
 
     # -- the one place state changes ------------------------------------------------------------------------------
 
     def _commit(self, records: List[Dict[str, Any]]) -> None:
-        """Apply records in order (lock held). This is where a journal appends them."""
+        """Apply records in order and queue them for the journal (lock held). Memory is changed first, the disk
+        next; the request that made the change answers only once the disk has it (see _changing)."""
+        journal = self._journal
+        if journal is not None and (journal.failed is not None or journal._closed) and not self._writable():
+            raise Unavailable(f"the journal cannot be written ({journal.failed or 'closed'}); nothing was changed")
         for record in records:
             self._apply(record)
+        if journal is not None:
+            journal.append(records)
+            self._maybe_compact()
 
     def _apply(self, record: Dict[str, Any]) -> None:
         op = record["op"]
+        if op == "journal":
+            if record["version"] != JOURNAL_VERSION:
+                raise JournalError(f"journal version {record['version']} is not {JOURNAL_VERSION}")
+            self._epoch, self._seq = record["epoch"], max(self._seq, record["seq"])
+            return
         if op == "queue":
             queue = self._queues.get(record["q"])
             if queue is None:
@@ -975,7 +1167,361 @@ class Broker:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. The HTTP layer: parse, call the core, serialise. No queue logic here.
+# 3. The journal: the core's records as JSON lines, appended, fsync'd in groups, compacted, replayed
+# ---------------------------------------------------------------------------------------------------------------
+
+JOURNAL_VERSION = 1
+FSYNC_MODES = ("always", "interval", "never")
+COMPACT_MIN_RECORDS = 10000  # never compact a journal shorter than this
+COMPACT_RATIO = 4            # compact when the journal holds this many times more records than the live state
+
+
+class Journal:
+    """An append-only file of JSON lines, one per record of Broker._apply.
+
+    Writers call append() under the broker lock (cheap: it encodes and queues), then wait(ticket) outside it. The
+    first waiter becomes the flusher: it writes everything queued in one write() and, with fsync "always", one
+    fsync, then wakes the others; requests that arrived meanwhile share the next one (group commit). With
+    "interval" a background thread fsyncs every `fsync_interval` seconds and waiters need only the write; with
+    "never" the operating system decides. A failed write or fsync marks the journal failed: every unsynced ticket
+    is lost (its waiter raises Unavailable) and the broker rebuilds memory from what the file holds.
+
+    `_write` and `_fsync` are os.write and os.fsync, as attributes so that tests can make the disk fail.
+    """
+
+    def __init__(self, path: str, fsync: str = "always", fsync_interval: float = 1.0, repair: bool = False) -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
+        self.path = os.path.abspath(path)
+        self.fsync, self.fsync_interval, self.repair = fsync, fsync_interval, repair
+        self._write, self._fsync = os.write, os.fsync
+        self._fd: Optional[int] = None
+        self._lock_fd: Optional[int] = None
+        # This condition guards everything below; it is taken inside the broker lock, never the other way round.
+        self._cond = threading.Condition()
+        self._pending: List[bytes] = []    # encoded records not yet written
+        self._appended = 0                 # tickets handed out (one per append)
+        self._durable = 0                  # tickets whose records are written (and fsync'd, with "always")
+        self._lost_upto = 0                # tickets up to this one were lost to a disk failure
+        self._flushing = False             # one thread writes at a time
+        self._written = 0                  # bytes of the file written
+        self._synced = 0                   # bytes of the file fsync'd
+        self.failed: Optional[OSError] = None
+        self.rolled_back = False           # memory was rebuilt from the durable part after the failure
+        self.records = 0                   # records in the file, to decide when to compact
+        self._compacting: Optional[List[bytes]] = None  # records appended since the snapshot being written
+        self._closed = False
+        self.compaction_hook: Callable[[str], None] = lambda step: None  # tests stop a compaction between steps
+
+    # -- opening and replay ---------------------------------------------------------------------------------------
+
+    def open(self) -> List[Tuple[int, Dict[str, Any]]]:
+        """Take the lock file, read the records (cutting off a torn last line), open the file for appending.
+        Returns (line number, record) pairs for the broker to replay."""
+        self._take_lock()
+        try:
+            records, good_bytes = self._read()
+        except BaseException:
+            self.close()  # refusing to start must not keep the journal locked
+            raise
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, good_bytes)  # drops a torn tail, if any
+        os.lseek(self._fd, good_bytes, os.SEEK_SET)
+        os.fsync(self._fd)
+        self._written = self._synced = good_bytes
+        self.records = len(records)
+        if self.fsync == "interval":
+            threading.Thread(target=self._sync_periodically, name="katar_http fsync", daemon=True).start()
+        return records
+
+    def _take_lock(self) -> None:
+        lock_path = self.path + ".lock"
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl  # POSIX; the lock is released by the kernel when the process dies, even by kill -9
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass  # no advisory locks on this platform: one writer is then the operator's promise
+        except OSError:
+            holder = os.read(self._lock_fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise JournalError(f"{self.path} is in use by another katar_http server (pid {holder}); "
+                               f"one journal has one writer") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, str(os.getpid()).encode())
+
+    def _read(self) -> Tuple[List[Tuple[int, Dict[str, Any]]], int]:
+        """Parse the file. A bad last line is a torn write: cut off with a warning. A bad line with good lines
+        after it is corruption: refused, or with `repair` cut off there, the rest saved beside the journal."""
+        try:
+            with open(self.path, "rb") as handle:
+                lines = handle.read().split(b"\n")
+        except FileNotFoundError:
+            return [], 0
+        tail = lines.pop()  # what follows the last newline: b"" unless the last write was torn
+        records: List[Tuple[int, Dict[str, Any]]] = []
+        offset = 0
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "op" not in record:
+                    raise ValueError("not a record")
+            except ValueError as exc:
+                if number == len(lines) and not tail:
+                    tail = line + b"\n"
+                    break
+                return self._corrupt(number, offset, exc), offset
+            records.append((number, record))
+            offset += len(line) + 1
+        if tail:
+            print(f"katar_http: {self.path}: cut off a torn last record at byte {offset} "
+                  f"({len(tail)} bytes of an interrupted write)", file=sys.stderr)
+        return records, offset
+
+    def _corrupt(self, number: int, offset: int, exc: Exception) -> List[Tuple[int, Dict[str, Any]]]:
+        if not self.repair:
+            raise JournalError(
+                f"{self.path}: line {number} (byte {offset}) is not a journal record ({exc}). Nothing was changed. "
+                f"To keep the records before it and set the rest aside, start once with --repair-journal.")
+        saved = f"{self.path}.corrupt-{int(time.time())}"
+        with open(self.path, "rb") as handle, open(saved, "wb") as out:
+            handle.seek(offset)
+            out.write(handle.read())
+        print(f"katar_http: {self.path}: line {number} (byte {offset}) is corrupt; kept the records before it, "
+              f"saved the rest in {saved}", file=sys.stderr)
+        records, _ = self._read_prefix(offset)
+        return records
+
+    def _read_prefix(self, size: int) -> Tuple[List[Tuple[int, Dict[str, Any]]], int]:
+        with open(self.path, "rb") as handle:
+            data = handle.read(size)
+        return [(number, json.loads(line)) for number, line in enumerate(data.split(b"\n")[:-1], 1)], size
+
+    # -- appending and group commit -------------------------------------------------------------------------------
+
+    def append(self, records: List[Dict[str, Any]]) -> int:
+        """Queue records for writing (broker lock held); returns the ticket to wait for."""
+        data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode()
+        with self._cond:
+            self._pending.append(data)
+            if self._compacting is not None:
+                self._compacting.append(data)
+            self._appended += 1
+            self.records += len(records)
+            return self._appended
+
+    @property
+    def ticket(self) -> int:
+        """The ticket of the latest append: waiting for it covers everything appended so far."""
+        return self._appended
+
+    def wait(self, ticket: int) -> None:
+        """Return once the records up to `ticket` are durable; raise Unavailable if the disk lost them."""
+        with self._cond:
+            while self._durable < ticket:
+                if ticket <= self._lost_upto or self._closed:
+                    raise Unavailable(f"the journal could not be written ({self.failed or 'closed'}); "
+                                      f"nothing was acknowledged: retry later")
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """Write (and fsync) everything pending, releasing the condition during the I/O."""
+        self._flushing = True
+        batch, upto = b"".join(self._pending), self._appended
+        self._pending = []
+        self._cond.release()
+        error: Optional[OSError] = None
+        try:
+            view = memoryview(batch)
+            while view:
+                view = view[self._write(self._fd, view):]
+            if self.fsync == "always":
+                self._fsync(self._fd)
+        except OSError as exc:
+            error = exc
+        finally:
+            self._cond.acquire()
+            self._flushing = False
+        if error is None:
+            self._written += len(batch)
+            if self.fsync == "always":
+                self._synced = self._written
+            self._durable = max(self._durable, upto)
+        else:
+            self._fail(error)
+        self._cond.notify_all()
+
+    def _fail(self, error: OSError) -> None:
+        self.failed, self.rolled_back = error, False
+        self._lost_upto = self._appended
+        self._pending = []
+
+    def _sync_periodically(self) -> None:
+        while True:
+            time.sleep(self.fsync_interval)
+            with self._cond:
+                if self._closed:
+                    return
+                while self._flushing:
+                    self._cond.wait()
+                if self.failed or self._synced == self._written:
+                    continue
+                self._flushing = True
+                written = self._written
+            error = None
+            try:
+                self._fsync(self._fd)
+            except OSError as exc:
+                error = exc
+            with self._cond:
+                self._flushing = False
+                if error is None:
+                    self._synced = written
+                else:
+                    self._fail(error)
+                self._cond.notify_all()
+
+    def _durable_bytes(self) -> int:
+        return self._synced if self.fsync != "never" else self._written
+
+    def reset(self) -> None:
+        """After a failure: drop everything after the last durable byte, so the file holds only what it held
+        before the failure. Raises OSError while the disk still fails. Broker lock held (no appends)."""
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
+            keep = self._durable_bytes()
+            self._lost_upto = self._appended
+            self._pending = []
+            os.ftruncate(self._fd, keep)
+            os.lseek(self._fd, keep, os.SEEK_SET)
+            self._fsync(self._fd)
+            self._written = self._synced = keep
+            self._durable = self._appended
+            self.failed = None
+            self._cond.notify_all()
+
+    def read_back(self) -> List[Tuple[int, Dict[str, Any]]]:
+        """The records of the durable part of the file, for the broker to rebuild memory from."""
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
+            size = self._durable_bytes()
+        return self._read_prefix(size)[0]
+
+    # -- compaction -----------------------------------------------------------------------------------------------
+
+    def wants_compaction(self, live_records: int) -> bool:
+        return (self._compacting is None and not self.failed and self.records >= COMPACT_MIN_RECORDS
+                and self.records > COMPACT_RATIO * max(live_records, 1))
+
+    def begin_compaction(self) -> bool:
+        """Broker lock held, as the snapshot is taken: records from now on also go to the new file. False if a
+        compaction is already under way."""
+        with self._cond:
+            if self._compacting is not None or self.failed is not None or self._closed:
+                return False
+            self._compacting = []
+            return True
+
+    def compact(self, snapshot: List[Dict[str, Any]]) -> None:
+        """Write the snapshot to a temporary file beside the journal, fsync it, append what arrived meanwhile,
+        rename it over the journal and fsync the folder. A crash at any step leaves a journal that loads: the
+        old one until the rename, the new one after."""
+        temporary = self.path + ".compact"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            size = 0
+            for start in range(0, len(snapshot), 10000):
+                chunk = "".join(json.dumps(record, separators=(",", ":")) + "\n"
+                                for record in snapshot[start:start + 10000]).encode()
+                size += _write_all(fd, chunk)
+            os.fsync(fd)
+            self.compaction_hook("snapshot written")
+            with self._cond:
+                while self._flushing:
+                    self._cond.wait()
+                self._flushing = True  # the old file gets no more writes: this thread is the only writer now
+            try:
+                tail = b"".join(self._compacting or [])
+                size += _write_all(fd, tail)
+                os.fsync(fd)
+                self.compaction_hook("tail written")
+                os.replace(temporary, self.path)
+                self.compaction_hook("renamed")
+                _fsync_folder(self.path)
+            except BaseException:
+                with self._cond:
+                    self._flushing = False
+                    self._cond.notify_all()
+                raise
+            with self._cond:
+                os.close(self._fd)
+                self._fd, fd = fd, -1
+                self._written = self._synced = size
+                self._pending = []  # all of it is in the new file, which is fsync'd
+                self._durable = self._appended
+                self.records = len(snapshot) + sum(chunk.count(b"\n") for chunk in self._compacting or [])
+                self._compacting = None
+                self._flushing = False
+                self._cond.notify_all()
+        except OSError:
+            with self._cond:
+                self._compacting = None
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Flush what is pending, then release the file and the lock."""
+        with self._cond:
+            if self._closed or self._fd is None:
+                self._closed = True
+                self._release_lock()
+                return
+            while self._flushing:
+                self._cond.wait()
+            if self._pending and not self.failed:
+                self._flush_locked()
+            self._closed = True
+            self._cond.notify_all()
+            os.close(self._fd)
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
+
+
+def _fsync_folder(path: str) -> None:
+    """Make a rename durable: fsync the folder that holds the file (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The HTTP layer: parse, call the core, serialise. No queue logic here.
 # ---------------------------------------------------------------------------------------------------------------
 
 QUEUE_SEGMENT = r"/v1/queue/([^/]+)"
@@ -1053,6 +1599,8 @@ class Handler(BaseHTTPRequestHandler):
             headers.append(("Allow", ", ".join(exc.allow)))
         except KatarError as exc:
             status, payload = exc.status, exc.to_json()
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                headers.append(("Retry-After", "1"))
         except Exception:  # a bug: log it, answer JSON, keep serving
             self.log_error("internal error on %s %s", self.command, self.path)
             import traceback
@@ -1231,7 +1779,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. The server object and the command line
+# 5. The server object and the command line
 # ---------------------------------------------------------------------------------------------------------------
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -1329,6 +1877,7 @@ examples:
   python katar_http.py --queue jobs --queue mail:5000       two queues (jobs polls every 30 s, the default)
   python katar_http.py --config queues.json                 queues and their options from a file:
       {"queues": {"jobs": {"configuration": {"interval": 1000}, "lease": 30000, "max_attempts": 3}}}
+  python katar_http.py --queue jobs --journal jobs.journal  keep the tasks across restarts and crashes
 """
 
 
@@ -1344,6 +1893,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeat for more queues")
     parser.add_argument("--config", metavar="FILE",
                         help='JSON file {"queues": {NAME: {"configuration": {...}, "lease": MS, ...}}}')
+    parser.add_argument("--journal", metavar="FILE",
+                        help="keep every change in this append-only file and reload it at start (default: memory only)")
+    parser.add_argument("--fsync", choices=FSYNC_MODES, default="always",
+                        help="always: answer a change only once it is fsync'd (default, loses nothing); "
+                             "interval: fsync every --fsync-interval (power loss may lose that much); "
+                             "never: leave it to the OS (survives a crash of this process, not of the machine)")
+    parser.add_argument("--fsync-interval", type=int, default=1000, metavar="MS",
+                        help="with --fsync interval, how often to fsync (default %(default)s)")
+    parser.add_argument("--repair-journal", action="store_true",
+                        help="if the journal has a corrupt line, keep the records before it and set the rest aside "
+                             "in FILE.corrupt-TIME instead of refusing to start")
     parser.add_argument("--max-wait", type=int, default=DEFAULT_MAX_WAIT_MS, metavar="MS",
                         help="longest long poll a client may ask for with wait (default %(default)s)")
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
@@ -1379,17 +1939,27 @@ def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[st
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    broker = Broker()
+    try:
+        journal = None
+        if args.journal:
+            journal = Journal(args.journal, fsync=args.fsync, fsync_interval=args.fsync_interval / 1000.0,
+                              repair=args.repair_journal)
+        broker = Broker(journal=journal)
+    except (JournalError, OSError) as exc:
+        print(f"katar_http: {exc}", file=sys.stderr)
+        return 1
     try:
         load_queues(broker, args.config, args.queue)
     except (OSError, ValueError, KatarError) as exc:
         print(f"katar_http: {exc}", file=sys.stderr)
+        broker.close()
         return 2
     try:
         server = KatarServer(broker, args.host, args.port, max_wait=args.max_wait, max_body=args.max_body,
                              quiet=args.quiet, idle_timeout=args.idle_timeout)
     except OSError as exc:
         print(f"katar_http: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        broker.close()
         return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

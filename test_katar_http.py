@@ -1,7 +1,10 @@
 """Tests for katar_http: a real server on port 0, real HTTP through urllib and http.client, a fake clock where
 time matters. Run: python3 -m unittest -v test_katar_http"""
 
+import contextlib
+import errno
 import http.client
+import io
 import json
 import os
 import random
@@ -1154,6 +1157,455 @@ class CommandLineTest(unittest.TestCase):
         for flag in ("--host", "--port", "--queue", "--config", "--max-wait", "--max-body", "--idle-timeout",
                      "--quiet", "examples:"):
             self.assertIn(flag, result.stdout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The journal: restarts, torn tails, corruption, compaction, disk failures, one writer, group commit
+# ---------------------------------------------------------------------------------------------------------------
+
+class SimulatedCrash(Exception):
+    """Raised by a compaction hook: the process "dies" between two steps, leaving the files as they are."""
+
+
+def read_file(path, mode="r"):
+    with open(path, mode) as handle:
+        return handle.read()
+
+
+def broker_state(broker):
+    """Everything a client can see of a broker, for comparing before and after a restart."""
+    return {queue.name: (queue.describe(), queue.tasks(limit=1000), queue.stats()) for queue in broker.queues()}
+
+
+class JournalTest(unittest.TestCase):
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "tasks.journal")
+        self.clock = FakeClock()
+
+    def open(self, **options):
+        broker = K.Broker(clock=self.clock, random_source=random.Random(3), journal=K.Journal(self.path, **options))
+        self.addCleanup(broker.close)
+        return broker
+
+    def crash(self, broker):
+        """Abandon a broker as a killed process would: no flush, just the lock released (as the kernel does)."""
+        journal = broker._journal
+        os.close(journal._lock_fd)
+        journal._lock_fd, journal._closed = None, True
+
+    def churn(self, broker):
+        """A bit of everything the core journals."""
+        jobs = broker.queue("jobs", lease=1000, max_attempts=2, persistent=False)
+        keep = broker.queue("keep", persistent=True, configuration={"interval": 500, "when": "now"})
+        ids = [t["_id"] for t in jobs.insert([{"data": i, "priority": i % 3, "key": f"k{i}"} for i in range(12)])]
+        keep.insert([{"data": "paused", "status": "paused"}, {"data": "later", "delay": 5000}, {"data": "x"}])
+        leased = jobs.lease(max=6, worker="w1")
+        jobs.report([{"_id": leased[0]["_id"], "status": "done", "result": {"r": 1}},
+                     {"_id": leased[1]["_id"], "status": "failed", "error": "e1"},
+                     {"_id": leased[2]["_id"], "status": "failed", "error": "fatal", "retry": False},
+                     {"_id": leased[3]["_id"], "status": "queued"},
+                     {"_id": leased[4]["_id"], "status": "in progress"}])
+        self.clock.advance(1000)  # leased[5] and leased[4] expire
+        jobs.stats()
+        jobs.cancel(ids[11])
+        jobs.set_status(ids[10], "paused")
+        done = keep.lease()
+        keep.report([{"_id": done[0]["_id"], "status": "done", "result": "ok"}])
+        keep.purge("done")
+        broker.queue("jobs", max_in_flight=4)
+        return ids
+
+    def test_a_restart_replays_the_journal_to_the_same_state(self):
+        broker = self.open()
+        ids = self.churn(broker)
+        before = broker_state(broker)
+        broker.close()
+        again = self.open()
+        self.assertEqual(broker_state(again), before)
+        jobs = again.get("jobs")
+        self.assertFalse(jobs.insert({"data": 0, "key": "k0"})["created"])  # a remembered discarded task's key
+        fresh = jobs.insert({"data": "new"})["_id"]
+        self.assertEqual(fresh.split("-")[0], ids[0].split("-")[0])
+        self.assertGreater(int(fresh.split("-")[1]), max(int(i.split("-")[1]) for i in ids))
+
+    def test_a_lease_survives_a_restart_and_the_report_after_it_is_accepted(self):
+        broker = self.open()
+        jobs = broker.queue("jobs", lease=10000)
+        task_id = jobs.insert({"data": 1})["_id"]
+        leased = jobs.lease(worker="phone")
+        self.crash(broker)
+        again = self.open()
+        jobs = again.get("jobs")
+        self.clock.advance(9000)
+        self.assertEqual(jobs.lease(), [])
+        jobs.report([{"_id": task_id, "status": "done", "attempt": leased[0]["attempt"]}])
+        self.clock.advance(5000)
+        self.assertEqual(jobs.lease(), [])
+        self.assertEqual(jobs.task(task_id)["status"], "done")
+
+    def test_a_torn_last_line_is_cut_off_with_a_warning_naming_its_offset(self):
+        broker = self.open()
+        self.churn(broker)
+        before = broker_state(broker)
+        broker.close()
+        size = os.path.getsize(self.path)
+        with open(self.path, "ab") as handle:
+            handle.write(b'{"op":"insert","q":"jobs","id":"torn-99","da')
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            again = self.open()
+        self.assertIn(f"torn last record at byte {size}", stderr.getvalue())
+        self.assertEqual(broker_state(again), before)
+        self.assertEqual(os.path.getsize(self.path), size)
+
+    def test_a_corrupt_middle_line_refuses_to_start_naming_it_and_repair_keeps_what_precedes_it(self):
+        broker = self.open()
+        jobs = broker.queue("jobs", persistent=True)
+        ids = [jobs.insert({"data": i})["_id"] for i in range(5)]
+        broker.close()
+        with open(self.path, "rb") as handle:
+            lines = handle.read().split(b"\n")
+        lines[4] = b'{"op":"insert", garbage'
+        with open(self.path, "wb") as handle:
+            handle.write(b"\n".join(lines))
+        untouched = read_file(self.path, "rb")
+        with self.assertRaisesRegex(K.JournalError, r"line 5 \(byte \d+\).*--repair-journal"):
+            K.Broker(journal=self.path)
+        self.assertEqual(read_file(self.path, "rb"), untouched)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            repaired = self.open(repair=True)
+        self.assertEqual([t["_id"] for t in repaired.get("jobs").tasks()["tasks"]], ids[:2])
+        saved = [name for name in os.listdir(os.path.dirname(self.path)) if ".corrupt-" in name]
+        self.assertEqual(len(saved), 1)
+        self.assertIn("garbage", read_file(os.path.join(os.path.dirname(self.path), saved[0])))
+
+    def test_a_record_that_cannot_be_applied_refuses_to_start(self):
+        broker = self.open()
+        broker.queue("jobs")
+        broker.close()
+        with open(self.path, "a") as handle:
+            handle.write('{"op":"done","q":"jobs","id":"nope-1","result":null,"at":1}\n'
+                         '{"op":"queue","q":"other","options":{}}\n')
+        with self.assertRaisesRegex(K.JournalError, "line 3 cannot be applied"):
+            K.Broker(journal=self.path)
+
+    def test_compaction_keeps_the_state_shrinks_the_file_and_serving_goes_on(self):
+        broker = self.open()
+        self.churn(broker)
+        jobs = broker.get("jobs")
+        for _ in range(30):
+            leased = jobs.lease(max=4)
+            jobs.report([{"_id": t["_id"], "status": "queued"} for t in leased])
+        lines_before = read_file(self.path).count("\n")
+        during = []
+        # While the snapshot is on disk but not yet in place, the server keeps taking changes.
+        broker._journal.compaction_hook = lambda step: step == "snapshot written" and during.append(
+            jobs.insert({"data": "during compaction"})["_id"])
+        broker.compact()
+        self.assertEqual(len(during), 1)
+        self.assertLess(read_file(self.path).count("\n"), lines_before / 2)
+        before = broker_state(broker)
+        jobs.insert({"data": "after compaction"})
+        after_insert = broker_state(broker)
+        broker.close()
+        self.assertEqual(broker_state(self.open()), after_insert)
+        self.assertNotEqual(before, after_insert)
+
+    def test_compaction_starts_by_itself_when_the_journal_outgrows_the_state(self):
+        original = K.COMPACT_MIN_RECORDS
+        K.COMPACT_MIN_RECORDS = 200
+        self.addCleanup(setattr, K, "COMPACT_MIN_RECORDS", original)
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        for _ in range(150):
+            task = jobs.insert({"data": 1})
+            jobs.report([{"_id": jobs.lease()[0]["_id"], "status": "done"}])
+        broker._compaction.join(10)
+        # 150 rounds of insert, lease and done wrote 450 records; compactions keep only what is live plus a tail.
+        self.assertLess(read_file(self.path).count("\n"), 300)
+        before = broker_state(broker)
+        broker.close()
+        self.assertEqual(broker_state(self.open()), before)
+        self.assertEqual(task["_id"].rsplit("-", 1)[1], "150")
+
+    def test_a_crash_between_any_two_steps_of_compaction_leaves_a_journal_that_loads(self):
+        for step in ("snapshot written", "tail written", "renamed"):
+            with self.subTest(step=step):
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
+                broker = self.open()
+                self.churn(broker)
+                before = broker_state(broker)
+
+                def crash_at(current, step=step):
+                    if current == step:
+                        raise SimulatedCrash(step)
+                broker._journal.compaction_hook = crash_at
+                with self.assertRaises(SimulatedCrash):
+                    broker.compact()
+                self.crash(broker)
+                reopened = self.open()
+                self.assertEqual(broker_state(reopened), before)
+                reopened.close()
+                for name in os.listdir(os.path.dirname(self.path)):
+                    if name.endswith(".compact"):
+                        os.unlink(os.path.join(os.path.dirname(self.path), name))
+
+    def test_a_second_broker_on_the_same_journal_refuses(self):
+        self.open()
+        with self.assertRaisesRegex(K.JournalError, "in use by another katar_http server"):
+            K.Broker(journal=self.path)
+
+    def test_the_weaker_fsync_modes_keep_what_was_written(self):
+        for mode in ("interval", "never"):
+            with self.subTest(mode=mode):
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
+                broker = self.open(fsync=mode, fsync_interval=0.01)
+                synced = threading.Event()
+                journal = broker._journal
+                journal._fsync = lambda fd: (os.fsync(fd), synced.set())
+                ids = [t["_id"] for t in broker.queue("jobs").insert([{"data": i} for i in range(3)])]
+                if mode == "interval":
+                    self.assertTrue(synced.wait(5), "the interval fsync never ran")
+                else:
+                    self.assertFalse(synced.is_set())
+                self.crash(broker)  # the writes are in the file: a crash of the process loses nothing
+                reopened = self.open()
+                self.assertEqual([t["_id"] for t in reopened.get("jobs").tasks()["tasks"]], ids)
+                reopened.close()
+
+
+class JournalOverHttpTest(ServerTestCase):
+    """Durability as a client sees it."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "tasks.journal")
+        self.clock = FakeClock()
+        self.broker = K.Broker(clock=self.clock, journal=self.path)
+        self.jobs = self.broker.queue("jobs", persistent=True)
+        self.server = K.serve(self.broker, port=0)
+        self.addCleanup(self.server.close)
+        self.url = self.server.url
+        self.journal = self.broker._journal
+
+    def reopened_state(self):
+        self.server.close()
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        return broker_state(again)
+
+    def test_a_change_is_acknowledged_only_after_its_fsync(self):
+        in_fsync, release, responded, seen = threading.Event(), threading.Event(), threading.Event(), []
+
+        def slow_fsync(fd):
+            seen.append((responded.is_set(), read_file(self.path).count("data")))
+            in_fsync.set()
+            release.wait(10)
+            os.fsync(fd)
+        self.journal._fsync = slow_fsync
+        thread = threading.Thread(target=lambda: (self.insert({"data": "durable"}), responded.set()))
+        thread.start()
+        self.assertTrue(in_fsync.wait(5))
+        self.assertFalse(responded.is_set())
+        release.set()
+        thread.join(5)
+        self.assertTrue(responded.is_set())
+        self.assertEqual(seen[0], (False, 1))  # written before the fsync, answered after it
+
+    def test_concurrent_requests_share_fsyncs(self):
+        fsyncs = []
+
+        def counted_fsync(fd):
+            fsyncs.append(1)
+            time.sleep(0.003)  # a disk's fsync takes milliseconds; tmpfs would hide the grouping
+            os.fsync(fd)
+        self.journal._fsync = counted_fsync
+        errors = []
+
+        def producer():
+            connection = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
+            for _ in range(25):
+                connection.request("POST", "/v1/queue/jobs/tasks", body=b'{"data": 1}',
+                                   headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 201:
+                    errors.append(response.status)
+            connection.close()
+        threads = [threading.Thread(target=producer) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(errors, [])
+        self.assertEqual(self.jobs.stats()["total"], 200)
+        self.assertLess(len(fsyncs), 100, "200 requests from 8 clients should share fsyncs")
+
+    def test_a_failing_disk_answers_503_keeps_memory_as_the_disk_has_it_and_recovers(self):
+        kept = self.insert({"data": "before"}, {"data": "queued"})
+        leased = self.lease_one()
+
+        def full_disk(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.journal._fsync = full_disk
+        for method, path, body in (("POST", "/v1/queue/jobs/tasks", {"data": "lost"}),
+                                   ("POST", "/v1/queue/jobs", {"tasks": [{"_id": leased["_id"], "status": "done"}]}),
+                                   ("PUT", "/v1/queue/jobs", {"lease": 5}),
+                                   ("DELETE", f"/v1/queue/jobs/tasks/{kept[1]}", None)):
+            status, payload, headers = self.call_allowing_503(method, path, body)
+            self.assertEqual(status, 503, (method, path, payload))
+            self.assertIn("No space left", payload["error"])
+            self.assertEqual(headers["Retry-After"], "1")
+        # Reads keep working and show what the disk holds: nothing of the refused changes.
+        self.assertEqual(self.counts(), {"paused": 0, "queued": 1, "in progress": 1, "done": 0, "failed": 0,
+                                         "cancelled": 0})
+        self.assertEqual(self.task(leased["_id"])["status"], "in progress")
+        self.assertEqual(self.call("GET", "/v1/queue/jobs")[0], 200)
+        self.journal._fsync = os.fsync  # the disk recovers, and so does the server
+        self.poll({"tasks": [{"_id": leased["_id"], "status": "done"}], "max": 0}, expect=204)
+        added = self.insert({"data": "after"})
+        expected = broker_state(self.broker)
+        self.assertEqual(self.reopened_state(), expected)
+        self.assertEqual(expected["jobs"][2]["total"], 3)
+        self.assertEqual([t["data"] for t in expected["jobs"][1]["tasks"]], ["before", "queued", "after"])
+        self.assertTrue(added)
+
+    def test_a_write_that_fails_halfway_leaves_no_half_record(self):
+        self.insert({"data": "before"})
+        real_write, calls = os.write, []
+
+        def half_then_fail(fd, data):
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, bytes(data[:len(data) // 2]))
+            raise OSError(errno.EIO, "Input/output error")
+        self.journal._write = half_then_fail
+        status, payload, _ = self.call_allowing_503("POST", "/v1/queue/jobs/tasks", {"data": "lost"})
+        self.assertEqual(status, 503)
+        self.journal._write = real_write
+        self.insert({"data": "after"})
+        self.assertEqual([t["data"] for t in self.reopened_state()["jobs"][1]["tasks"]], ["before", "after"])
+
+    def call_allowing_503(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null"), response.headers
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read()), error.headers
+
+
+class CrashTest(unittest.TestCase):
+    """kill -9 under load, again and again: nothing acknowledged is lost, nothing acknowledged done comes back."""
+
+    rounds = 20
+
+    def start_server(self, directory):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
+             "--journal", os.path.join(directory, "tasks.journal"), "--config", os.path.join(directory, "queues.json")],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.addCleanup(stop_process, process)
+        self.addCleanup(process.stderr.close)
+        line = process.stderr.readline()
+        self.assertIn("listening on", line)
+        host_port = line.split("http://")[1].strip()
+        return process, host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
+
+    def test_kill_9_under_load_loses_no_acknowledged_insert_and_redelivers_no_acknowledged_done(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "queues.json"), "w") as handle:
+            json.dump({"queues": {"jobs": {"persistent": True, "lease": 400, "max_attempts": 1000}}}, handle)
+        lock, clock = threading.Lock(), iter(range(10 ** 9))
+        inserted, done_acked, violations, deliveries = set(), {}, [], [0]
+        chance = random.Random(2026)
+
+        def producer(host, port, stop):
+            connection = http.client.HTTPConnection(host, port, timeout=5)
+            try:
+                while not stop.is_set():
+                    connection.request("POST", "/v1/queue/jobs/tasks", body=json.dumps(
+                        {"tasks": [{"data": n} for n in range(5)]}), headers={"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    payload = response.read()
+                    if response.status == 201:
+                        with lock:
+                            inserted.update(task["_id"] for task in json.loads(payload)["tasks"])
+            except (OSError, http.client.HTTPException):
+                pass  # the server was killed
+            finally:
+                connection.close()
+
+        def worker(host, port, stop):
+            connection, reports = http.client.HTTPConnection(host, port, timeout=5), []
+            try:
+                while not stop.is_set():
+                    with lock:
+                        sent_at = next(clock)
+                    connection.request("POST", "/v1/queue/jobs", body=json.dumps({"tasks": reports, "max": 3}),
+                                       headers={"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    payload = response.read()
+                    if response.status // 100 != 2:
+                        reports = []  # e.g. 409: a report for a delivery that expired and went elsewhere
+                        continue
+                    tasks = json.loads(payload)["tasks"] if response.status == 200 else []
+                    with lock:
+                        acked_at = next(clock)
+                        for report in reports:
+                            done_acked.setdefault(report["_id"], acked_at)
+                        for task in tasks:
+                            deliveries[0] += 1
+                            if done_acked.get(task["_id"], sent_at) < sent_at:
+                                violations.append(task["_id"])
+                    reports = [{"_id": task["_id"], "status": "done", "attempt": task["attempt"]} for task in tasks]
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                connection.close()
+
+        for _ in range(self.rounds):
+            process, host, port = self.start_server(directory)
+            stop = threading.Event()
+            threads = [threading.Thread(target=target, args=(host, port, stop))
+                       for target in (producer, producer, worker, worker)]
+            for thread in threads:
+                thread.start()
+            time.sleep(chance.uniform(0.05, 0.3))  # the kill lands at a random moment of the load
+            process.kill()
+            process.wait(10)
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+
+        process, host, port = self.start_server(directory)
+        listed, after = {}, ""
+        while True:
+            with urllib.request.urlopen(f"http://{host}:{port}/v1/queue/jobs/tasks?limit=1000{after}", timeout=10) as r:
+                page = json.load(r)
+            listed.update((task["_id"], task["status"]) for task in page["tasks"])
+            if page["next"] is None:
+                break
+            after = "&after=" + page["next"]
+        with urllib.request.urlopen(f"http://{host}:{port}/v1/queue/jobs/stats", timeout=10) as r:
+            stats = json.load(r)
+        self.assertGreater(len(inserted), 100, "the load never got going")
+        self.assertGreater(len(done_acked), 50)
+        self.assertEqual(inserted - set(listed), set(), "acknowledged inserts were lost")
+        self.assertEqual(violations, [], "tasks acknowledged done were delivered again")
+        self.assertEqual({task_id for task_id in done_acked if listed.get(task_id) != "done"}, set())
+        self.assertEqual(stats["total"], len(listed))
+        self.assertEqual(sum(stats["counts"].values()), len(listed))
+        for status, count in stats["counts"].items():
+            self.assertEqual(count, sum(1 for value in listed.values() if value == status), status)
 
 
 class ReadmeTest(unittest.TestCase):
