@@ -37,6 +37,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import errno
 import heapq
 import json
 import os
@@ -1320,7 +1321,8 @@ class Journal:
         """Return once the records up to `ticket` are durable; raise Unavailable if the disk lost them."""
         with self._cond:
             while self._durable < ticket:
-                if ticket <= self._lost_upto or self._closed:
+                # After a failure nothing more is written until reset(): the file may end in half a batch.
+                if ticket <= self._lost_upto or self.failed is not None or self._closed:
                     raise Unavailable(f"the journal could not be written ({self.failed or 'closed'}); "
                                       f"nothing was acknowledged: retry later")
                 if self._flushing:
@@ -1445,6 +1447,9 @@ class Journal:
             with self._cond:
                 while self._flushing:
                     self._cond.wait()
+                if self.failed is not None:  # records in the tail may have been refused: keep the old file
+                    self._compacting = None
+                    raise OSError(errno.EIO, f"the journal failed during compaction: {self.failed}")
                 self._flushing = True  # the old file gets no more writes: this thread is the only writer now
             try:
                 tail = b"".join(self._compacting or [])

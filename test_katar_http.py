@@ -1492,6 +1492,38 @@ class JournalOverHttpTest(ServerTestCase):
         self.insert({"data": "after"})
         self.assertEqual([t["data"] for t in self.reopened_state()["jobs"][1]["tasks"]], ["before", "after"])
 
+    def test_after_a_failure_nothing_is_acknowledged_until_the_journal_is_reset(self):
+        self.insert({"data": "before"})
+        real_fsync, fail = os.fsync, [True]
+
+        def flaky_fsync(fd):
+            if fail[0]:
+                fail[0] = False  # fails once, then works: the next flush must still not land after the failure
+                raise OSError(errno.EIO, "Input/output error")
+            real_fsync(fd)
+        self.journal._fsync = flaky_fsync
+        self.assertEqual(self.call_allowing_503("POST", "/v1/queue/jobs/tasks", {"data": "refused"})[0], 503)
+        self.insert({"data": "after"})
+        expected = broker_state(self.broker)
+        self.assertEqual([t["data"] for t in expected["jobs"][1]["tasks"]], ["before", "after"])
+        self.assertEqual(self.reopened_state(), expected)
+
+    def test_a_compaction_does_not_outlive_a_disk_failure(self):
+        self.insert({"data": "before"})
+        journal = self.journal
+
+        def fail_then_continue(step):
+            if step == "snapshot written":
+                journal._fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+                status = self.call_allowing_503("POST", "/v1/queue/jobs/tasks", {"data": "refused"})[0]
+                self.assertEqual(status, 503)
+                journal._fsync = os.fsync
+        journal.compaction_hook = fail_then_continue
+        with self.assertRaises(OSError):
+            self.broker.compact()
+        self.insert({"data": "after"})
+        self.assertEqual([t["data"] for t in self.reopened_state()["jobs"][1]["tasks"]], ["before", "after"])
+
     def call_allowing_503(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
