@@ -143,7 +143,12 @@ class Unavailable(KatarError):
 
 
 class JournalError(Exception):
-    """The journal cannot be opened: corrupt, in use by another server, or of an unknown version."""
+    """The journal cannot be opened: corrupt, in use by another server, or of an unknown version. `line` is the
+    corrupt line's number, where one is to blame."""
+
+    def __init__(self, message: str, line: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class RequestTimeout(KatarError):
@@ -968,12 +973,7 @@ class Broker:
         self._compaction: Optional[threading.Thread] = None
         if journal is not None:
             journal = Journal(journal) if isinstance(journal, str) else journal
-            records = journal.open()
-            try:
-                self._replay(records, journal.path)
-            except BaseException:
-                journal.close()
-                raise
+            records = self._load(journal)
             self._journal = journal
             if not records or records[0][1]["op"] != "journal":
                 with self._changing():
@@ -1084,13 +1084,31 @@ class Broker:
                 self._queues[name] = queue
         self._epoch, self._seq = fresh._epoch, fresh._seq
 
+    def _load(self, journal: "Journal") -> List[Tuple[int, Dict[str, Any]]]:
+        """Open the journal and replay it; with repair, a record that cannot be applied is cut off with the rest.
+        Returns the records replayed."""
+        try:
+            records = journal.open()
+            while True:
+                try:
+                    self._replay(records, journal.path)
+                    return records
+                except JournalError as exc:
+                    if not journal.repair or exc.line is None:
+                        raise
+                    records = journal.cut(exc.line)
+                    self._queues, self._seq = {}, 0
+        except BaseException:
+            journal.close()  # refusing to start must not keep the journal locked
+            raise
+
     def _replay(self, records: List[Tuple[int, Dict[str, Any]]], path: str) -> None:
         for number, record in records:
             try:
                 self._apply(record)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                raise JournalError(f"{path}: line {number} cannot be applied ({type(exc).__name__}: {exc}); "
-                                   f"the journal is corrupt") from None
+                raise JournalError(f"{path}: line {number} cannot be applied ({type(exc).__name__}: {exc}). "
+                                   f"{REPAIR_HINT}", number) from None
 
     def _header(self) -> Dict[str, Any]:
         return {"op": "journal", "version": JOURNAL_VERSION, "epoch": self._epoch, "seq": self._seq}
@@ -1172,6 +1190,8 @@ class Broker:
 # ---------------------------------------------------------------------------------------------------------------
 
 JOURNAL_VERSION = 1
+REPAIR_HINT = ("Nothing was changed. To keep the records before that line and set the rest aside, "
+               "start once with --repair-journal (Journal(..., repair=True)).")
 FSYNC_MODES = ("always", "interval", "never")
 COMPACT_MIN_RECORDS = 10000  # never compact a journal shorter than this
 COMPACT_RATIO = 4            # compact when the journal holds this many times more records than the live state
@@ -1220,11 +1240,7 @@ class Journal:
         """Take the lock file, read the records (cutting off a torn last line), open the file for appending.
         Returns (line number, record) pairs for the broker to replay."""
         self._take_lock()
-        try:
-            records, good_bytes = self._read()
-        except BaseException:
-            self.close()  # refusing to start must not keep the journal locked
-            raise
+        records, good_bytes = self._read()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, good_bytes)  # drops a torn tail, if any
         os.lseek(self._fd, good_bytes, os.SEEK_SET)
@@ -1282,16 +1298,31 @@ class Journal:
 
     def _corrupt(self, number: int, offset: int, exc: Exception) -> List[Tuple[int, Dict[str, Any]]]:
         if not self.repair:
-            raise JournalError(
-                f"{self.path}: line {number} (byte {offset}) is not a journal record ({exc}). Nothing was changed. "
-                f"To keep the records before it and set the rest aside, start once with --repair-journal.")
+            raise JournalError(f"{self.path}: line {number} (byte {offset}) is not a journal record ({exc}). "
+                               f"{REPAIR_HINT}", number)
+        return self._set_aside(number, offset)
+
+    def _set_aside(self, number: int, offset: int) -> List[Tuple[int, Dict[str, Any]]]:
+        """Repair: copy the file from `offset` (line `number`) to FILE.corrupt-TIME; return the records before."""
         saved = f"{self.path}.corrupt-{int(time.time())}"
         with open(self.path, "rb") as handle, open(saved, "wb") as out:
             handle.seek(offset)
             out.write(handle.read())
         print(f"katar_http: {self.path}: line {number} (byte {offset}) is corrupt; kept the records before it, "
               f"saved the rest in {saved}", file=sys.stderr)
-        records, _ = self._read_prefix(offset)
+        return self._read_prefix(offset)[0]
+
+    def cut(self, number: int) -> List[Tuple[int, Dict[str, Any]]]:
+        """Repair after a line that parsed but could not be applied: set it and the rest aside, truncate the
+        journal before it, and return the records that remain."""
+        with open(self.path, "rb") as handle:
+            offset = sum(len(line) for _, line in zip(range(number - 1), handle))
+        records = self._set_aside(number, offset)
+        os.ftruncate(self._fd, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        os.fsync(self._fd)
+        self._written = self._synced = offset
+        self.records = len(records)
         return records
 
     def _read_prefix(self, size: int) -> Tuple[List[Tuple[int, Dict[str, Any]]], int]:

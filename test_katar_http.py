@@ -1085,6 +1085,19 @@ class ConcurrencyTest(unittest.TestCase):
 # The command line, as a user runs it
 # ---------------------------------------------------------------------------------------------------------------
 
+def wait_until_listening(test, process):
+    """Read the server's stderr up to its "listening on URL" line; return the URL (earlier lines are warnings)."""
+    seen = []
+    for _ in range(20):
+        line = process.stderr.readline()
+        seen.append(line)
+        if "listening on" in line:
+            return line.split("listening on ")[1].strip()
+        if not line:
+            break
+    test.fail(f"the server did not start: {''.join(seen)}")
+
+
 def stop_process(process, group=False):
     """Kill a test's subprocess (and its children, with group) if it still runs, and reap it."""
     if process.poll() is None:
@@ -1101,9 +1114,7 @@ class CommandLineTest(unittest.TestCase):
                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.addCleanup(process.stderr.close)
         self.addCleanup(stop_process, process)
-        line = process.stderr.readline()
-        self.assertIn("listening on", line)
-        return process, line.split("listening on ")[1].strip()
+        return process, wait_until_listening(self, process)
 
     def get(self, url):
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -1150,12 +1161,45 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(result.returncode, 2, args)
             self.assertIn(needle, result.stderr)
 
+    def test_a_second_server_on_the_same_journal_refuses_to_start(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        journal = os.path.join(directory, "tasks.journal")
+        first, url = self.start("--journal", journal, "--queue", "jobs", "--quiet")
+        second = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
+                                 "--journal", journal], capture_output=True, text=True, timeout=20)
+        self.assertEqual(second.returncode, 1)
+        self.assertIn(f"in use by another katar_http server (pid {first.pid})", second.stderr)
+        self.assertEqual(self.get(url + "/v1/queue/jobs"), {"configuration": {"interval": 30000}})
+
+    def test_a_corrupt_journal_refuses_to_start_until_repair_journal_is_asked_for(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        journal = os.path.join(directory, "tasks.journal")
+        broker = K.Broker(journal=journal)
+        kept = broker.queue("jobs", persistent=True).insert([{"data": 1}, {"data": 2}])
+        broker.get("jobs").insert({"data": 3})
+        broker.close()
+        lines = read_file(journal).splitlines(True)
+        lines[2] = lines[2][:20] + "#" + lines[2][21:]
+        with open(journal, "w") as handle:
+            handle.writelines(lines)
+        command = [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--journal", journal]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=20)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("line 3", refused.stderr)
+        self.assertIn("--repair-journal", refused.stderr)
+        process, url = self.start("--journal", journal, "--repair-journal", "--quiet")
+        self.assertEqual(self.get(url + "/v1/queue/jobs/stats")["total"], 0)  # the inserts came after line 3
+        self.assertTrue(any(".corrupt-" in name for name in os.listdir(directory)))
+        self.assertEqual(len(kept), 2)
+
     def test_help_describes_every_flag(self):
         result = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--help"],
                                 capture_output=True, text=True, timeout=20)
         self.assertEqual(result.returncode, 0)
         for flag in ("--host", "--port", "--queue", "--config", "--max-wait", "--max-body", "--idle-timeout",
-                     "--quiet", "examples:"):
+                     "--quiet", "--journal", "--fsync", "--fsync-interval", "--repair-journal", "examples:"):
             self.assertIn(flag, result.stdout)
 
 
@@ -1289,8 +1333,14 @@ class JournalTest(unittest.TestCase):
         with open(self.path, "a") as handle:
             handle.write('{"op":"done","q":"jobs","id":"nope-1","result":null,"at":1}\n'
                          '{"op":"queue","q":"other","options":{}}\n')
-        with self.assertRaisesRegex(K.JournalError, "line 3 cannot be applied"):
+        with self.assertRaisesRegex(K.JournalError, "line 3 cannot be applied.*--repair-journal"):
             K.Broker(journal=self.path)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            repaired = self.open(repair=True)
+        self.assertEqual([queue.name for queue in repaired.queues()], ["jobs"])
+        self.assertIn("line 3", stderr.getvalue())
+        self.assertEqual(read_file(self.path).count("\n"), 2)
 
     def test_compaction_keeps_the_state_shrinks_the_file_and_serving_goes_on(self):
         broker = self.open()
@@ -1546,9 +1596,7 @@ class CrashTest(unittest.TestCase):
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.addCleanup(stop_process, process)
         self.addCleanup(process.stderr.close)
-        line = process.stderr.readline()
-        self.assertIn("listening on", line)
-        host_port = line.split("http://")[1].strip()
+        host_port = wait_until_listening(self, process).split("http://")[1]
         return process, host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
 
     def test_kill_9_under_load_loses_no_acknowledged_insert_and_redelivers_no_acknowledged_done(self):
