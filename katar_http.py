@@ -20,15 +20,19 @@ while leased; `failed` is final (a dead letter): a failure that will be retried 
 
 Delivery is at least once: a task is handed out again when its lease runs out before a report arrives.
 
+With --journal FILE every change is appended to FILE (JSON lines) and fsync'd before it is acknowledged, many
+requests sharing one fsync; a restart, even after kill -9 or a power cut, replays FILE to the same state.
+
 The file reads top to bottom as the architecture:
   1. constants and errors (each error carries its HTTP status);
   2. the queue core (Broker, Queue, Task): thread-safe behind one lock, knowing nothing of HTTP. Every change of
-     state is one record (a dict) applied by Broker._apply, so a journal can write exactly those records and replay
-     them through the same function;
-  3. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, call the core, serialise);
-  4. the server object and the command line.
+     state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and replays
+     them through the same function, so memory and disk cannot disagree;
+  3. the journal (Journal: append, group commit, compaction, recovery);
+  4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, call the core, serialise);
+  5. the server object and the command line.
 
-Not here (yet): persistence across restarts, authentication, TLS. Bind to 127.0.0.1 (the default) until then.
+Not here (yet): authentication and TLS. Bind to 127.0.0.1 (the default) until then.
 """
 
 from __future__ import annotations
