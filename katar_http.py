@@ -41,28 +41,35 @@ import argparse
 import collections
 import contextlib
 import datetime
+import email.utils
 import errno
+import hashlib
 import heapq
+import hmac
+import io
+import ipaddress
 import json
 import os
 import random
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __version__ = "0.1.0"
 __all__ = [
-    "Broker", "Queue", "KatarServer", "serve", "main", "build_parser",
+    "Broker", "Queue", "KatarServer", "serve", "main", "build_parser", "Limits", "Access", "tls_context",
     "Journal", "JournalError", "FSYNC_MODES",
     "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "RequestTimeout", "LengthRequired",
-    "Unavailable",
+    "Unavailable", "Unauthorized", "Forbidden",
     "PayloadTooLarge", "UnsupportedMediaType",
     "PAUSED", "QUEUED", "IN_PROGRESS", "DONE", "FAILED", "CANCELLED", "STATUSES", "PRIORITIES",
 ]
@@ -87,9 +94,9 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "backoff": 1000,         # ms before the first retry; doubled for each later one
     "max_backoff": 300000,   # ms, the cap on that doubling
 }
-MAX_LEASE_BATCH = 1000       # upper bound of `max` on a poll
-MAX_REPORTS = 1000           # reports on one poll
-MAX_INSERT_BATCH = 1000      # tasks in one insert
+MAX_LEASE_BATCH = 10000      # upper bound of `max` on a poll (the HTTP layer has its own, lower, --max-tasks)
+MAX_REPORTS = 10000          # reports on one poll
+MAX_INSERT_BATCH = 10000     # tasks in one insert
 MAX_LIST_LIMIT = 1000        # tasks in one page of a listing
 MAX_DELAY_MS = 366 * 86400 * 1000
 MAX_PRIORITY = 10 ** 9
@@ -173,6 +180,26 @@ class PayloadTooLarge(KatarError):
 class UnsupportedMediaType(KatarError):
     """The body is declared as something other than JSON."""
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class Unauthorized(KatarError):
+    """No token, or not a valid one, where the server requires one."""
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class Forbidden(KatarError):
+    """A valid token without the right to this route or queue."""
+    status = HTTPStatus.FORBIDDEN
+
+
+class RequestHeaderFieldsTooLarge(KatarError):
+    """Too many header lines, or too many bytes of them."""
+    status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+
+
+class URITooLong(KatarError):
+    """The request line is longer than the head may be."""
+    status = HTTPStatus.REQUEST_URI_TOO_LONG
 
 
 # Field checks shared by the core and the HTTP layer. Each names the offending field.
@@ -1561,7 +1588,7 @@ def _fsync_folder(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. The HTTP layer: parse, call the core, serialise. No queue logic here.
+# 4. The HTTP layer: parse, authenticate, call the core, serialise. No queue logic here.
 # ---------------------------------------------------------------------------------------------------------------
 
 QUEUE_SEGMENT = r"/v1/queue/([^/]+)"
@@ -1575,51 +1602,227 @@ ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
     (re.compile(QUEUE_SEGMENT + r"/tasks/([^/]+)"),
      {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
 ]
+OPEN_ROUTES = ("route_health",)                          # answered without a token
+WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
 # curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
 LENIENT_MEDIA = ("application/x-www-form-urlencoded", "text/plain")
+# Headers that must not differ when repeated (RFC 9112 6.3: conflicting lengths are how requests get smuggled).
+SINGLE_HEADERS = ("content-length", "transfer-encoding", "content-type", "authorization", "host", "expect")
 Reply = Tuple[int, Any]
+
+
+class Limits(NamedTuple):
+    """What one client may ask of the server; each is a command-line flag. Going past one is a 4xx (or a 503 for
+    connections) with a JSON error, never a hang."""
+
+    max_body: int = DEFAULT_MAX_BODY       # bytes in a request body (413)
+    max_tasks: int = 1000                  # tasks in an insert, reports in a poll, and `max` (400)
+    max_data: int = 65536                  # bytes of one task's data, or of a reported result, as JSON (413)
+    max_depth: int = 32                    # nesting of arrays and objects in a body (400)
+    max_wait: int = DEFAULT_MAX_WAIT_MS    # ms a long poll or a result wait may last (longer ones are cut to it)
+    max_headers: int = 64                  # header lines in a request (431)
+    max_head_bytes: int = 16384            # bytes of the request line and headers together (431, 414)
+    idle_timeout: float = 60.0             # seconds a connection may wait between requests
+    request_timeout: float = 30.0          # seconds from a request's first byte to the end of its body (408)
+    max_connections: int = 256             # connections served at once; beyond, a quick 503 and close
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+class Access:
+    """Who may do what. An admin token may use every route; a worker token may only read the configuration of,
+    lease from and report to the queues it names ("*": every queue). With no token at all every route is open,
+    which is why the server refuses to listen beyond this machine without one."""
+
+    ADMIN: Optional[FrozenSet[str]] = None
+
+    def __init__(self, admin: Iterable[str] = (), workers: Optional[Dict[str, Iterable[str]]] = None) -> None:
+        # Tokens are kept as SHA-256 digests and compared in constant time: neither their content nor their
+        # length can be learnt from response times.
+        self._grants: List[Tuple[bytes, Optional[FrozenSet[str]]]] = [(_digest(t), self.ADMIN) for t in admin if t]
+        for token, queues in (workers or {}).items():
+            self._grants.append((_digest(token), frozenset(queues)))
+
+    @property
+    def open(self) -> bool:
+        return not self._grants
+
+    def scope(self, authorization: Optional[str]) -> Optional[FrozenSet[str]]:
+        """The queues the bearer token grants (ADMIN: all routes), or Unauthorized."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("this server needs a token: send Authorization: Bearer <token>")
+        digest, found, matched = _digest(token.strip()), self.ADMIN, False
+        for known, queues in self._grants:
+            if hmac.compare_digest(known, digest):  # no early exit: the same work whichever token matches
+                found, matched = queues, True
+        if not matched:
+            raise Unauthorized("the token is not valid")
+        return found
+
+    def check(self, scope: Optional[FrozenSet[str]], route: str, queue: Optional[str]) -> None:
+        """Forbidden unless `scope` may use `route` on `queue`."""
+        if scope is self.ADMIN:
+            return
+        if route not in WORKER_ROUTES:
+            raise Forbidden("a worker token may only read the configuration of, lease from and report to its queues")
+        if "*" not in scope and queue not in scope:
+            raise Forbidden(f"this worker token is not for queue {queue}")
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` (iterative: a deep value cannot exhaust the stack)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+_date_cache = [0, ""]
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second rather than once a request."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+class _Reader(io.RawIOBase):
+    """The connection as a raw file whose reads time out: after `idle` seconds while no request has begun, and
+    at a deadline `whole` seconds after a request's first byte, so a client that trickles bytes cannot hold a
+    thread for longer than that."""
+
+    def __init__(self, connection: socket.socket, idle: float, whole: float) -> None:
+        self.connection, self.idle, self.whole = connection, idle, whole
+        self.deadline: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is None:
+            self.connection.settimeout(self.idle)
+        else:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request took too long to arrive")
+            self.connection.settimeout(remaining)
+        count = self.connection.recv_into(buffer)
+        if self.deadline is None and count:
+            self.deadline = time.monotonic() + self.whole
+        return count
+
+
 class Handler(BaseHTTPRequestHandler):
-    """One request at a time on one connection (HTTP/1.1 keep-alive); `server` is a _HTTPServer."""
+    """One connection (HTTP/1.1 keep-alive), one request at a time. It parses requests itself: a lean parser
+    with limits replaces the base class's, which has none that can be set per server and parses headers with the
+    email package."""
 
     protocol_version = "HTTP/1.1"
     server_version = "katar_http/" + __version__
     server: "_HTTPServer"
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_timeout  # an idle keep-alive connection, or a stalled client, is cut off
-        super().setup()
-        # Each response is one write, but a client may send its request in pieces: no Nagle delays on either side.
+        self.connection = self.request
+        limits = self.server.limits
+        self.ready = True
+        if self.server.tls:
+            try:  # the handshake happens here, in the connection's own thread, within the request timeout
+                self.connection.settimeout(limits.request_timeout)
+                self.connection.do_handshake()
+            except (OSError, ValueError):
+                self.ready = False
+        # Each response is one write, but a client may send its request in pieces: no Nagle delays either way.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = _Reader(self.connection, limits.idle_timeout, limits.request_timeout)
+        self.rfile = io.BufferedReader(self.reader, 65536)
         self.server.track(self.connection, True)
+
+    def handle(self) -> None:
+        if self.ready:
+            super().handle()
 
     def finish(self) -> None:
         try:
-            super().finish()
+            self.rfile.close()
         finally:
             self.server.track(self.connection, False)
 
-    def do_GET(self) -> None:
+    def handle_one_request(self) -> None:
+        """Read one request head, then dispatch it; a head that breaks a rule is answered and the connection
+        closed, a connection that goes quiet or away is closed without a word."""
+        self.close_connection = True  # until a whole head has been read
+        self.command, self.path, self.headers, self.body_read = "", "", {}, False
+        self.reader.deadline = None
+        try:
+            head = self.read_head()
+        except KatarError as exc:
+            self.respond(exc.status, exc.to_json())
+            return
+        except (OSError, ValueError):  # timeouts, resets, a TLS error
+            return
+        if head is None:
+            return
+        self.command, self.path, self.request_version, self.headers = head
+        tokens = {token.strip().lower() for token in self.headers.get("connection", "").split(",")}
+        self.close_connection = "close" in tokens if self.request_version == "HTTP/1.1" else "keep-alive" not in tokens
         self.dispatch()
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """The base class calls this for requests it cannot parse, and with 501 for a method that has no do_X:
-        those get the same 404/405 as any unknown route; everything else a JSON error, and the connection closes."""
-        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
-            self.dispatch()
-            return
-        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
-            code = HTTPStatus.BAD_REQUEST  # a client's mistake: only the server's own faults are 5xx here
-        self.close_connection = True
-        self.respond(code, {"error": message or HTTPStatus(code).phrase})
+    def read_head(self) -> Optional[Tuple[str, str, str, Dict[str, str]]]:
+        """The request line and headers, within the limits, or None when the client closed the connection."""
+        limits = self.server.limits
+        line = self.rfile.readline(limits.max_head_bytes + 1)
+        if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: an empty line before a request is tolerated
+            line = self.rfile.readline(limits.max_head_bytes + 1)
+        if not line:
+            return None
+        if len(line) > limits.max_head_bytes:
+            raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[0].isalpha():
+            raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise BadRequest(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version[:16]}")
+        headers: Dict[str, str] = {}
+        used, count = len(line), 0
+        while True:
+            line = self.rfile.readline(limits.max_head_bytes - used + 1)
+            used += len(line)
+            if used > limits.max_head_bytes:
+                raise RequestHeaderFieldsTooLarge(f"the headers are longer than {limits.max_head_bytes} bytes")
+            if line in (b"\r\n", b"\n"):
+                return method, target, version, headers
+            if not line.endswith(b"\n"):
+                return None  # the client hung up in the middle of its headers
+            count += 1
+            if count > limits.max_headers:
+                raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon or not name or name != name.strip() or not name.isprintable():
+                raise BadRequest("a header line must be Name: value")
+            name, value = name.lower(), value.strip()
+            if name in headers and name in SINGLE_HEADERS:
+                if headers[name] != value:
+                    raise BadRequest(f"conflicting {name} headers")
+            elif name in headers:
+                headers[name] += ", " + value
+            else:
+                headers[name] = value
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -1629,27 +1832,30 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self) -> None:
         started = time.monotonic()
-        self.body_read = False
         headers: List[Tuple[str, str]] = []
         try:
             route, params, self.query = self.match()
+            if route not in OPEN_ROUTES and not self.server.access.open:
+                scope = self.server.access.scope(self.headers.get("authorization"))
+                self.server.access.check(scope, route, params[0] if params else None)
             status, payload = getattr(self, route)(*params)
         except MethodNotAllowed as exc:
             status, payload = exc.status, exc.to_json()
             headers.append(("Allow", ", ".join(exc.allow)))
         except KatarError as exc:
             status, payload = exc.status, exc.to_json()
-            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            if status == HTTPStatus.UNAUTHORIZED:
+                headers.append(("WWW-Authenticate", 'Bearer realm="katar_http"'))
+            elif status == HTTPStatus.SERVICE_UNAVAILABLE:
                 headers.append(("Retry-After", "1"))
         except Exception:  # a bug: log it, answer JSON, keep serving
-            self.log_error("internal error on %s %s", self.command, self.path)
-            import traceback
+            self.log_error("internal error on %s %s", self.command, urlsplit(self.path).path)
             traceback.print_exc()
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
         if not self.body_read and self._declared_body():
             self.close_connection = True  # the unread body would be taken for the next request
         size = self.respond(status, payload, headers)
-        if not self.server.quiet:
+        if not self.server.quiet:  # never the query, the headers (tokens) or the body (task data)
             sys.stderr.write('%s "%s %s" %d %d %.1fms\n' % (
                 self.address_string(), self.command, urlsplit(self.path).path, status, size,
                 (time.monotonic() - started) * 1000))
@@ -1666,21 +1872,22 @@ class Handler(BaseHTTPRequestHandler):
                 except UnicodeDecodeError:
                     raise NotFound(f"no route {parts.path}: its escapes are not UTF-8") from None
                 return methods[self.command], params, parse_qs(parts.query, keep_blank_values=True)
-        raise NotFound(f"no route {parts.path}")
+        raise NotFound(f"no route {parts.path[:200]}")
 
     def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
         """Write status line, headers and body in one send; returns the body size."""
         status = int(status)
         body = b"" if status == HTTPStatus.NO_CONTENT else json.dumps(payload, separators=(",", ":")).encode()
         lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
-                 "Server: " + self.server_version, "Date: " + self.date_time_string()]
+                 "Server: " + self.server_version, "Date: " + _http_date()]
         if status != HTTPStatus.NO_CONTENT:
             lines += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
         lines += ["%s: %s" % header for header in headers]
         if self.close_connection:
             lines.append("Connection: close")
         try:
-            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            self.connection.settimeout(self.server.limits.idle_timeout)  # a client that does not read is cut off
+            self.connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         except OSError:
             self.close_connection = True  # the client went away; its lease (if any) will run out
         return len(body)
@@ -1688,33 +1895,33 @@ class Handler(BaseHTTPRequestHandler):
     # -- request parts -------------------------------------------------------------------------------------------
 
     def _declared_body(self) -> bool:
-        headers = getattr(self, "headers", None)
-        if headers is None:
-            return False
-        return bool(headers.get("Transfer-Encoding")) or headers.get("Content-Length", "0").strip() not in ("", "0")
+        return "transfer-encoding" in self.headers or self.headers.get("content-length", "0") not in ("", "0")
 
     def read_object(self) -> Dict[str, Any]:
         """The request body as a JSON object; an empty body is {} (as a bare POST from the original's workers)."""
-        if self.headers.get("Transfer-Encoding"):
+        limits = self.server.limits
+        if "transfer-encoding" in self.headers:
             raise LengthRequired("send the body with a Content-Length; chunked bodies are not accepted")
-        length_text = self.headers.get("Content-Length", "0").strip() or "0"
-        if not length_text.isdigit() or not length_text.isascii():
-            raise BadRequest(f"Content-Length must be a number of bytes, got {length_text!r}")
+        length_text = self.headers.get("content-length", "0") or "0"
+        if not length_text.isdigit() or not length_text.isascii() or len(length_text) > 18:
+            raise BadRequest(f"Content-Length must be a number of bytes, got {length_text[:20]!r}")
         length = int(length_text)
-        if length > self.server.max_body:
-            raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {self.server.max_body}")
+        if length > limits.max_body:
+            raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {limits.max_body}")
+        media = self.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
+            raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media[:100]}")
+        if length and self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this otherwise
         try:
             raw = self.rfile.read(length) if length else b""
         except OSError:  # includes socket.timeout: a client that stalls mid-body is cut off
             self.close_connection = True
-            raise RequestTimeout(f"the body did not arrive within {self.server.idle_timeout:g} s") from None
+            raise RequestTimeout(f"the body did not arrive within {limits.request_timeout:g} s") from None
         if len(raw) < length:
             self.close_connection = True
             raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
-        self.body_read = True
-        media = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
-            raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media}")
+        self.body_read, self.body_size = True, length
         if not raw.strip():
             if media in LENIENT_MEDIA:
                 raise BadRequest("the body must be JSON; an empty form is not")
@@ -1725,7 +1932,24 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"the body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
+        if length > 2 * limits.max_depth and _too_deep(body, limits.max_depth):
+            raise BadRequest(f"the body nests arrays and objects deeper than {limits.max_depth}")
         return body
+
+    def check_count(self, field: str, items: Any) -> None:
+        if isinstance(items, list) and len(items) > self.server.limits.max_tasks:
+            raise BadRequest(f"{field} holds {len(items)} items; this server takes at most "
+                             f"{self.server.limits.max_tasks} per request")
+
+    def check_size(self, field: str, items: Any, key: str) -> None:
+        """Each item's `key` (data, result) must stay under max_data bytes of JSON. A body smaller than that cannot
+        hold a larger one, so the usual request costs nothing here."""
+        limit = self.server.limits.max_data
+        if self.body_size <= limit or not isinstance(items, list):
+            return
+        for index, item in enumerate(items):
+            if isinstance(item, dict) and len(json.dumps(item.get(key), separators=(",", ":"))) > limit:
+                raise PayloadTooLarge(f"{field}[{index}].{key} is larger than {limit} bytes of JSON")
 
     def query_value(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.query.get(name)
@@ -1742,12 +1966,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             return float(text) if "." in text else int(text)
         except ValueError:
-            raise BadRequest(f"{name} must be a number, got {text!r}") from None
+            raise BadRequest(f"{name} must be a number, got {text[:40]!r}") from None
 
     def capped_wait(self, wait: Any) -> Any:
         """`wait` beyond the server's limit is cut to it (not refused), as a proxy cuts a long poll."""
-        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > self.server.max_wait:
-            return self.server.max_wait
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > self.server.limits.max_wait:
+            return self.server.limits.max_wait
         return wait
 
     # -- routes: each returns (status, payload) ------------------------------------------------------------------
@@ -1765,7 +1989,12 @@ class Handler(BaseHTTPRequestHandler):
         queue = self.server.broker.get(name)
         body = self.read_object()
         reports = body.get("tasks")
-        leased = queue.poll([] if reports is None else reports, max=body.get("max", 1),
+        self.check_count("tasks", reports)
+        self.check_size("tasks", reports, "result")
+        max_tasks = body.get("max", 1)
+        if isinstance(max_tasks, int) and not isinstance(max_tasks, bool) and max_tasks > self.server.limits.max_tasks:
+            raise BadRequest(f"max must be at most {self.server.limits.max_tasks} on this server, got {max_tasks}")
+        leased = queue.poll([] if reports is None else reports, max=max_tasks,
                             wait=self.capped_wait(body.get("wait", 0)), worker=body.get("worker"))
         return (HTTPStatus.OK, {"tasks": leased}) if leased else (HTTPStatus.NO_CONTENT, None)
 
@@ -1787,8 +2016,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest("send one task (data, ...) or a list (tasks), not both")
             if not isinstance(body["tasks"], list):
                 raise BadRequest("tasks must be a list of task objects")
+            self.check_count("tasks", body["tasks"])
+            self.check_size("tasks", body["tasks"], "data")
             results = queue.insert(body["tasks"])
         else:
+            self.check_size("task", [body], "data")
             results = [queue.insert(body)]
         created = any(result["created"] for result in results)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}
@@ -1822,20 +2054,57 @@ class Handler(BaseHTTPRequestHandler):
 # 5. The server object and the command line
 # ---------------------------------------------------------------------------------------------------------------
 
+REFUSAL = json.dumps({"error": "the server is at its connection limit; retry later"}).encode()
+
+
 class _HTTPServer(ThreadingHTTPServer):
-    """A thread per connection, plus what the handler reads: the broker and the limits."""
+    """A thread per connection, at most `limits.max_connections` of them, plus what the handler reads."""
 
     daemon_threads = True  # a stuck connection never keeps the process alive; close() drains them instead
 
-    def __init__(self, address: Tuple[str, int], broker: Broker, max_wait: int, max_body: int, quiet: bool,
-                 idle_timeout: float) -> None:
+    def __init__(self, address: Tuple[str, int], broker: Broker, limits: Limits, access: Access,
+                 tls: Optional[ssl.SSLContext], quiet: bool) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        self.broker, self.max_wait, self.max_body, self.quiet = broker, max_wait, max_body, quiet
-        self.idle_timeout = idle_timeout
+        self.broker, self.limits, self.access, self.tls, self.quiet = broker, limits, access, tls, quiet
         self._connections: set = set()
+        self._active = 0
         self._connections_changed = threading.Condition()
         super().__init__(address, Handler)
+        if tls is not None:
+            # The handshake is left to each connection's thread (Handler.setup), so a slow client cannot stall
+            # the accepting loop.
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_changed:
+            refuse = self._active >= self.limits.max_connections
+            if not refuse:
+                self._active += 1
+        if refuse:
+            self._refuse(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_changed:
+                self._active -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Beyond the connection limit: a 503 written from the accepting thread (plain HTTP; over TLS the
+        connection is just closed, as a handshake here could stall), then close."""
+        try:
+            if self.tls is None:
+                request.settimeout(0.5)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+                                % (len(REFUSAL), REFUSAL))
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def track(self, connection: socket.socket, is_open: bool) -> None:
         with self._connections_changed:
@@ -1859,22 +2128,29 @@ class _HTTPServer(ThreadingHTTPServer):
                 self._connections_changed.wait(deadline - time.monotonic())
 
 
-class KatarServer:
-    """A running HTTP front for a broker. `serve()` starts one in a background thread; `close()` stops it,
-    answering waiting long polls first."""
+def tls_context(cert_file: str, key_file: Optional[str] = None) -> ssl.SSLContext:
+    """A server context for HTTPS: TLS 1.2 and newer, the standard library's default ciphers."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
-    def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = 3000, *,
-                 max_wait: int = DEFAULT_MAX_WAIT_MS, max_body: int = DEFAULT_MAX_BODY, quiet: bool = True,
-                 idle_timeout: float = 60.0) -> None:
+
+class KatarServer:
+    """A running HTTP(S) front for a broker. `serve()` starts one in a background thread; `close()` stops it,
+    answering waiting long polls first. `access` holds the tokens (none: open), `tls` an ssl.SSLContext."""
+
+    def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = 3000, *, limits: Limits = Limits(),
+                 access: Optional[Access] = None, tls: Optional[ssl.SSLContext] = None, quiet: bool = True) -> None:
         self.broker = broker
-        self.httpd = _HTTPServer((host, port), broker, max_wait, max_body, quiet, idle_timeout)
+        self.httpd = _HTTPServer((host, port), broker, limits, access or Access(), tls, quiet)
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
 
     @property
     def url(self) -> str:
         host = "[%s]" % self.host if ":" in self.host else self.host
-        return "http://%s:%d" % (host, self.port)
+        return "%s://%s:%d" % ("https" if self.httpd.tls else "http", host, self.port)
 
     def start(self) -> "KatarServer":
         # serve_forever notices shutdown() only between polls: a short poll makes close() quick.
@@ -1925,32 +2201,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="katar_http.py", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="An HTTP task-queue server for polling workers (standard library only).")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000; 0 picks a free one)")
-    parser.add_argument("--queue", action="append", default=[], metavar="NAME[:INTERVAL]",
-                        help="create a queue; INTERVAL is the poll interval in ms sent to workers (default 30000); "
-                             "repeat for more queues")
-    parser.add_argument("--config", metavar="FILE",
-                        help='JSON file {"queues": {NAME: {"configuration": {...}, "lease": MS, ...}}}')
-    parser.add_argument("--journal", metavar="FILE",
-                        help="keep every change in this append-only file and reload it at start (default: memory only)")
-    parser.add_argument("--fsync", choices=FSYNC_MODES, default="always",
-                        help="always: answer a change only once it is fsync'd (default, loses nothing); "
-                             "interval: fsync every --fsync-interval (power loss may lose that much); "
-                             "never: leave it to the OS (survives a crash of this process, not of the machine)")
-    parser.add_argument("--fsync-interval", type=int, default=1000, metavar="MS",
-                        help="with --fsync interval, how often to fsync (default %(default)s)")
-    parser.add_argument("--repair-journal", action="store_true",
-                        help="if the journal has a corrupt line, keep the records before it and set the rest aside "
-                             "in FILE.corrupt-TIME instead of refusing to start")
-    parser.add_argument("--max-wait", type=int, default=DEFAULT_MAX_WAIT_MS, metavar="MS",
-                        help="longest long poll a client may ask for with wait (default %(default)s)")
-    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
-                        help="largest request body accepted (default %(default)s)")
-    parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="close a connection that sends nothing for this long (default %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    defaults = Limits()
+    group = parser.add_argument_group("serving")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; any other needs a token)")
+    group.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000; 0 picks a free one)")
+    group.add_argument("--queue", action="append", default=[], metavar="NAME[:INTERVAL]",
+                       help="create a queue; INTERVAL is the poll interval in ms sent to workers (default 30000); "
+                            "repeat for more queues")
+    group.add_argument("--config", metavar="FILE",
+                       help='JSON file {"queues": {NAME: {"configuration": {...}, "lease": MS, ...}}}')
+    group.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    group = parser.add_argument_group("durability")
+    group.add_argument("--journal", metavar="FILE",
+                       help="keep every change in this append-only file and reload it at start (default: memory only)")
+    group.add_argument("--fsync", choices=FSYNC_MODES, default="always",
+                       help="always: answer a change only once it is fsync'd (default, loses nothing); "
+                            "interval: fsync every --fsync-interval (power loss may lose that much); "
+                            "never: leave it to the OS (survives a crash of this process, not of the machine)")
+    group.add_argument("--fsync-interval", type=int, default=1000, metavar="MS",
+                       help="with --fsync interval, how often to fsync (default %(default)s)")
+    group.add_argument("--repair-journal", action="store_true",
+                       help="if the journal has a corrupt line, keep the records before it and set the rest aside "
+                            "in FILE.corrupt-TIME instead of refusing to start")
+    group = parser.add_argument_group("security")
+    group.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                       help="admin token: every route needs Authorization: Bearer TOKEN (also KATAR_TOKEN; repeat "
+                            "to accept several, e.g. while rotating)")
+    group.add_argument("--token-file", metavar="FILE", help="read the admin token from FILE (its first line)")
+    group.add_argument("--worker-token", action="append", default=[], metavar="QUEUES=TOKEN",
+                       help="a token that may only read the configuration of, lease from and report to QUEUES "
+                            "(comma-separated names, or *)")
+    group.add_argument("--worker-token-file", metavar="FILE", help="worker tokens from FILE, one QUEUES=TOKEN a line")
+    group.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM; may hold the key)")
+    group.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    group.add_argument("--insecure", action="store_true",
+                       help="listen beyond this machine without any token (anyone who reaches it controls it)")
+    group = parser.add_argument_group("limits (each answered with a JSON error, never a hang)")
+    group.add_argument("--max-body", type=int, default=defaults.max_body, metavar="BYTES",
+                       help="largest request body (413; default %(default)s)")
+    group.add_argument("--max-tasks", type=int, default=defaults.max_tasks, metavar="N",
+                       help=f"tasks in one insert, reports in one poll, and max (default %(default)s, "
+                            f"at most {MAX_INSERT_BATCH})")
+    group.add_argument("--max-data", type=int, default=defaults.max_data, metavar="BYTES",
+                       help="largest data of one task, or result of one report, as JSON (413; default %(default)s)")
+    group.add_argument("--max-depth", type=int, default=defaults.max_depth, metavar="N",
+                       help="deepest nesting of arrays and objects in a body (default %(default)s)")
+    group.add_argument("--max-wait", type=int, default=defaults.max_wait, metavar="MS",
+                       help="longest long poll or result wait (longer ones are cut to it; default %(default)s)")
+    group.add_argument("--max-headers", type=int, default=defaults.max_headers, metavar="N",
+                       help="header lines in a request (431; default %(default)s)")
+    group.add_argument("--max-head-bytes", type=int, default=defaults.max_head_bytes, metavar="BYTES",
+                       help="bytes of request line and headers (414/431; default %(default)s)")
+    group.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout, metavar="SECONDS",
+                       help="close a connection idle between requests for this long (default %(default)s)")
+    group.add_argument("--request-timeout", type=float, default=defaults.request_timeout, metavar="SECONDS",
+                       help="cut off a client whose request (head and body) takes longer (408; default %(default)s)")
+    group.add_argument("--max-connections", type=int, default=defaults.max_connections, metavar="N",
+                       help="connections served at once; more get a quick 503 (default %(default)s)")
     parser.add_argument("--version", action="version", version="katar_http " + __version__)
     return parser
 
@@ -1977,8 +2285,61 @@ def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[st
             queue.configure(configuration=configuration)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def load_access(args: argparse.Namespace, environ: Dict[str, str]) -> Access:
+    """The tokens of --token, KATAR_TOKEN, --token-file, --worker-token and --worker-token-file."""
+    admin = list(args.token) + ([environ["KATAR_TOKEN"]] if environ.get("KATAR_TOKEN") else [])
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as handle:
+            admin.append(handle.readline().strip())
+    specs = list(args.worker_token)
+    if args.worker_token_file:
+        with open(args.worker_token_file, encoding="utf-8") as handle:
+            specs += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    workers: Dict[str, List[str]] = {}
+    for spec in specs:
+        queues, equals, token = spec.partition("=")
+        names = [name.strip() for name in queues.split(",") if name.strip()]
+        if not equals or not token.strip() or not names:
+            raise ValueError("a worker token is QUEUES=TOKEN, like jobs,mail=s3cret (the token is not shown here)")
+        workers[token.strip()] = names
+    if any(not token for token in admin):
+        raise ValueError("an admin token is empty")
+    return Access(admin, workers)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (every address it names is a loopback one)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
+def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        access = load_access(args, dict(os.environ) if environ is None else environ)
+        tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        print(f"katar_http: {exc}", file=sys.stderr)
+        return 2
+    if access.open and not is_loopback(args.host) and not args.insecure:
+        print(f"katar_http: refusing to listen on {args.host or 'every address'} without a token: anyone who can "
+              f"reach it could read, change and delete every task. Give a token (--token, --token-file or "
+              f"KATAR_TOKEN; --worker-token for workers), or --insecure if the network is yours alone.",
+              file=sys.stderr)
+        return 2
+    limits = Limits(max_body=args.max_body, max_tasks=args.max_tasks, max_data=args.max_data,
+                    max_depth=args.max_depth, max_wait=args.max_wait, max_headers=args.max_headers,
+                    max_head_bytes=args.max_head_bytes, idle_timeout=args.idle_timeout,
+                    request_timeout=args.request_timeout, max_connections=args.max_connections)
     try:
         journal = None
         if args.journal:
@@ -1995,8 +2356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         broker.close()
         return 2
     try:
-        server = KatarServer(broker, args.host, args.port, max_wait=args.max_wait, max_body=args.max_body,
-                             quiet=args.quiet, idle_timeout=args.idle_timeout)
+        server = KatarServer(broker, args.host, args.port, limits=limits, access=access, tls=tls, quiet=args.quiet)
     except OSError as exc:
         print(f"katar_http: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         broker.close()

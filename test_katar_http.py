@@ -52,9 +52,12 @@ class ServerTestCase(unittest.TestCase):
         self.clock = FakeClock()
         self.broker = K.Broker(clock=time.time if self.real_clock else self.clock, random_source=random.Random(7))
         self.jobs = self.broker.queue("jobs", **self.queue_options)
-        self.server = K.serve(self.broker, port=0, max_wait=5000)
+        self.server = K.serve(self.broker, port=0, limits=K.Limits(max_wait=5000))
         self.addCleanup(self.server.close)
         self.url = self.server.url
+
+    def set_limits(self, **limits):
+        self.server.httpd.limits = self.server.httpd.limits._replace(**limits)
 
     # -- HTTP helpers -------------------------------------------------------------------------------------------
 
@@ -664,7 +667,7 @@ class LongPollTest(ServerTestCase):
         self.assertEqual(tasks[0]["data"], "later")
 
     def test_wait_beyond_the_server_limit_is_cut_to_it(self):
-        self.server.httpd.max_wait = 100
+        self.set_limits(max_wait=100)
         started = time.monotonic()
         self.poll({"wait": 60000}, expect=204)
         self.assertLess(time.monotonic() - started, 2)
@@ -908,7 +911,7 @@ class HostileInputTest(ServerTestCase):
         self.assertEqual(self.call("GET", "/v1/queue/jobs")[1], {"configuration": {"interval": 30000}})
 
     def test_an_oversized_body_is_413_and_the_server_keeps_serving(self):
-        self.server.httpd.max_body = 1000
+        self.set_limits(max_body=1000)
         status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "x" * 2000})
         self.assertEqual(status, 413)
         self.assert_nothing_lost()
@@ -931,7 +934,7 @@ class HostileInputTest(ServerTestCase):
         self.assert_nothing_lost()
 
     def test_a_client_that_stalls_mid_body_is_cut_off_with_408(self):
-        self.server.httpd.idle_timeout = 0.2
+        self.set_limits(request_timeout=0.2)
         with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
             connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             answer = connection.recv(65536)
