@@ -1602,7 +1602,7 @@ ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
     (re.compile(QUEUE_SEGMENT + r"/tasks/([^/]+)"),
      {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
 ]
-OPEN_ROUTES = ("route_health",)                          # answered without a token
+OPEN_PATHS = ("/healthz",)                               # answered without a token
 WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
 # curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
@@ -1833,11 +1833,13 @@ class Handler(BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         started = time.monotonic()
         headers: List[Tuple[str, str]] = []
+        access = self.server.access
         try:
+            scope = access.ADMIN
+            if not access.open and urlsplit(self.path).path not in OPEN_PATHS:
+                scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
             route, params, self.query = self.match()
-            if route not in OPEN_ROUTES and not self.server.access.open:
-                scope = self.server.access.scope(self.headers.get("authorization"))
-                self.server.access.check(scope, route, params[0] if params else None)
+            access.check(scope, route, params[0] if params else None)
             status, payload = getattr(self, route)(*params)
         except MethodNotAllowed as exc:
             status, payload = exc.status, exc.to_json()
@@ -2300,7 +2302,7 @@ def load_access(args: argparse.Namespace, environ: Dict[str, str]) -> Access:
         queues, equals, token = spec.partition("=")
         names = [name.strip() for name in queues.split(",") if name.strip()]
         if not equals or not token.strip() or not names:
-            raise ValueError("a worker token is QUEUES=TOKEN, like jobs,mail=s3cret (the token is not shown here)")
+            raise ValueError("a worker token is QUEUES=TOKEN, like jobs,mail=TOKEN (what was given is not shown)")
         workers[token.strip()] = names
     if any(not token for token in admin):
         raise ValueError("an admin token is empty")

@@ -8,9 +8,11 @@ import io
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import warnings
 
 import katar_http as K
 
@@ -1689,6 +1692,365 @@ class CrashTest(unittest.TestCase):
         self.assertEqual(sum(stats["counts"].values()), len(listed))
         for status, count in stats["counts"].items():
             self.assertEqual(count, sum(1 for value in listed.values() if value == status), status)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens, TLS, safe defaults and limits
+# ---------------------------------------------------------------------------------------------------------------
+
+ADMIN, WORKER, ANY_QUEUE = "admin-7f3a9c1e", "worker-jobs-5b2d", "worker-any-91c4"
+# Every route, with a body that is valid for it; {id} is a real task of queue jobs.
+ROUTE_CALLS = [("GET", "/v1/queues", None), ("GET", "/v1/queue/jobs", None), ("POST", "/v1/queue/jobs", {"max": 0}),
+               ("PUT", "/v1/queue/jobs", {}), ("GET", "/v1/queue/jobs/stats", None),
+               ("GET", "/v1/queue/jobs/tasks", None), ("POST", "/v1/queue/jobs/tasks", {"data": 1}),
+               ("DELETE", "/v1/queue/jobs/tasks?status=done", None), ("GET", "/v1/queue/jobs/tasks/{id}", None),
+               ("PATCH", "/v1/queue/jobs/tasks/{id}", {"status": "paused"}),
+               ("DELETE", "/v1/queue/jobs/tasks/{id}", None)]
+
+
+class TokenTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs"], ANY_QUEUE: ["*"]})
+        self.broker.queue("mail")
+        self.task_id = self.jobs.insert({"data": "x"})["_id"]
+
+    def as_(self, token, method, path, body=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return self.call(method, path.format(id=self.task_id), body, headers=headers)
+
+    def test_every_route_but_healthz_needs_a_valid_token(self):
+        for method, path, body in ROUTE_CALLS:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN}"},
+                            {"Authorization": "Bearer"}, {"Authorization": ADMIN}, {"Authorization": "Bearer " + ADMIN[:-1]}):
+                status, payload, response_headers = self.call(method, path.format(id=self.task_id), body, headers=headers)
+                self.assertEqual(status, 401, (method, path, headers))
+                self.assertEqual(response_headers["WWW-Authenticate"], 'Bearer realm="katar_http"')
+        self.assertEqual(self.call("GET", "/healthz")[0], 200)
+        self.assertEqual(self.call("GET", "/no/such/route")[0], 401)  # the route table is not shown either
+        self.assertEqual(self.jobs.stats()["counts"]["queued"], 1)
+
+    def test_the_admin_token_may_use_every_route(self):
+        for method, path, body in ROUTE_CALLS:
+            status = self.as_(ADMIN, method, path, body)[0]
+            self.assertNotIn(status, (401, 403), (method, path))
+
+    def test_a_worker_token_may_only_read_configuration_lease_and_report_on_its_queues(self):
+        self.assertEqual(self.as_(WORKER, "GET", "/v1/queue/jobs")[0], 200)
+        status, payload, _ = self.as_(WORKER, "POST", "/v1/queue/jobs", {})
+        self.assertEqual((status, payload["tasks"][0]["_id"]), (200, self.task_id))
+        self.assertEqual(self.as_(WORKER, "POST", "/v1/queue/jobs", {"tasks": [{"_id": self.task_id,
+                                                                                 "status": "done"}]})[0], 204)
+        for method, path, body in ROUTE_CALLS:
+            if path in ("/v1/queue/jobs",) and method in ("GET", "POST"):
+                continue
+            self.assertEqual(self.as_(WORKER, method, path, body)[0], 403, (method, path))
+        for path in ("/v1/queue/mail", "/v1/queue/nope"):  # another queue, existing or not: the same answer
+            self.assertEqual(self.as_(WORKER, "GET", path)[0], 403)
+            self.assertEqual(self.as_(WORKER, "POST", path, {})[0], 403)
+        self.assertEqual(self.as_(ANY_QUEUE, "POST", "/v1/queue/mail", {})[0], 204)
+        self.assertEqual(self.as_(ANY_QUEUE, "POST", "/v1/queue/mail/tasks", {"data": 1})[0], 403)
+        self.assertEqual(self.jobs.stats()["total"], 0)  # the one task was done; nothing else changed
+
+    def test_tokens_never_appear_in_the_access_log(self):
+        self.server.httpd.quiet = False
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log):
+            self.as_(ADMIN, "GET", "/v1/queue/jobs/stats")
+            self.as_(WORKER, "POST", "/v1/queue/jobs", {"worker": "w"})
+            self.as_("not-a-token-" + ADMIN, "GET", "/v1/queues")
+            self.call("GET", f"/v1/queue/jobs?token={ADMIN}", headers={"Authorization": "Bearer " + ADMIN})
+        self.assertIn('"GET /v1/queue/jobs/stats" 200', log.getvalue())
+        for secret in (ADMIN, WORKER, "not-a-token"):
+            self.assertNotIn(secret, log.getvalue())
+
+    def test_load_access_reads_flags_environment_and_files(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "admin"), "w") as handle:
+            handle.write("from-file\n")
+        with open(os.path.join(directory, "workers"), "w") as handle:
+            handle.write("# workers\njobs,mail=w-file\n\n*=w-any\n")
+        args = K.build_parser().parse_args(["--token", "from-flag", "--token-file", os.path.join(directory, "admin"),
+                                            "--worker-token", "jobs=w-flag",
+                                            "--worker-token-file", os.path.join(directory, "workers")])
+        access = K.load_access(args, {"KATAR_TOKEN": "from-env"})
+        for token in ("from-flag", "from-file", "from-env"):
+            self.assertIs(access.scope("Bearer " + token), K.Access.ADMIN)
+        self.assertEqual(access.scope("Bearer w-file"), frozenset({"jobs", "mail"}))
+        self.assertEqual(access.scope("Bearer w-any"), frozenset({"*"}))
+        with self.assertRaises(K.Unauthorized):
+            access.scope("Bearer from-nowhere")
+        bad = K.build_parser().parse_args(["--worker-token", "s3cret-without-queues"])
+        with self.assertRaisesRegex(ValueError, "QUEUES=TOKEN") as raised:
+            K.load_access(bad, {})
+        self.assertNotIn("s3cret", str(raised.exception))
+
+
+TEST_CERTIFICATE = """\
+-----BEGIN CERTIFICATE-----
+MIIDJzCCAg+gAwIBAgIUVHFNU06Jy+IgtKaq+6IsiLbuC/EwDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyODE1NDY0OFoYDzIxMjYx
+MTA0MTU0NjQ4WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQC7pNBIAFIt9Jpuyx8Sme8Oc0Fwd7leOX2rY3P1oBQh
+KyY/PYaG3A5S/DecyW15owLZ9ZlH+Ot9UHF0pGz7Zt0v39z9155VDzPqqVlcXNSx
+BnTdPsZ3+MjnGIdQZ3Ev3CyGa4IGTNNndF0yzZ3bpfBc8EtdcDlGpGYSno4IJ6NU
+JLtLU1ZOzj0hR1vYVt4p0gixQRPle00zVvKXzXidhEomnpLGPyQtTPlQyr9zzAj4
+cqs6CXMl6ZRh8D/FoiYFwwrosH/+3tgtaBAxs76uZR/RhTVFuN9X5+dgvgyo9q6q
+2ozvR4Wf56btH5ewcYRdweuV7zFwXn0oPje0e281HGhPAgMBAAGjbzBtMB0GA1Ud
+DgQWBBRnSXEUazBSE592fvDFZ/yu637R9TAfBgNVHSMEGDAWgBRnSXEUazBSE592
+fvDFZ/yu637R9TAPBgNVHRMBAf8EBTADAQH/MBoGA1UdEQQTMBGCCWxvY2FsaG9z
+dIcEfwAAATANBgkqhkiG9w0BAQsFAAOCAQEAqnfd2eN9NkSpZQ25pP3YG5E8Ra0Q
+4lRLhlyxQCIWAcYQcvOa+5g3smErfpMV6YJ/84UwhPoZWjNBp99GaCMbB2AWZfZ1
+wUgC3FSYE1XLOy8lMdgSnQdaYcXxrMX7LML3yT+GVyOizA4VE5GMSdLcRrfzQY67
+zRoLZYpqHiVm6pv4ih3QPD/ATBkG0W9BpJUgg+98ZFmO7QGCIq68ML6iBSEenWdu
+glC+iQZpU1Vmkmc4IiWjlMVGE0udznBs8uscpROwVCWbtpHSlaaSgH29F9sTan30
+JLVPhEBeTOakN6JyYcWlljGEOZQktJbNYWmtibXjG4F1981/8nfB+1cS9Q==
+-----END CERTIFICATE-----
+-----BEGIN PRIVATE KEY-----
+MIIEvwIBADANBgkqhkiG9w0BAQEFAASCBKkwggSlAgEAAoIBAQC7pNBIAFIt9Jpu
+yx8Sme8Oc0Fwd7leOX2rY3P1oBQhKyY/PYaG3A5S/DecyW15owLZ9ZlH+Ot9UHF0
+pGz7Zt0v39z9155VDzPqqVlcXNSxBnTdPsZ3+MjnGIdQZ3Ev3CyGa4IGTNNndF0y
+zZ3bpfBc8EtdcDlGpGYSno4IJ6NUJLtLU1ZOzj0hR1vYVt4p0gixQRPle00zVvKX
+zXidhEomnpLGPyQtTPlQyr9zzAj4cqs6CXMl6ZRh8D/FoiYFwwrosH/+3tgtaBAx
+s76uZR/RhTVFuN9X5+dgvgyo9q6q2ozvR4Wf56btH5ewcYRdweuV7zFwXn0oPje0
+e281HGhPAgMBAAECggEAPKxrKIzqBbAM63xEXNhnYw3DgCFGUABY8T0kNqz/NUZl
+hJdZU2v+ObkSJmE/Q9CA0IdIe+wyAQAs32F3V8cICD3jkDTTHn/e8qa1nVbq8x66
+VPvCYvKPy6GzxzzbbXVM9F342h6nUNFgfVfdDjPWx8ZvKBRsgLoRwz1/gYWHm2IC
+7YjtEouh+IZsorAVu3GRFxL0pFbEQl9WfR9Xbp+H6O68L0uyioDi+s6uUft5XAZq
+dipw5H2wsCRRqrnvEpkNC7SXy+ubNfZFaussLledEAhxE+u3tBmot7DMlsXWN/fm
+SFkYZmSC3I/jIf2aY5isD5wT0r+NTS/HHpLxoLtloQKBgQDuTDm1pR0tNzxpUW1p
+et/G/uXDmXM0/NyOdiLSGW6oWcDTjXrC4ETS8w0JsA92s/lXRP/GAjignYBS2LTN
+sesivH9pVi5nNwpE4JGrYkihq5miqz02Rd/XWQWWVJJw9aTbBglUbvBKYSNgW5tF
+TrHWIt3GHpg/yPB6Zzzy9liSUQKBgQDJlUmzd3bNo13Rf032GLI/Rdki9HdsExxn
+3vWm9p8BlOzbvmFF1tqvSpjvZKP+yyaz7jajvdUn1jUq8l5Dy9B4NmqS8zWnBzy2
+gwfrb+uxv6bedAJBQ5gEap5Biuf654xVgOwhtcskuLLUhpBX5/5RPruzvqb8kzmi
+Nnis1lcInwKBgQCjSu6cz5lvu5MVJGxSRJYFufPelk+A9ul4YfG4gR74FBDzptaB
+pcbjuxOrGM9v6yIosCqJGEqPnX4qxz8WWR4kvoCcwSapKelKi4ymoYHd70YnVypp
+/3XFDsaqXie/akTepYNNLXxRq8DfLcb3tlZcw6WvNpXj16Eab5Yvc6n8EQKBgQCM
+xfOFIA1YSBjxf2yrSs3Xv+iGL6DiWWpB44M7iQi7qwvJ3WbCxetL9NVegLLB8Y7i
+op2Htb8QpdfVWRKZV9EK0j2Ux8GVFknAzzqNoUhAhi17NhqJBzI3C1nfPakJIABx
+iandVL47s7w3DI3qxblldWDRgnfM9OePr2iQktKO0wKBgQCNJ8kGPmxhaxb7Ce0J
+itPZ1fR5eqCAGwDx/tyJOtygNKx8z4iln0/oVNvuqp7dQV08t4pG7mSBuKOGvcUw
+zDEm9U+/N+jTSofRVn1WDJbz9toDzZPwCBuccB4HQugzDAi5mK7N2Fjuk6yEs6w7
+eak9vuUasw3u6cqoMLORVWfzBQ==
+-----END PRIVATE KEY-----
+"""
+
+
+class TlsTest(unittest.TestCase):
+    def certificate(self):
+        """A certificate for localhost and 127.0.0.1: made now with openssl where it exists, else the fixture."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        pem = os.path.join(directory, "server.pem")
+        if shutil.which("openssl"):
+            made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                                   "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                                   "-keyout", os.path.join(directory, "key.pem"), "-out", os.path.join(directory, "cert.pem")],
+                                  capture_output=True, timeout=60)
+            if made.returncode == 0:
+                with open(pem, "w") as out:
+                    out.write(read_file(os.path.join(directory, "cert.pem")) + read_file(os.path.join(directory, "key.pem")))
+                return pem
+        with open(pem, "w") as out:
+            out.write(TEST_CERTIFICATE)
+        return pem
+
+    def test_an_https_round_trip_with_tls_1_2_or_newer(self):
+        pem = self.certificate()
+        broker = K.Broker()
+        broker.queue("jobs").insert({"data": "secret work"})
+        server = K.serve(broker, port=0, tls=K.tls_context(pem), access=K.Access([ADMIN]))
+        self.addCleanup(server.close)
+        self.assertTrue(server.url.startswith("https://"))
+        client = ssl.create_default_context(cafile=pem)
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=client, timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/queue/jobs", body=b"{}", headers={"Authorization": "Bearer " + ADMIN})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(json.loads(response.read())["tasks"][0]["data"], "secret work")
+        self.assertGreaterEqual(connection.sock.version(), "TLSv1.2")
+        connection.request("GET", "/v1/queue/jobs", headers={"Authorization": "Bearer " + ADMIN})  # keep-alive
+        self.assertEqual(connection.getresponse().status, 200)
+        with urllib.request.urlopen(server.url + "/healthz", context=client, timeout=10) as response:
+            self.assertEqual(json.load(response)["status"], "ok")
+        # Plain HTTP to the HTTPS port gets nothing useful, and the server goes on serving.
+        answer = raw_exchange("127.0.0.1", server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        self.assertFalse(answer.startswith(b"HTTP/1.1 200"))
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.load_verify_locations(pem)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated: that is the point
+            try:
+                old.maximum_version = ssl.TLSVersion.TLSv1_1
+            except (ValueError, AttributeError):
+                pass
+        with self.assertRaises((ssl.SSLError, OSError)):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                with old.wrap_socket(raw, server_hostname="localhost"):
+                    pass
+        with urllib.request.urlopen(server.url + "/healthz", context=client, timeout=10) as response:
+            self.assertEqual(response.status, 200)
+
+
+class SafeDefaultsTest(unittest.TestCase):
+    def run_cli(self, *args, env=None):
+        return subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", *args],
+                              capture_output=True, text=True, timeout=20, env=env)
+
+    def test_listening_beyond_loopback_without_a_token_is_refused_unless_insecure(self):
+        refused = self.run_cli("--host", "0.0.0.0")
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("refusing to listen on 0.0.0.0 without a token", refused.stderr)
+        self.assertIn("--insecure", refused.stderr)
+        for extra, env in ((["--insecure"], None), (["--token", ADMIN], None),
+                           ([], dict(os.environ, KATAR_TOKEN=ADMIN))):
+            process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
+                                        "--host", "0.0.0.0", "--quiet", *extra], env=env,
+                                       stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            self.addCleanup(process.stderr.close)
+            self.addCleanup(stop_process, process)
+            url = wait_until_listening(self, process)
+            with urllib.request.urlopen(url.replace("0.0.0.0", "127.0.0.1") + "/healthz", timeout=5) as response:
+                self.assertEqual(response.status, 200)
+            process.send_signal(signal.SIGTERM)
+            self.assertEqual(process.wait(10), 0)
+
+    def test_loopback_is_told_from_other_addresses(self):
+        for host in ("127.0.0.1", "127.5.5.5", "::1", "localhost"):
+            self.assertTrue(K.is_loopback(host), host)
+        for host in ("0.0.0.0", "", "::", "192.0.2.10", "10.1.2.3", "no-such-host.invalid"):
+            self.assertFalse(K.is_loopback(host), host)
+
+
+class LimitsTest(ServerTestCase):
+    queue_options = {"persistent": True}
+
+    def setUp(self):
+        super().setUp()
+        self.ids = self.insert({"data": "keep-1"}, {"data": "keep-2"})
+        self.leased = self.lease_one()
+
+    def assert_unchanged_and_serving(self):
+        self.assertEqual(self.counts(), {"paused": 0, "queued": 1, "in progress": 1, "done": 0, "failed": 0,
+                                         "cancelled": 0})
+        self.assertEqual(self.task(self.leased["_id"])["attempt"], 1)
+
+    def raw(self, data, timeout=5.0):
+        return raw_exchange(self.server.host, self.server.port, data, timeout)
+
+    def test_too_many_tasks_in_one_request(self):
+        self.set_limits(max_tasks=5)
+        cases = [("/v1/queue/jobs/tasks", {"tasks": [{"data": i} for i in range(6)]}),
+                 ("/v1/queue/jobs", {"tasks": [{"_id": f"x-{i}", "status": "done"} for i in range(6)]}),
+                 ("/v1/queue/jobs", {"max": 6})]
+        for path, body in cases:
+            status, payload, _ = self.call("POST", path, body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("at most 5", payload["error"])
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": i} for i in range(5)]})[0], 201)
+        self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
+        self.insert({"data": "keep-2"})
+        self.assert_unchanged_and_serving()
+
+    def test_task_data_and_results_larger_than_the_limit_are_413(self):
+        self.set_limits(max_data=100)
+        for path, body in (("/v1/queue/jobs/tasks", {"data": "x" * 200}),
+                           ("/v1/queue/jobs/tasks", {"tasks": [{"data": 1}, {"data": ["y" * 200]}]}),
+                           ("/v1/queue/jobs", {"tasks": [{"_id": self.leased["_id"], "status": "done",
+                                                          "result": "z" * 200}]})):
+            status, payload, _ = self.call("POST", path, body)
+            self.assertEqual(status, 413, body)
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"data": "x" * 50, "key": "k" * 90})[0], 201)
+        self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
+        self.insert({"data": "keep-2"})
+        self.assert_unchanged_and_serving()
+
+    def test_json_nested_deeper_than_the_limit_is_400(self):
+        self.set_limits(max_depth=8)
+        deep = {"data": [[[[[[[[[["too deep"]]]]]]]]]]}
+        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", deep)
+        self.assertEqual(status, 400)
+        self.assertIn("deeper than 8", payload["error"])
+        self.assertEqual(self.call("POST", "/v1/queue/jobs", {"tasks": [], "max": 0, "worker": "w" * 30})[0], 204)
+        self.assert_unchanged_and_serving()
+
+    def test_too_many_or_too_large_headers_are_431_and_a_long_request_line_414(self):
+        self.set_limits(max_headers=10, max_head_bytes=2048)
+        many = b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(11)) + b"\r\n"
+        large = b"GET /healthz HTTP/1.1\r\nX-Big: " + b"y" * 3000 + b"\r\n\r\n"
+        long_line = b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n"
+        for request, code in ((many, b"431"), (large, b"431"), (long_line, b"414")):
+            answer = self.raw(request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + code), answer[:80])
+            self.assertIn(b'{"error":', answer)
+        ok = self.raw(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(10)) + b"\r\n")
+        self.assertTrue(ok.startswith(b"HTTP/1.1 200"))
+        self.assert_unchanged_and_serving()
+
+    def test_conflicting_content_lengths_are_400(self):
+        answer = self.raw(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
+        self.assert_unchanged_and_serving()
+
+    def test_an_idle_connection_is_closed_after_the_idle_timeout(self):
+        self.set_limits(idle_timeout=0.2)
+        with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
+            started = time.monotonic()
+            self.assertEqual(connection.recv(100), b"")
+            self.assertLess(time.monotonic() - started, 3)
+        self.assert_unchanged_and_serving()
+
+    def test_a_client_that_trickles_its_request_is_cut_off_at_the_request_timeout(self):
+        self.set_limits(request_timeout=0.3, idle_timeout=5)
+        request = b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+        request += b'{"data": 99}\n'
+        with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
+            started, cut = time.monotonic(), False
+            for index in range(len(request)):
+                try:
+                    connection.sendall(request[index:index + 1])
+                except OSError:
+                    cut = True
+                    break
+                ready = select.select([connection], [], [], 0.05)[0]
+                if ready:
+                    cut = True
+                    break
+            self.assertTrue(cut, "the trickling client was never cut off")
+            self.assertLess(time.monotonic() - started, 2)
+        self.assert_unchanged_and_serving()
+
+    def test_connections_beyond_the_limit_get_a_quick_503(self):
+        self.set_limits(max_connections=3)
+        held = [socket.create_connection((self.server.host, self.server.port), timeout=5) for _ in range(3)]
+        for connection in held:
+            self.addCleanup(connection.close)
+        deadline = time.monotonic() + 5
+        while self.server.httpd._active < 3:
+            self.assertLess(time.monotonic() - deadline, 0)
+            time.sleep(0.005)
+        started = time.monotonic()
+        answer = self.raw(b"GET /healthz HTTP/1.1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
+        self.assertIn(b"Retry-After: 1", answer)
+        self.assertIn(b"connection limit", answer)
+        self.assertLess(time.monotonic() - started, 1)
+        held.pop().close()
+        while self.server.httpd._active >= 3:
+            self.assertLess(time.monotonic() - deadline, 0)
+            time.sleep(0.005)
+        self.assert_unchanged_and_serving()
+
+    def test_expect_100_continue_is_answered_before_the_body(self):
+        with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
+            connection.sendall(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+            self.assertEqual(connection.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            connection.sendall(b'{"data": 3}')
+            self.assertTrue(connection.recv(1000).startswith(b"HTTP/1.1 201"))
 
 
 class ReadmeTest(unittest.TestCase):
