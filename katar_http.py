@@ -1850,7 +1850,8 @@ class Handler(BaseHTTPRequestHandler):
                 headers.append(("WWW-Authenticate", 'Bearer realm="katar_http"'))
             elif status == HTTPStatus.SERVICE_UNAVAILABLE:
                 headers.append(("Retry-After", "1"))
-        except Exception:  # a bug: log it, answer JSON, keep serving
+        except Exception:  # a bug: count it, log it, answer JSON, keep serving
+            self.server.internal_errors += 1
             self.log_error("internal error on %s %s", self.command, urlsplit(self.path).path)
             traceback.print_exc()
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
@@ -1913,11 +1914,11 @@ class Handler(BaseHTTPRequestHandler):
         media = self.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
             raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media[:100]}")
-        if length and self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this otherwise
         try:
+            if length and self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
             raw = self.rfile.read(length) if length else b""
-        except OSError:  # includes socket.timeout: a client that stalls mid-body is cut off
+        except OSError:  # a timeout (a client that stalls mid-body is cut off), or a client that went away
             self.close_connection = True
             raise RequestTimeout(f"the body did not arrive within {limits.request_timeout:g} s") from None
         if len(raw) < length:
@@ -2071,6 +2072,7 @@ class _HTTPServer(ThreadingHTTPServer):
         self.broker, self.limits, self.access, self.tls, self.quiet = broker, limits, access, tls, quiet
         self._connections: set = set()
         self._active = 0
+        self.internal_errors = 0  # 500s answered: each one is a bug
         self._connections_changed = threading.Condition()
         super().__init__(address, Handler)
         if tls is not None:

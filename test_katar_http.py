@@ -1,6 +1,7 @@
 """Tests for katar_http: a real server on port 0, real HTTP through urllib and http.client, a fake clock where
 time matters. Run: python3 -m unittest -v test_katar_http"""
 
+import collections
 import contextlib
 import errno
 import http.client
@@ -8,16 +9,19 @@ import io
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import unittest
 import urllib.error
 import urllib.request
@@ -2051,6 +2055,203 @@ class LimitsTest(ServerTestCase):
             self.assertEqual(connection.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
             connection.sendall(b'{"data": 3}')
             self.assertTrue(connection.recv(1000).startswith(b"HTTP/1.1 201"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fuzzing: thousands of generated hostile requests against one server
+# ---------------------------------------------------------------------------------------------------------------
+
+FUZZ_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "POST", "POST", "GET", "HEAD", "OPTIONS", "TRACE", "BREW",
+                "get", "G\x00T", "", "CONNECT"]
+FUZZ_QUEUES = ["jobs", "jobs", "mail", "nope", "..%2fetc", "j%20obs", "%ff", "", "a" * 300, "jobs%00"]
+FUZZ_STATUSES = ["done", "failed", "in progress", "queued", "paused", "cancelled", "bogus", "", None, 5, ["done"]]
+
+
+def fuzz_body(rng, ids, route):
+    """A body that is valid, or nearly, for the route; mutated afterwards by the caller."""
+    pick = lambda: rng.choice(ids + ["x-1", "", 7, None, "a" * 100])  # noqa: E731
+    if route == "poll":
+        reports = [{"_id": pick(), "status": rng.choice(FUZZ_STATUSES), "error": rng.choice(["e", None, 3]),
+                    "attempt": rng.choice([None, 1, 2, 0, -1, "1", 2 ** 70]), "retry": rng.choice([True, False, "no"]),
+                    "retry_after": rng.choice([None, 0, 10, -5, 1e400]), "result": rng.choice([None, {"r": [1]}, "x"])}
+                   for _ in range(rng.randrange(4))]
+        body = {"tasks": reports, "max": rng.choice([0, 1, 3, 25, -1, "2", True, None, 1.5]),
+                "wait": rng.choice([0, 0, 10, 60, -1, "5", None, 1e400]), "worker": rng.choice(["w", 5, None, "w" * 300])}
+    elif route == "insert":
+        task = lambda: {"data": rng.choice([1, "s", None, {"a": [1, {"b": None}]}, [], "x" * 500, 1e300]),  # noqa: E731
+                        "priority": rng.choice([0, "high", "low", "urgent", 10 ** 12, None, 2.5]),
+                        "delay": rng.choice([0, 0, 5, -1, "1", 10 ** 15]), "key": rng.choice([None, "k1", "k" + str(rng.random()), 5]),
+                        "status": rng.choice(["queued", "paused", "done", None])}
+        body = {"tasks": [task() for _ in range(rng.randrange(1, 4))]} if rng.random() < 0.5 else task()
+    elif route == "put":
+        body = {rng.choice(["lease", "max_attempts", "persistent", "paused", "max_in_flight", "backoff",
+                            "configuration", "unknown"]): rng.choice([0, 1, 50, True, False, "x", None, {"interval": 5},
+                                                                     {"interval": "x"}, []])
+                for _ in range(rng.randrange(3))}
+    elif route == "patch":
+        body = {"status": rng.choice(FUZZ_STATUSES)}
+    else:
+        body = rng.choice([{}, None, [], {"x": 1}])
+    return json.dumps(body).encode()
+
+
+def mutate(rng, data):
+    choice = rng.random()
+    if choice < 0.55 or not data:
+        return data
+    if choice < 0.65:
+        return data[:rng.randrange(len(data))]
+    if choice < 0.75:
+        position = rng.randrange(len(data))
+        return data[:position] + bytes([rng.randrange(256)]) + data[position + 1:]
+    if choice < 0.82:
+        position = rng.randrange(len(data))
+        return data[:position] + rng.choice([b"{", b"]", b'"', b"\\", b"\x00", b"\xff", b"NaN", b"1e999"]) + data[position:]
+    if choice < 0.9:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+    if choice < 0.95:
+        depth = rng.choice([40, 1000, 3000])
+        return b'{"tasks": ' + b"[" * depth + b"]" * depth + b"}"
+    return b'{"data": "' + b"x" * rng.choice([5000, 70000]) + b'"}'
+
+
+def fuzz_request(rng, ids):
+    """One raw request, and how to send it."""
+    queue, task_id = rng.choice(FUZZ_QUEUES), rng.choice(ids + ["x-1", "%00", "1" * 100, ""])
+    path, route = rng.choice([
+        (f"/v1/queue/{queue}", "poll"), (f"/v1/queue/{queue}", "poll"), (f"/v1/queue/{queue}", "put"),
+        (f"/v1/queue/{queue}/tasks", "insert"), (f"/v1/queue/{queue}/tasks", "insert"),
+        (f"/v1/queue/{queue}/tasks/{task_id}", "patch"), (f"/v1/queue/{queue}/stats", None), ("/v1/queues", None),
+        ("/healthz", None), ("/", None), ("*", None), ("http://example/v1/queues", None),
+        (f"/v1/queue/{queue}/tasks?status={rng.choice(['queued', 'done', 'x', 'in%20progress'])}"
+         f"&limit={rng.choice(['5', '0', 'x', '99999'])}&after={task_id}", None),
+        (f"/v1/queue/{queue}/tasks/{task_id}?wait={rng.choice(['0', '20', '-1', 'x', '1e400'])}", None),
+        ("/" + "".join(rng.choice("abc%/?&=.\x7f") for _ in range(rng.randrange(1, 40))), None)])
+    method = rng.choice(FUZZ_METHODS)
+    body = mutate(rng, fuzz_body(rng, ids, route)) if rng.random() < 0.8 else b""
+    version = rng.choice(["HTTP/1.1"] * 12 + ["HTTP/1.0", "HTTP/2", "HTTP/1.1x", ""])
+    headers = [f"Host: fuzz"]
+    headers.append("Content-Type: " + rng.choice(["application/json"] * 6 + ["text/plain", "application/xml",
+                                                  "application/x-www-form-urlencoded", "", "multipart/form-data; b=1",
+                                                  "application/vnd.x+json"]))
+    length = rng.choice([len(body)] * 8 + [len(body) + 7, max(0, len(body) - 3), "abc", "-1", "1e3", "", "99999999999"])
+    headers.append(f"Content-Length: {length}")
+    extra = rng.random()
+    if extra < 0.05:
+        headers.append("Transfer-Encoding: chunked")
+    elif extra < 0.1:
+        headers.append(f"Content-Length: {len(body) + 1}")
+    elif extra < 0.15:
+        headers += [f"X-Filler-{i}: {'y' * rng.randrange(200)}" for i in range(rng.randrange(10, 40))]
+    elif extra < 0.2:
+        headers.append(rng.choice(["NoColon", " Leading: space", "Bad Name: x", "X: " + "y" * 5000, ": empty"]))
+    elif extra < 0.25:
+        headers.append("Expect: 100-continue")
+    if rng.random() < 0.3:
+        headers.append("Connection: " + rng.choice(["close", "keep-alive", "upgrade, close"]))
+    data = f"{method} {path} {version}\r\n".encode("latin-1", "replace") + "\r\n".join(headers).encode() + b"\r\n\r\n" + body
+    behaviour = rng.choices(["normal", "pipelined", "truncated", "abrupt", "slow"], [70, 8, 10, 10, 2])[0]
+    return data, behaviour
+
+
+def response_statuses(answer):
+    """Every status code in the responses a connection received."""
+    return [int(code) for code in re.findall(rb"(?:^|\r\n\r\n|\})HTTP/1\.1 (\d{3}) ", answer)]
+
+
+class FuzzTest(unittest.TestCase):
+    requests = 6000
+
+    def test_thousands_of_hostile_requests_cause_no_5xx_no_hang_and_no_corruption(self):
+        broker = K.Broker()
+        jobs = broker.queue("jobs", persistent=True, lease=200)
+        broker.queue("mail")
+        ids = [task["_id"] for task in jobs.insert([{"data": i, "key": f"k{i}"} for i in range(60)])]
+        limits = K.Limits(max_body=8192, max_tasks=20, max_data=2048, max_wait=30, max_headers=30,
+                          max_head_bytes=4096, idle_timeout=0.5, request_timeout=0.5, max_connections=64)
+        server = K.serve(broker, port=0, limits=limits)
+        self.addCleanup(server.close)
+        crashes = []
+        server.httpd.handle_error = lambda request, address: crashes.append(traceback.format_exc())
+        seen, bad, lock = collections.Counter(), [], threading.Lock()
+
+        def client(seed, count):
+            rng = random.Random(seed)
+            for _ in range(count):
+                data, behaviour = fuzz_request(rng, ids)
+                if behaviour == "pipelined":
+                    data += fuzz_request(rng, ids)[0]
+                try:
+                    answer = self.exchange(server, data, behaviour, rng)
+                except OSError:
+                    continue  # the server cut a hostile client off: allowed
+                codes = response_statuses(answer)
+                with lock:
+                    seen.update(codes)
+                    bad.extend((code, data[:120]) for code in codes if code >= 500 and code != 503)
+                    if b"Traceback" in answer or (codes and b"Content-Type: text/html" in answer):
+                        bad.append(("not JSON", answer[:200]))
+
+        threads = [threading.Thread(target=client, args=(seed, self.requests // 8)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        self.assertEqual(bad, [])
+        self.assertEqual(crashes, [])
+        self.assertEqual(server.httpd.internal_errors, 0, "a 500 was answered, if only to a client already gone")
+        self.assertGreater(sum(seen.values()), self.requests // 2)
+        for code in (200, 201, 204, 400, 404, 405, 409, 411, 413, 415, 431):
+            self.assertIn(code, seen, f"the fuzzer never provoked a {code}: {dict(seen)}")
+        # No handler thread is left hanging: the limits close every connection.
+        deadline = time.monotonic() + 5
+        while server.httpd._active:
+            self.assertLess(time.monotonic(), deadline, f"{server.httpd._active} connections still open")
+            time.sleep(0.01)
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
+            self.assertEqual(response.status, 200)
+        for queue in broker.queues():
+            self.assert_invariants(queue)
+
+    def exchange(self, server, data, behaviour, rng):
+        with socket.create_connection((server.host, server.port), timeout=5) as connection:
+            if behaviour == "truncated":
+                connection.sendall(data[:rng.randrange(1, max(2, len(data)))])
+                return b""
+            if behaviour == "abrupt":
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                connection.sendall(data)
+                return b""
+            if behaviour == "slow":
+                for part in (data[:len(data) // 3], data[len(data) // 3:2 * len(data) // 3], data[2 * len(data) // 3:]):
+                    connection.sendall(part)
+                    time.sleep(0.02)
+            else:
+                connection.sendall(data)
+            connection.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+    def assert_invariants(self, queue):
+        """Every task in exactly one status; counts, listings and indexes agree."""
+        with queue._broker._lock:
+            tasks = dict(queue._tasks)
+            by_status = {status: dict(members) for status, members in queue._by_status.items()}
+            keys = dict(queue._keys)
+        for task_id, task in tasks.items():
+            self.assertEqual([status for status, members in by_status.items() if task_id in members], [task.status])
+        self.assertEqual(sum(len(members) for members in by_status.values()), len(tasks))
+        for key, task_id in keys.items():
+            self.assertTrue(task_id in tasks or task_id in queue._finished, key)
+        stats = queue.stats()
+        listed = queue.tasks(limit=1000)["tasks"]
+        self.assertEqual(stats["total"], len(listed))
+        for status, count in stats["counts"].items():
+            self.assertEqual(count, sum(1 for task in listed if task["status"] == status))
 
 
 class ReadmeTest(unittest.TestCase):
