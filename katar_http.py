@@ -32,7 +32,9 @@ The file reads top to bottom as the architecture:
   4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, call the core, serialise);
   5. the server object and the command line.
 
-Not here (yet): authentication and TLS. Bind to 127.0.0.1 (the default) until then.
+Security: --token (admin) and --worker-token (lease and report on named queues only) guard every route but
+/healthz; --tls-cert serves HTTPS; every request is bounded (Limits). Without a token the server refuses to listen
+beyond 127.0.0.1.
 """
 
 from __future__ import annotations
