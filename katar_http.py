@@ -2074,6 +2074,8 @@ class _HTTPServer(ThreadingHTTPServer):
         self.broker, self.limits, self.access, self.tls, self.quiet = broker, limits, access, tls, quiet
         self._connections: set = set()
         self._active = 0
+        self._refusals: "collections.deque[socket.socket]" = collections.deque()
+        self._refuser: Optional[threading.Thread] = None
         self.internal_errors = 0  # 500s answered: each one is a bug
         self._connections_changed = threading.Condition()
         super().__init__(address, Handler)
@@ -2100,17 +2102,40 @@ class _HTTPServer(ThreadingHTTPServer):
                 self._active -= 1
 
     def _refuse(self, request: socket.socket) -> None:
-        """Beyond the connection limit: a 503 written from the accepting thread (plain HTTP; over TLS the
-        connection is just closed, as a handshake here could stall), then close."""
-        try:
-            if self.tls is None:
+        """Beyond the connection limit: hand the connection to the one refuser thread, which answers 503. Over TLS,
+        or when the refuser is itself behind, the connection is just closed: nothing here may stall accepting."""
+        with self._connections_changed:
+            if self.tls is None and len(self._refusals) < 64:
+                self._refusals.append(request)
+                self._connections_changed.notify_all()
+                if self._refuser is None:
+                    self._refuser = threading.Thread(target=self._refuse_forever, name="katar_http refusals",
+                                                     daemon=True)
+                    self._refuser.start()
+                return
+        self.shutdown_request(request)
+
+    def _refuse_forever(self) -> None:
+        while True:
+            with self._connections_changed:
+                while not self._refusals:
+                    self._connections_changed.wait()
+                request = self._refusals.popleft()
+            try:
+                # A lingering close: answer, half-close, read what the client sent until it closes (at most half
+                # a second). Closing with its request unread would reset the connection, and a reset can destroy
+                # the 503 before the client reads it.
                 request.settimeout(0.5)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
                                 % (len(REFUSAL), REFUSAL))
-        except OSError:
-            pass
-        self.shutdown_request(request)
+                request.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline and request.recv(65536):
+                    pass
+            except OSError:
+                pass
+            request.close()
 
     def track(self, connection: socket.socket, is_open: bool) -> None:
         with self._connections_changed:

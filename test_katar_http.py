@@ -2029,10 +2029,13 @@ class LimitsTest(ServerTestCase):
 
     def test_connections_beyond_the_limit_get_a_quick_503(self):
         self.set_limits(max_connections=3)
+        deadline = time.monotonic() + 5
+        while self.server.httpd._active:  # the connections of setUp end in their own time
+            self.assertLess(time.monotonic() - deadline, 0)
+            time.sleep(0.005)
         held = [socket.create_connection((self.server.host, self.server.port), timeout=5) for _ in range(3)]
         for connection in held:
             self.addCleanup(connection.close)
-        deadline = time.monotonic() + 5
         while self.server.httpd._active < 3:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
@@ -2044,6 +2047,12 @@ class LimitsTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, 1)
         held.pop().close()
         while self.server.httpd._active >= 3:
+            self.assertLess(time.monotonic() - deadline, 0)
+            time.sleep(0.005)
+        self.assertTrue(self.raw(b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))  # a place again
+        for connection in held:
+            connection.close()
+        while self.server.httpd._active:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
         self.assert_unchanged_and_serving()
