@@ -239,6 +239,11 @@ def _check_priority(value: Any) -> int:
     return _check_int("priority", value, -MAX_PRIORITY, MAX_PRIORITY)
 
 
+# One encoder for everything the server writes (responses, journal lines): compact, and built once, since
+# json.dumps with any argument builds a new encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _json_default(value: Any) -> Any:
     # As the original sent `new Date()`: dates and times travel as ISO 8601 strings.
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
@@ -763,7 +768,7 @@ class Queue:
             heapq.heappush(self._leases, (until, task.seq, task.attempt, task_id))
         self.totals["leased"] += len(rec["ids"])
         if len(self._leases) > 2 * len(self._by_status[IN_PROGRESS]) + 1024:
-            self._reindex()
+            self._reindex_leases()
 
     def _apply_heartbeat(self, rec: Dict[str, Any]) -> None:
         task = self._tasks[rec["id"]]
@@ -877,21 +882,25 @@ class Queue:
         else:
             heapq.heappush(self._delayed, (task.run_at, task.seq, task.token, task.id))
         if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
-            self._reindex()
+            self._reindex_queued(now)
 
-    def _reindex(self) -> None:
-        """Rebuild the heaps from the tasks, dropping stale entries (amortised: runs when they are half garbage)."""
-        self._ready, self._delayed, self._leases = [], [], []
+    # Heaps are rebuilt from the tasks they index when stale entries outnumber live ones: the cost, proportional to
+    # the live entries, is spread over at least as many operations, so it stays constant per operation.
+
+    def _reindex_queued(self, now: int) -> None:
+        self._ready, self._delayed = [], []
         for task in self._by_status[QUEUED].values():
-            entry = (task.seq, task.token, task.id)
-            if task.run_at <= self._broker._now():
-                self._ready.append((-task.priority,) + entry)
+            if task.run_at <= now:
+                self._ready.append((-task.priority, task.seq, task.token, task.id))
             else:
-                self._delayed.append((task.run_at,) + entry)
-        for task in self._by_status[IN_PROGRESS].values():
-            self._leases.append((task.lease_until, task.seq, task.attempt, task.id))
-        for heap in (self._ready, self._delayed, self._leases):
-            heapq.heapify(heap)
+                self._delayed.append((task.run_at, task.seq, task.token, task.id))
+        heapq.heapify(self._ready)
+        heapq.heapify(self._delayed)
+
+    def _reindex_leases(self) -> None:
+        self._leases = [(task.lease_until, task.seq, task.attempt, task.id)
+                        for task in self._by_status[IN_PROGRESS].values()]
+        heapq.heapify(self._leases)
 
     def _end_delivery(self, task: Task, outcome: str, error: Optional[str], at: int) -> None:
         """Close the history entry of the latest delivery; failures and expiries spend an attempt, once."""
@@ -1367,7 +1376,7 @@ class Journal:
 
     def append(self, records: List[Dict[str, Any]]) -> int:
         """Queue records for writing (broker lock held); returns the ticket to wait for."""
-        data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode()
+        data = "".join([_encode(record) + "\n" for record in records]).encode()
         with self._cond:
             self._pending.append(data)
             if self._compacting is not None:
@@ -1503,8 +1512,7 @@ class Journal:
         try:
             size = 0
             for start in range(0, len(snapshot), 10000):
-                chunk = "".join(json.dumps(record, separators=(",", ":")) + "\n"
-                                for record in snapshot[start:start + 10000]).encode()
+                chunk = "".join([_encode(record) + "\n" for record in snapshot[start:start + 10000]]).encode()
                 size += _write_all(fd, chunk)
             os.fsync(fd)
             self.compaction_hook("snapshot written")
@@ -1679,6 +1687,8 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode  # built once, as _encode
+
 def _too_deep(value: Any, limit: int) -> bool:
     """Whether arrays and objects nest deeper than `limit` (iterative: a deep value cannot exhaust the stack)."""
     stack = [(value, 1)] if isinstance(value, (dict, list)) else []
@@ -1787,44 +1797,63 @@ class Handler(BaseHTTPRequestHandler):
     def read_head(self) -> Optional[Tuple[str, str, str, Dict[str, str]]]:
         """The request line and headers, within the limits, or None when the client closed the connection."""
         limits = self.server.limits
-        line = self.rfile.readline(limits.max_head_bytes + 1)
-        if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: an empty line before a request is tolerated
-            line = self.rfile.readline(limits.max_head_bytes + 1)
-        if not line:
+        buffered = self.rfile.peek(limits.max_head_bytes)  # waits for the request's first bytes
+        if not buffered:
             return None
-        if len(line) > limits.max_head_bytes:
+        end = buffered.find(b"\r\n\r\n", 0, limits.max_head_bytes)
+        if end > 0:  # the usual case: the whole head is already here, take it at once
+            lines = self.rfile.read(end + 4)[:end].split(b"\r\n")
+        else:
+            lines = self._read_head_lines(limits)
+            if lines is None:
+                return None
+        request_line = lines[0]
+        if len(request_line) > limits.max_head_bytes - 4:
             raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
-        parts = line.decode("latin-1").split()
+        parts = request_line.decode("latin-1").split()
         if len(parts) != 3 or not parts[0].isalpha():
             raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
         method, target, version = parts
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise BadRequest(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version[:16]}")
+        if len(lines) - 1 > limits.max_headers:
+            raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
         headers: Dict[str, str] = {}
-        used, count = len(line), 0
-        while True:
-            line = self.rfile.readline(limits.max_head_bytes - used + 1)
-            used += len(line)
-            if used > limits.max_head_bytes:
-                raise RequestHeaderFieldsTooLarge(f"the headers are longer than {limits.max_head_bytes} bytes")
-            if line in (b"\r\n", b"\n"):
-                return method, target, version, headers
-            if not line.endswith(b"\n"):
-                return None  # the client hung up in the middle of its headers
-            count += 1
-            if count > limits.max_headers:
-                raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
+        for line in lines[1:]:
             name, colon, value = line.decode("latin-1").partition(":")
             if not colon or not name or name != name.strip() or not name.isprintable():
                 raise BadRequest("a header line must be Name: value")
             name, value = name.lower(), value.strip()
-            if name in headers and name in SINGLE_HEADERS:
+            if name not in headers:
+                headers[name] = value
+            elif name in SINGLE_HEADERS:
                 if headers[name] != value:
                     raise BadRequest(f"conflicting {name} headers")
-            elif name in headers:
-                headers[name] += ", " + value
             else:
-                headers[name] = value
+                headers[name] += ", " + value
+        return method, target, version, headers
+
+    def _read_head_lines(self, limits: Limits) -> Optional[List[bytes]]:
+        """The head line by line, for heads that arrive in pieces or end lines with a bare LF."""
+        lines: List[bytes] = []
+        used = 0
+        while True:
+            line = self.rfile.readline(limits.max_head_bytes - used + 1)
+            used += len(line)
+            if used > limits.max_head_bytes:
+                if not lines:
+                    raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
+                raise RequestHeaderFieldsTooLarge(f"the headers are longer than {limits.max_head_bytes} bytes")
+            if not line.endswith(b"\n"):
+                return None  # the client hung up in the middle of its head
+            line = line.rstrip(b"\r\n")
+            if not line:
+                if lines:
+                    return lines
+                continue  # RFC 9112 2.2: an empty line before a request is tolerated
+            lines.append(line)
+            if len(lines) > limits.max_headers + 1:
+                raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -1882,7 +1911,7 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
         """Write status line, headers and body in one send; returns the body size."""
         status = int(status)
-        body = b"" if status == HTTPStatus.NO_CONTENT else json.dumps(payload, separators=(",", ":")).encode()
+        body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
         lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
                  "Server: " + self.server_version, "Date: " + _http_date()]
         if status != HTTPStatus.NO_CONTENT:
@@ -1932,13 +1961,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest("the body must be JSON; an empty form is not")
             return {}
         try:
-            body = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+            body = _decode(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"the body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
-        if length > 2 * limits.max_depth and _too_deep(body, limits.max_depth):
-            raise BadRequest(f"the body nests arrays and objects deeper than {limits.max_depth}")
         return body
 
     def check_count(self, field: str, items: Any) -> None:
@@ -1946,15 +1973,19 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"{field} holds {len(items)} items; this server takes at most "
                              f"{self.server.limits.max_tasks} per request")
 
-    def check_size(self, field: str, items: Any, key: str) -> None:
-        """Each item's `key` (data, result) must stay under max_data bytes of JSON. A body smaller than that cannot
-        hold a larger one, so the usual request costs nothing here."""
-        limit = self.server.limits.max_data
-        if self.body_size <= limit or not isinstance(items, list):
+    def check_values(self, field: str, items: Any, key: str) -> None:
+        """Each item's `key` (data, result: what the server keeps) must nest no deeper than max_depth and stay
+        under max_data bytes of JSON. Other fields are dropped unread, and a body smaller than max_data cannot hold
+        a larger value, so the usual request costs next to nothing here."""
+        if not isinstance(items, list):
             return
+        limits = self.server.limits
         for index, item in enumerate(items):
-            if isinstance(item, dict) and len(json.dumps(item.get(key), separators=(",", ":"))) > limit:
-                raise PayloadTooLarge(f"{field}[{index}].{key} is larger than {limit} bytes of JSON")
+            value = item.get(key) if isinstance(item, dict) else None
+            if isinstance(value, (dict, list)) and _too_deep(value, limits.max_depth):
+                raise BadRequest(f"{field}[{index}].{key} nests arrays and objects deeper than {limits.max_depth}")
+            if self.body_size > limits.max_data and len(_encode(value)) > limits.max_data:
+                raise PayloadTooLarge(f"{field}[{index}].{key} is larger than {limits.max_data} bytes of JSON")
 
     def query_value(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.query.get(name)
@@ -1995,7 +2026,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_object()
         reports = body.get("tasks")
         self.check_count("tasks", reports)
-        self.check_size("tasks", reports, "result")
+        self.check_values("tasks", reports, "result")
         max_tasks = body.get("max", 1)
         if isinstance(max_tasks, int) and not isinstance(max_tasks, bool) and max_tasks > self.server.limits.max_tasks:
             raise BadRequest(f"max must be at most {self.server.limits.max_tasks} on this server, got {max_tasks}")
@@ -2005,6 +2036,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
+        self.check_values("queue", [body], "configuration")
         options = {key: value for key, value in body.items() if key in QUEUE_DEFAULTS or key == "configuration"}
         existed = name in self.server.broker
         queue = self.server.broker.queue(name, **options)
@@ -2022,10 +2054,10 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(body["tasks"], list):
                 raise BadRequest("tasks must be a list of task objects")
             self.check_count("tasks", body["tasks"])
-            self.check_size("tasks", body["tasks"], "data")
+            self.check_values("tasks", body["tasks"], "data")
             results = queue.insert(body["tasks"])
         else:
-            self.check_size("task", [body], "data")
+            self.check_values("task", [body], "data")
             results = [queue.insert(body)]
         created = any(result["created"] for result in results)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}

@@ -1974,10 +1974,13 @@ class LimitsTest(ServerTestCase):
 
     def test_json_nested_deeper_than_the_limit_is_400(self):
         self.set_limits(max_depth=8)
-        deep = {"data": [[[[[[[[[["too deep"]]]]]]]]]]}
-        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", deep)
-        self.assertEqual(status, 400)
-        self.assertIn("deeper than 8", payload["error"])
+        deep = [[[[[[[[[["too deep"]]]]]]]]]]
+        for path, body in (("/v1/queue/jobs/tasks", {"data": deep}), ("/v1/queue/jobs/tasks", {"tasks": [{"data": deep}]}),
+                           ("/v1/queue/jobs", {"tasks": [{"_id": self.leased["_id"], "status": "done", "result": deep}]}),
+                           ("/v1/queue/jobs", {"configuration": {"deep": deep}})):
+            status, payload, _ = self.call("PUT" if "configuration" in body else "POST", path, body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("deeper than 8", payload["error"])
         self.assertEqual(self.call("POST", "/v1/queue/jobs", {"tasks": [], "max": 0, "worker": "w" * 30})[0], 204)
         self.assert_unchanged_and_serving()
 
