@@ -98,6 +98,12 @@ class Server:
             self.port = int(line.rsplit(":", 1)[1])
         self.ready_after = time.monotonic() - self.started
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU the server process has used: a steadier measure than throughput on a busy machine."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         with open(f"/proc/{self.process.pid}/status") as status:
             for line in status:
@@ -146,14 +152,14 @@ def insert_client(port: int, per_request: int, seconds: float, start_at: float) 
     return done
 
 
-def drain_client(port: int, per_request: int, seconds: float, start_at: float) -> int:
+def drain_client(port: int, per_request: int, seconds: float, budget: int, start_at: float) -> int:
     """Lease `per_request` at a time, the reports of the previous batch riding along, until the queue is empty
-    (katar_http) or for `seconds` (the baseline, which has no queue); returns the tasks moved."""
+    (katar_http), `budget` tasks were moved, or for `seconds` (the baseline, which has no queue)."""
     connection = _connect(port)
     while time.time() < start_at:
         time.sleep(0.001)
     reports, moved, end = [], 0, time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (budget and moved >= budget):
         status, payload = _post(connection, f"/v1/queue/{QUEUE}",
                                 json.dumps({"tasks": reports, "max": per_request}).encode())
         if status == 204:
@@ -163,6 +169,8 @@ def drain_client(port: int, per_request: int, seconds: float, start_at: float) -
             tasks = [{"_id": "00000000-%d" % (moved + i), "data": DATA, "attempt": 1} for i in range(per_request)]
         reports = [{"_id": task["_id"], "status": "done"} for task in tasks]
         moved += len(tasks)
+    if reports and budget:
+        _post(connection, f"/v1/queue/{QUEUE}", json.dumps({"tasks": reports, "max": 0}).encode())
     connection.close()  # on a 204 the last reports were applied: they rode on that request
     return moved
 
@@ -208,20 +216,21 @@ def prefill(port: int, count: int) -> None:
     connection.close()
 
 
-def measure(pool, server: Server, row: str, options: argparse.Namespace) -> float:
-    """Tasks a second of one workload against one server."""
+def measure(pool, server: Server, row: str, options: argparse.Namespace) -> tuple:
+    """Tasks a second of one workload against one server, and the server's CPU microseconds per task."""
     seconds = options.seconds
+    if row in ("W2", "W3") and server.kind != "baseline":
+        prefill(server.port, options.tasks * (1 if row == "W2" else 10))
+    cpu = server.cpu_seconds()
     if row == "W1":
         moved, wall = run_clients(pool, insert_client, [(server.port, 1, seconds)] * options.producers)
     elif row == "W1b":
         moved, wall = run_clients(pool, insert_client, [(server.port, 100, seconds)] * options.producers)
     else:
-        per_request, count = (1, options.tasks) if row == "W2" else (100, options.tasks * 10)
-        if server.kind != "baseline":
-            prefill(server.port, count)
+        per_request = 1 if row == "W2" else 100
         moved, wall = run_clients(pool, drain_client, [(server.port, per_request, 600 if server.kind != "baseline"
-                                                         else seconds)] * options.workers)
-    return moved / wall
+                                                         else seconds, 0)] * options.workers)
+    return moved / wall, (server.cpu_seconds() - cpu) * 1e6 / moved
 
 
 def measure_latency(pool, server: Server, count: int) -> tuple:
@@ -246,22 +255,26 @@ def table(options: argparse.Namespace) -> None:
         baseline.stop()
         memory = Server("katar")
         for row in ("W1", "W1b", "W2", "W3"):
-            rows.append((row, "memory", measure(pool, memory, row, options), base[row], memory.rss_mib()))
+            rows.append((row, "memory") + measure(pool, memory, row, options) + (base[row], memory.rss_mib()))
         p50, p99 = measure_latency(pool, memory, options.latency_samples)
         memory.stop()
         journal_path = os.path.join(directory, "bench.journal")
         durable = Server("katar", journal=journal_path)
         for row in ("W1", "W2", "W3"):
-            rows.append((row, "journal", measure(pool, durable, row, options), base[row], durable.rss_mib()))
+            rows.append((row, "journal") + measure(pool, durable, row, options) + (base[row], durable.rss_mib()))
         durable.stop()
     shutil.rmtree(directory, ignore_errors=True)
-    in_memory = {row: rate for row, mode, rate, _, _ in rows if mode == "memory"}
+    in_memory = {row: rate for row, mode, rate, _, _, _ in rows if mode == "memory"}
     print(f"\nkatar_http benchmark, {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
           f"{options.producers} producers, {options.workers} workers, {options.seconds:g} s per timed row")
-    print(f"{'row':5} {'server':8} {'tasks/s':>10} {'baseline':>10} {'x baseline':>11} {'x memory':>9} {'RSS MiB':>8}")
-    for row, mode, rate, base_rate, rss in rows:
+    print(f"{'row':5} {'server':8} {'tasks/s':>9} {'baseline':>9} {'x baseline':>10} {'x memory':>8} "
+          f"{'CPU us/task':>11} {'baseline':>8} {'x':>5} {'RSS MiB':>7}")
+    for row, mode, (rate, cpu), (base_rate, base_cpu), rss in ((r[0], r[1], r[2:4], r[4], r[5]) for r in rows):
         versus_memory = f"{rate / in_memory[row]:.2f}" if mode == "journal" else ""
-        print(f"{row:5} {mode:8} {rate:10.0f} {base_rate:10.0f} {rate / base_rate:11.2f} {versus_memory:>9} {rss:8.1f}")
+        print(f"{row:5} {mode:8} {rate:9.0f} {base_rate:9.0f} {rate / base_rate:10.2f} {versus_memory:>8} "
+              f"{cpu:11.1f} {base_cpu:8.1f} {cpu / base_cpu:5.2f} {rss:7.1f}")
+    print("CPU us/task: the server process's own CPU time per task moved (x: against the baseline's); "
+          "steadier than tasks/s on a shared machine")
     print(f"W4    memory   long-poll latency insert -> receipt: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
           f"({options.latency_samples} tasks, one every 20 ms)")
     print("baseline: ThreadingHTTPServer, HTTP/1.1 keep-alive, reads the JSON body, answers a small JSON 200")
@@ -281,8 +294,9 @@ def scale(options: argparse.Namespace) -> None:
             before = server.rss_mib()
             prefill(server.port, queued + drained)
             grown = server.rss_mib()
-            moved, wall = run_clients(pool, drain_client, [(server.port, 1, 600)] * options.workers)
-            results[queued] = (drained / wall, (grown - before) * 1024 * 1024 / (queued + drained))
+            budget = drained // options.workers
+            moved, wall = run_clients(pool, drain_client, [(server.port, 1, 600, budget)] * options.workers)
+            results[queued] = (moved / wall, (grown - before) * 1024 * 1024 / (queued + drained))
             server.stop()
     journal = os.path.join(directory, "scale.journal")
     writer = Server("katar", journal=journal)

@@ -306,7 +306,7 @@ class Task:
         self.lease_until: Optional[int] = None
         self.error: Optional[str] = None
         self.result: Any = None
-        self.history: List[Dict[str, Any]] = []
+        self.history: Any = ()  # a list from the first delivery on: a task that waits needs none
         self.token = 0  # which heap entry is current; an index detail, never journalled
 
     def latest(self) -> Optional[Dict[str, Any]]:
@@ -369,8 +369,9 @@ class Queue:
         self.options.update(options)
         self._tasks: Dict[str, Task] = {}
         # Per status, the ids in the order they entered it: counts, the oldest queued task, purges, listings.
-        self._by_status: Dict[str, "collections.OrderedDict[str, Task]"] = {
-            status: collections.OrderedDict() for status in STATUSES}
+        # Plain dicts keep insertion order and cost less than OrderedDicts; the oldest queued task is the first one
+        # iteration finds (stats only: that walk can pass deleted slots, never the queue's hot path).
+        self._by_status: Dict[str, Dict[str, Task]] = {status: {} for status in STATUSES}
         self._ready: List[Tuple[int, int, int, str]] = []
         self._delayed: List[Tuple[int, int, int, str]] = []
         self._leases: List[Tuple[int, int, int, str]] = []
@@ -416,7 +417,7 @@ class Queue:
         broker = self._broker
         with broker._changing():
             now = broker._now()
-            results, records, new_keys = [], [], {}
+            results, rows, new_keys = [], [], {}
             for data, priority, delay, key, status in checked:
                 if key is not None and (key in self._keys or key in new_keys):
                     known = new_keys.get(key) or (self._keys[key], self._status_of(self._keys[key]))
@@ -425,10 +426,10 @@ class Queue:
                 task_id = broker._next_id()
                 if key is not None:
                     new_keys[key] = (task_id, status)
-                records.append({"op": "insert", "q": self.name, "id": task_id, "data": data, "priority": priority,
-                                "status": status, "key": key, "run_at": now + delay, "at": now})
+                rows.append([task_id, data, priority, status, key, delay])
                 results.append({"_id": task_id, "status": status, "created": True})
-            broker._commit(records)
+            if rows:  # one record for the whole request: [id, data, priority, status, key, delay] per task
+                broker._commit([{"op": "insert", "q": self.name, "at": now, "tasks": rows}])
             self._serve_waiters(now)
         return results[0] if single else results
 
@@ -592,8 +593,10 @@ class Queue:
         return latest is not None and latest["outcome"] == "expired" and task.status in (QUEUED, FAILED)
 
     def _plan_reports(self, reports: List[Dict[str, Any]], now: int) -> List[Dict[str, Any]]:
-        """Turn reports into records, or raise for the whole request: 404 before 409, each naming its ids."""
+        """Turn reports into records, or raise for the whole request: 404 before 409, each naming its ids. The done
+        reports of a request make one record (the common case, and a batch of a hundred is one journal line)."""
         records, missing, conflicts = [], [], []
+        done: Dict[str, Any] = {"op": "done", "q": self.name, "ids": [], "results": [], "at": now}
         for report in reports:
             task_id, status, attempt = report["_id"], report["status"], report.get("attempt")
             task = self._tasks.get(task_id)
@@ -605,6 +608,10 @@ class Queue:
                     conflicts.append((task_id, f"task {task_id} is {memo[0]}"))
                 continue
             if self._open_delivery(task) and attempt in (None, task.attempt):
+                if status == DONE:
+                    done["ids"].append(task_id)
+                    done["results"].append(report.get("result"))
+                    continue
                 record = self._report_record(task, report, now)
                 if record is not None:
                     records.append(record)
@@ -621,12 +628,12 @@ class Queue:
             raise NotFound(f"no task {', '.join(missing)} in queue {self.name}", missing)
         if conflicts:
             raise Conflict("; ".join(reason for _, reason in conflicts), [task_id for task_id, _ in conflicts])
+        if done["ids"]:
+            records.append(done)
         return records
 
     def _report_record(self, task: Task, report: Dict[str, Any], now: int) -> Optional[Dict[str, Any]]:
         status, base = report["status"], {"q": self.name, "id": task.id, "at": now}
-        if status == DONE:
-            return dict(base, op="done", result=report.get("result"))
         if status == IN_PROGRESS:
             return dict(base, op="heartbeat", until=now + self.options["lease"])
         if status == QUEUED:
@@ -745,15 +752,17 @@ class Queue:
     # -- state changes: run only from Broker._apply, live or in replay ------------------------------------------
 
     def _apply_insert(self, rec: Dict[str, Any]) -> None:
-        task = Task(rec["id"], _seq_of(rec["id"]), rec["data"], rec["priority"], rec["status"], rec["key"],
-                    rec["run_at"], rec["at"])
-        self._tasks[task.id] = task
-        self._by_status[task.status][task.id] = task
-        if task.key is not None:
-            self._keys[task.key] = task.id
-        self.totals["inserted"] += 1
-        if task.status == QUEUED:
-            self._place(task, rec["at"])
+        at, tasks, by_status = rec["at"], self._tasks, self._by_status
+        for task_id, data, priority, status, key, delay in rec["tasks"]:
+            # Without a delay, run_at is the very int of `at`: one object less per task.
+            task = Task(task_id, _seq_of(task_id), data, priority, status, key, at + delay if delay else at, at)
+            tasks[task_id] = task
+            by_status[status][task_id] = task
+            if key is not None:
+                self._keys[key] = task_id
+            if status == QUEUED:
+                self._place(task, at)
+        self.totals["inserted"] += len(rec["tasks"])
 
     def _apply_lease(self, rec: Dict[str, Any]) -> None:
         at, until, worker = rec["at"], rec["until"], rec["worker"]
@@ -761,6 +770,8 @@ class Queue:
             task = self._tasks[task_id]
             task.attempt += 1
             task.worker, task.lease_until = worker, until
+            if not task.history:
+                task.history = []
             task.history.append({"attempt": task.attempt, "worker": worker, "leased_at": at, "ended_at": None,
                                  "outcome": None, "error": None, "duration_ms": None})
             del task.history[:-HISTORY_LIMIT]
@@ -782,11 +793,13 @@ class Queue:
         heapq.heappush(self._leases, (rec["until"], task.seq, task.attempt, task.id))
 
     def _apply_done(self, rec: Dict[str, Any]) -> None:
-        task = self._tasks[rec["id"]]
-        self._end_delivery(task, "done", None, rec["at"])
-        task.result, task.error = rec["result"], None
-        self.totals["done"] += 1
-        self._finish(task, DONE, rec["at"])
+        at = rec["at"]
+        for task_id, result in zip(rec["ids"], rec["results"]):
+            task = self._tasks[task_id]
+            self._end_delivery(task, "done", None, at)
+            task.result, task.error = result, None
+            self._finish(task, DONE, at)
+        self.totals["done"] += len(rec["ids"])
 
     def _apply_fail(self, rec: Dict[str, Any]) -> None:
         task, at, outcome = self._tasks[rec["id"]], rec["at"], rec["outcome"]
@@ -830,7 +843,7 @@ class Queue:
                     rec["run_at"], rec["created_at"])
         for field in ("updated_at", "attempt", "spent", "worker", "lease_until", "error", "result"):
             setattr(task, field, rec[field])
-        task.history = [dict(entry) for entry in rec["history"]]
+        task.history = [dict(entry) for entry in rec["history"]] or ()
         self._tasks[task.id] = task
         self._by_status[task.status][task.id] = task
         if task.key is not None:
@@ -849,7 +862,7 @@ class Queue:
         # Each status lists its tasks in the order they entered it, which is the order of updated_at.
         for status, tasks in self._by_status.items():
             ordered = sorted(tasks.values(), key=lambda task: task.updated_at)
-            self._by_status[status] = collections.OrderedDict((task.id, task) for task in ordered)
+            self._by_status[status] = {task.id: task for task in ordered}
 
     def _adopt(self, other: "Queue") -> None:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
@@ -1223,7 +1236,7 @@ class Broker:
                 queue.options.update(record["options"])
             return
         if op == "insert":
-            self._seq = max(self._seq, _seq_of(record["id"]))
+            self._seq = max(self._seq, _seq_of(record["tasks"][-1][0]))
         getattr(self._queues[record["q"]], "_apply_" + op)(record)
 
 

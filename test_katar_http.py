@@ -1341,7 +1341,7 @@ class JournalTest(unittest.TestCase):
         broker.queue("jobs")
         broker.close()
         with open(self.path, "a") as handle:
-            handle.write('{"op":"done","q":"jobs","id":"nope-1","result":null,"at":1}\n'
+            handle.write('{"op":"done","q":"jobs","ids":["nope-1"],"results":[null],"at":1}\n'
                          '{"op":"queue","q":"other","options":{}}\n')
         with self.assertRaisesRegex(K.JournalError, "line 3 cannot be applied.*--repair-journal"):
             K.Broker(journal=self.path)
@@ -1464,7 +1464,7 @@ class JournalOverHttpTest(ServerTestCase):
         in_fsync, release, responded, seen = threading.Event(), threading.Event(), threading.Event(), []
 
         def slow_fsync(fd):
-            seen.append((responded.is_set(), read_file(self.path).count("data")))
+            seen.append((responded.is_set(), read_file(self.path).count("durable")))
             in_fsync.set()
             release.wait(10)
             os.fsync(fd)
