@@ -57,6 +57,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -1726,27 +1727,49 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
+def _timeval(seconds: float) -> bytes:
+    seconds = max(seconds, 0.001)  # zero would mean "no timeout at all"
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+def _kernel_timeouts(connection: socket.socket, seconds: float) -> bool:
+    """Let the kernel time out blocking reads and writes (SO_RCVTIMEO, SO_SNDTIMEO): then a recv or send is one
+    system call, where a Python timeout adds a poll before each. False where the platform will not."""
+    if isinstance(connection, ssl.SSLSocket):
+        return False
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    except (OSError, struct.error):
+        return False
+    return True
+
+
 class _Reader(io.RawIOBase):
     """The connection as a raw file whose reads time out: after `idle` seconds while no request has begun, and
     at a deadline `whole` seconds after a request's first byte, so a client that trickles bytes cannot hold a
-    thread for longer than that."""
+    thread for longer than that. With kernel timeouts the usual read (a whole request at once) costs one recv."""
 
-    def __init__(self, connection: socket.socket, idle: float, whole: float) -> None:
-        self.connection, self.idle, self.whole = connection, idle, whole
+    def __init__(self, connection: socket.socket, idle: float, whole: float, kernel: bool) -> None:
+        self.connection, self.idle, self.whole, self.kernel = connection, idle, whole, kernel
         self.deadline: Optional[float] = None
+        self.current = idle  # the timeout set on the socket now
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self.deadline is None:
-            self.connection.settimeout(self.idle)
-        else:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
+        timeout = self.idle
+        if self.deadline is not None:
+            timeout = self.deadline - time.monotonic()
+            if timeout <= 0:
                 raise socket.timeout("the request took too long to arrive")
-            self.connection.settimeout(remaining)
-        count = self.connection.recv_into(buffer)
+        if not self.kernel:
+            self.connection.settimeout(timeout)
+        elif timeout != self.current:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            self.current = timeout
+        count = self.connection.recv_into(buffer)  # a kernel timeout raises BlockingIOError, an OSError
         if self.deadline is None and count:
             self.deadline = time.monotonic() + self.whole
         return count
@@ -1773,7 +1796,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.ready = False
         # Each response is one write, but a client may send its request in pieces: no Nagle delays either way.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = _Reader(self.connection, limits.idle_timeout, limits.request_timeout)
+        self.kernel_timeouts = _kernel_timeouts(self.connection, limits.idle_timeout)
+        if self.kernel_timeouts:
+            self.connection.settimeout(None)  # blocking: the kernel times the calls out
+        self.reader = _Reader(self.connection, limits.idle_timeout, limits.request_timeout, self.kernel_timeouts)
         self.rfile = io.BufferedReader(self.reader, 65536)
         self.server.track(self.connection, True)
 
@@ -1933,7 +1959,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         try:
-            self.connection.settimeout(self.server.limits.idle_timeout)  # a client that does not read is cut off
+            if not self.kernel_timeouts:
+                self.connection.settimeout(self.server.limits.idle_timeout)  # a client that does not read: cut off
             self.connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         except OSError:
             self.close_connection = True  # the client went away; its lease (if any) will run out
