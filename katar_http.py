@@ -1274,8 +1274,12 @@ class Journal:
         self._write, self._fsync = os.write, os.fsync
         self._fd: Optional[int] = None
         self._lock_fd: Optional[int] = None
-        # This condition guards everything below; it is taken inside the broker lock, never the other way round.
-        self._cond = threading.Condition()
+        # This lock guards everything below; it is taken inside the broker lock, never the other way round. `_cond`
+        # is for the rare waits on a flush in progress (reset, compaction, close); each request waiting for its
+        # records has a condition of its own in `_waiting`, so that a flush wakes only those it made durable.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._waiting: List[Tuple[int, threading.Condition]] = []
         self._pending: List[bytes] = []    # encoded records not yet written
         self._appended = 0                 # tickets handed out (one per append)
         self._durable = 0                  # tickets whose records are written (and fsync'd, with "always")
@@ -1413,7 +1417,9 @@ class Journal:
                     raise Unavailable(f"the journal could not be written ({self.failed or 'closed'}); "
                                       f"nothing was acknowledged: retry later")
                 if self._flushing:
-                    self._cond.wait()
+                    waiter = threading.Condition(self._mutex)
+                    self._waiting.append((ticket, waiter))
+                    waiter.wait()
                     continue
                 self._flush_locked()
 
@@ -1442,6 +1448,20 @@ class Journal:
             self._durable = max(self._durable, upto)
         else:
             self._fail(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        """After a flush (or a failure, a reset, a compaction, a close): wake the requests whose records are
+        durable (or lost), and one of the others, to lead the next flush; then whoever waits on `_cond`."""
+        still: List[Tuple[int, threading.Condition]] = []
+        for ticket, waiter in self._waiting:
+            if ticket <= self._durable or self.failed is not None or self._closed:
+                waiter.notify()
+            else:
+                still.append((ticket, waiter))
+        if still and not self._flushing:
+            still.pop(0)[1].notify()
+        self._waiting = still
         self._cond.notify_all()
 
     def _fail(self, error: OSError) -> None:
@@ -1472,7 +1492,7 @@ class Journal:
                     self._synced = written
                 else:
                     self._fail(error)
-                self._cond.notify_all()
+                self._wake()
 
     def _durable_bytes(self) -> int:
         return self._synced if self.fsync != "never" else self._written
@@ -1492,7 +1512,7 @@ class Journal:
             self._written = self._synced = keep
             self._durable = self._appended
             self.failed = None
-            self._cond.notify_all()
+            self._wake()
 
     def read_back(self) -> List[Tuple[int, Dict[str, Any]]]:
         """The records of the durable part of the file, for the broker to rebuild memory from."""
@@ -1548,7 +1568,7 @@ class Journal:
             except BaseException:
                 with self._cond:
                     self._flushing = False
-                    self._cond.notify_all()
+                    self._wake()
                 raise
             with self._cond:
                 os.close(self._fd)
@@ -1559,7 +1579,7 @@ class Journal:
                 self.records = len(snapshot) + sum(chunk.count(b"\n") for chunk in self._compacting or [])
                 self._compacting = None
                 self._flushing = False
-                self._cond.notify_all()
+                self._wake()
         except OSError:
             with self._cond:
                 self._compacting = None
@@ -1580,7 +1600,7 @@ class Journal:
             if self._pending and not self.failed:
                 self._flush_locked()
             self._closed = True
-            self._cond.notify_all()
+            self._wake()
             os.close(self._fd)
         self._release_lock()
 
