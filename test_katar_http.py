@@ -882,7 +882,9 @@ def raw_exchange(host, port, data, timeout=5.0):
             chunks.append(chunk)
 
 
-class HostileInputTest(ServerTestCase):
+class GuardedStateTestCase(ServerTestCase):
+    """A queue holding one queued and one leased task, and a check that hostile requests changed neither."""
+
     queue_options = {"persistent": True}
 
     def setUp(self):
@@ -894,6 +896,12 @@ class HostileInputTest(ServerTestCase):
         self.assertEqual(self.counts(), {"paused": 0, "queued": 1, "in progress": 1, "done": 0, "failed": 0,
                                          "cancelled": 0})
         self.assertEqual(self.task(self.leased["_id"])["attempt"], 1)
+
+    def raw(self, data, timeout=5.0):
+        return raw_exchange(self.server.host, self.server.port, data, timeout)
+
+
+class HostileInputTest(GuardedStateTestCase):
 
     def test_malformed_and_wrongly_typed_bodies_on_every_body_route(self):
         malformed = [b"{", b"[]", b"null", b"42", b'"text"', b"\xff\xfe\x00", b'{"tasks": NaN}', b'{"max": Infinity}',
@@ -1929,21 +1937,7 @@ class SafeDefaultsTest(unittest.TestCase):
             self.assertFalse(K.is_loopback(host), host)
 
 
-class LimitsTest(ServerTestCase):
-    queue_options = {"persistent": True}
-
-    def setUp(self):
-        super().setUp()
-        self.ids = self.insert({"data": "keep-1"}, {"data": "keep-2"})
-        self.leased = self.lease_one()
-
-    def assert_unchanged_and_serving(self):
-        self.assertEqual(self.counts(), {"paused": 0, "queued": 1, "in progress": 1, "done": 0, "failed": 0,
-                                         "cancelled": 0})
-        self.assertEqual(self.task(self.leased["_id"])["attempt"], 1)
-
-    def raw(self, data, timeout=5.0):
-        return raw_exchange(self.server.host, self.server.port, data, timeout)
+class LimitsTest(GuardedStateTestCase):
 
     def test_too_many_tasks_in_one_request(self):
         self.set_limits(max_tasks=5)
@@ -1957,7 +1951,7 @@ class LimitsTest(ServerTestCase):
         self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": i} for i in range(5)]})[0], 201)
         self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
         self.insert({"data": "keep-2"})
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_task_data_and_results_larger_than_the_limit_are_413(self):
         self.set_limits(max_data=100)
@@ -1970,7 +1964,7 @@ class LimitsTest(ServerTestCase):
         self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"data": "x" * 50, "key": "k" * 90})[0], 201)
         self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
         self.insert({"data": "keep-2"})
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_json_nested_deeper_than_the_limit_is_400(self):
         self.set_limits(max_depth=8)
@@ -1982,7 +1976,7 @@ class LimitsTest(ServerTestCase):
             self.assertEqual(status, 400, body)
             self.assertIn("deeper than 8", payload["error"])
         self.assertEqual(self.call("POST", "/v1/queue/jobs", {"tasks": [], "max": 0, "worker": "w" * 30})[0], 204)
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_too_many_or_too_large_headers_are_431_and_a_long_request_line_414(self):
         self.set_limits(max_headers=10, max_head_bytes=2048)
@@ -1995,12 +1989,12 @@ class LimitsTest(ServerTestCase):
             self.assertIn(b'{"error":', answer)
         ok = self.raw(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(10)) + b"\r\n")
         self.assertTrue(ok.startswith(b"HTTP/1.1 200"))
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_conflicting_content_lengths_are_400(self):
         answer = self.raw(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_an_idle_connection_is_closed_after_the_idle_timeout(self):
         self.set_limits(idle_timeout=0.2)
@@ -2008,7 +2002,7 @@ class LimitsTest(ServerTestCase):
             started = time.monotonic()
             self.assertEqual(connection.recv(100), b"")
             self.assertLess(time.monotonic() - started, 3)
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_a_client_that_trickles_its_request_is_cut_off_at_the_request_timeout(self):
         self.set_limits(request_timeout=0.3, idle_timeout=5)
@@ -2028,7 +2022,7 @@ class LimitsTest(ServerTestCase):
                     break
             self.assertTrue(cut, "the trickling client was never cut off")
             self.assertLess(time.monotonic() - started, 2)
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_connections_beyond_the_limit_get_a_quick_503(self):
         self.set_limits(max_connections=3)
@@ -2058,7 +2052,7 @@ class LimitsTest(ServerTestCase):
         while self.server.httpd._active:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
-        self.assert_unchanged_and_serving()
+        self.assert_nothing_lost()
 
     def test_expect_100_continue_is_answered_before_the_body(self):
         with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
