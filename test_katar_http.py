@@ -873,13 +873,18 @@ def raw_exchange(host, port, data, timeout=5.0):
     """Send raw bytes, half-close, and return everything the server answers."""
     with socket.create_connection((host, port), timeout=timeout) as connection:
         connection.sendall(data)
-        connection.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = connection.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return read_to_end(connection)
+
+
+def read_to_end(connection):
+    """Half-close a connection and read what the server sends until it closes."""
+    connection.shutdown(socket.SHUT_WR)
+    chunks = []
+    while True:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 class GuardedStateTestCase(ServerTestCase):
@@ -2234,13 +2239,7 @@ class FuzzTest(unittest.TestCase):
                     time.sleep(0.02)
             else:
                 connection.sendall(data)
-            connection.shutdown(socket.SHUT_WR)
-            chunks = []
-            while True:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    return b"".join(chunks)
-                chunks.append(chunk)
+            return read_to_end(connection)
 
     def assert_invariants(self, queue):
         """Every task in exactly one status; counts, listings and indexes agree."""
