@@ -48,6 +48,7 @@ import errno
 import hashlib
 import heapq
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -58,6 +59,7 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -65,11 +67,12 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 __all__ = [
     "Broker", "Queue", "KatarServer", "serve", "main", "build_parser", "Limits", "Access", "tls_context",
+    "Client", "Runner",
     "Journal", "JournalError", "FSYNC_MODES",
     "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "RequestTimeout", "LengthRequired",
     "Unavailable", "Unauthorized", "Forbidden",
@@ -1639,6 +1642,7 @@ QUEUE_SEGMENT = r"/v1/queue/([^/]+)"
 # One route table: path pattern -> {method: handler}. The matcher decides 404 against 405 (with Allow) from it.
 ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
     (re.compile(r"/healthz"), {"GET": "route_health"}),
+    (re.compile(r"/metrics"), {"GET": "route_metrics"}),
     (re.compile(r"/v1/queues"), {"GET": "route_queues"}),
     (re.compile(QUEUE_SEGMENT), {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
     (re.compile(QUEUE_SEGMENT + r"/stats"), {"GET": "route_stats"}),
@@ -1795,6 +1799,38 @@ class _Reader(io.RawIOBase):
         return count
 
 
+class Text(str):
+    """A response body that is text, not JSON, with its content type."""
+
+    def __new__(cls, text: str, content_type: str) -> "Text":
+        value = super().__new__(cls, text)
+        value.content_type = content_type
+        return value
+
+
+def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
+    """The Prometheus text exposition of the queues and of the HTTP requests served."""
+    lines: List[str] = []
+
+    def family(name: str, kind: str, about: str, samples: Iterable[Tuple[str, Any]]) -> None:
+        lines.extend([f"# HELP {name} {about}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{{{labels}}} {value}" for labels, value in samples)
+
+    stats = [queue.stats() for queue in broker.queues()]
+    family("katar_tasks", "gauge", "Tasks in a queue, by status.",
+           [(f'queue="{s["queue"]}",status="{status}"', count) for s in stats for status, count in s["counts"].items()])
+    family("katar_task_events_total", "counter", "Task events since the server started: inserted, leased, done, "
+           "failed (dead letters), retried, expired, released, cancelled.",
+           [(f'queue="{s["queue"]}",event="{event}"', count) for s in stats for event, count in s["totals"].items()])
+    family("katar_oldest_queued_age_seconds", "gauge", "How long the oldest queued task has waited.",
+           [(f'queue="{s["queue"]}"', (s["oldest_queued_age_ms"] or 0) / 1000.0) for s in stats])
+    family("katar_waiting_workers", "gauge", "Long polls waiting for a task.",
+           [(f'queue="{s["queue"]}"', s["waiting_workers"]) for s in stats])
+    family("katar_http_requests_total", "counter", "HTTP requests answered, by route and status code.",
+           [(f'route="{route}",code="{code}"', count) for (route, code), count in sorted(requests.items())])
+    return "\n".join(lines) + "\n"
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection (HTTP/1.1 keep-alive), one request at a time. It parses requests itself: a lean parser
     with limits replaces the base class's, which has none that can be set per server and parses headers with the
@@ -1924,6 +1960,7 @@ class Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         headers: List[Tuple[str, str]] = []
         access = self.server.access
+        route = "unknown"
         try:
             scope = access.ADMIN
             if not access.open and urlsplit(self.path).path not in OPEN_PATHS:
@@ -1947,6 +1984,7 @@ class Handler(BaseHTTPRequestHandler):
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
         if not self.body_read and self._declared_body():
             self.close_connection = True  # the unread body would be taken for the next request
+        self.server.count(route, status)
         size = self.respond(status, payload, headers)
         if not self.server.quiet:  # never the query, the headers (tokens) or the body (task data)
             sys.stderr.write('%s "%s %s" %d %d %.1fms\n' % (
@@ -1968,13 +2006,18 @@ class Handler(BaseHTTPRequestHandler):
         raise NotFound(f"no route {parts.path[:200]}")
 
     def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
-        """Write status line, headers and body in one send; returns the body size."""
+        """Write status line, headers and body in one send; returns the body size. A payload is JSON, or a
+        Text (the metrics)."""
         status = int(status)
-        body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
+        content_type = "application/json"
+        if isinstance(payload, Text):
+            body, content_type = payload.encode(), payload.content_type
+        else:
+            body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
         lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
                  "Server: " + self.server_version, "Date: " + _http_date()]
         if status != HTTPStatus.NO_CONTENT:
-            lines += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
+            lines += ["Content-Type: " + content_type, "Content-Length: %d" % len(body)]
         lines += ["%s: %s" % header for header in headers]
         if self.close_connection:
             lines.append("Connection: close")
@@ -2071,6 +2114,10 @@ class Handler(BaseHTTPRequestHandler):
         return wait
 
     # -- routes: each returns (status, payload) ------------------------------------------------------------------
+
+    def route_metrics(self) -> Reply:
+        return HTTPStatus.OK, Text(metrics_text(self.server.broker, self.server.request_counts()),
+                                   "text/plain; version=0.0.4; charset=utf-8")
 
     def route_health(self) -> Reply:
         return HTTPStatus.OK, {"status": "ok", "version": __version__}
@@ -2169,6 +2216,8 @@ class _HTTPServer(ThreadingHTTPServer):
         self._refusals: "collections.deque[socket.socket]" = collections.deque()
         self._refuser: Optional[threading.Thread] = None
         self.internal_errors = 0  # 500s answered: each one is a bug
+        self._requests: Dict[Tuple[str, int], int] = collections.Counter()
+        self._requests_lock = threading.Lock()
         self._connections_changed = threading.Condition()
         super().__init__(address, Handler)
         if tls is not None:
@@ -2228,6 +2277,14 @@ class _HTTPServer(ThreadingHTTPServer):
             except OSError:
                 pass
             request.close()
+
+    def count(self, route: str, status: int) -> None:
+        with self._requests_lock:
+            self._requests[(route[6:] if route.startswith("route_") else route, int(status))] += 1
+
+    def request_counts(self) -> Dict[Tuple[str, int], int]:
+        with self._requests_lock:
+            return dict(self._requests)
 
     def track(self, connection: socket.socket, is_open: bool) -> None:
         with self._connections_changed:
@@ -2310,6 +2367,294 @@ def serve(broker: Broker, port: int = 3000, host: str = "127.0.0.1", **options: 
     return KatarServer(broker, host, port, **options).start()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 6. The client and the worker runner: any program becomes a worker
+# ---------------------------------------------------------------------------------------------------------------
+
+_ERRORS_BY_STATUS = {error.status: error for error in (
+    BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout, Conflict, LengthRequired,
+    PayloadTooLarge, URITooLong, UnsupportedMediaType, RequestHeaderFieldsTooLarge, Unavailable)}
+CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # the server is away: retry
+
+
+class Client:
+    """A client of a katar_http server, standard library only; `work`, `put` and `stats` use it, and so can you.
+
+    One keep-alive connection per thread. An error the server answers raises the KatarError of its status
+    (BadRequest, NotFound, Conflict, Unavailable, ...); a server that cannot be reached raises one of
+    CONNECTION_ERRORS, which are worth retrying."""
+
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30.0,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http:// or https:// URL: {url!r}")
+        self.url, self.timeout, self._tls = url.rstrip("/"), timeout, tls
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = "Bearer " + token
+        self._local = threading.local()
+
+    def request(self, method: str, path: str, body: Any = None, wait_ms: float = 0) -> Tuple[int, Any]:
+        """One request; returns (status, payload). The timeout allows for a long poll's `wait_ms`."""
+        timeout = self.timeout + wait_ms / 1000.0
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            if self._https:
+                connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls)
+            else:
+                connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            self._local.connection = connection
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        try:
+            connection.request(method, self._prefix + path, body=None if body is None else _encode(body).encode(),
+                               headers=self._headers)
+            response = connection.getresponse()
+            raw = response.read()
+        except CONNECTION_ERRORS:
+            connection.close()
+            self._local.connection = None
+            raise
+        is_json = (response.getheader("Content-Type") or "").startswith("application/json")
+        payload = json.loads(raw) if raw and is_json else raw.decode("utf-8", "replace")
+        if response.status >= 400:
+            details = payload if isinstance(payload, dict) else {"error": str(payload)}
+            error = KatarError.__new__(_ERRORS_BY_STATUS.get(response.status, KatarError))
+            KatarError.__init__(error, details.get("error", "HTTP %d" % response.status), details.get("ids", ()))
+            error.status = response.status
+            raise error
+        return response.status, payload
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+    def configuration(self, queue: str) -> Dict[str, Any]:
+        return self.request("GET", "/v1/queue/" + quote(queue, safe=""))[1]["configuration"]
+
+    def insert(self, queue: str, tasks: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Insert tasks ({"data", "priority"?, "delay"?, "key"?}); returns [{"_id", "status", "created"}]."""
+        return self.request("POST", "/v1/queue/%s/tasks" % quote(queue, safe=""), {"tasks": tasks})[1]["tasks"]
+
+    def lease(self, queue: str, max: int = 1, wait: float = 0, worker: Optional[str] = None,
+              reports: Iterable[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+        """Report `reports`, then lease up to `max` tasks, waiting up to `wait` ms; returns the tasks."""
+        body: Dict[str, Any] = {"tasks": list(reports), "max": max, "wait": wait}
+        if worker:
+            body["worker"] = worker
+        status, payload = self.request("POST", "/v1/queue/" + quote(queue, safe=""), body, wait_ms=wait)
+        return payload["tasks"] if status == HTTPStatus.OK else []
+
+    def report(self, queue: str, reports: Iterable[Dict[str, Any]]) -> None:
+        self.request("POST", "/v1/queue/" + quote(queue, safe=""), {"tasks": list(reports), "max": 0})
+
+    def heartbeat(self, queue: str, task_id: str, attempt: Optional[int] = None) -> None:
+        self.report(queue, [{"_id": task_id, "status": IN_PROGRESS, "attempt": attempt}])
+
+    def task(self, queue: str, task_id: str, wait: float = 0) -> Dict[str, Any]:
+        path = "/v1/queue/%s/tasks/%s" % (quote(queue, safe=""), quote(task_id, safe=""))
+        return self.request("GET", path + (f"?wait={wait:g}" if wait else ""), wait_ms=wait)[1]
+
+    def stats(self, queue: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The stats of one queue, or of every queue, as a list."""
+        if queue is not None:
+            return [self.request("GET", "/v1/queue/%s/stats" % quote(queue, safe=""))[1]]
+        return self.request("GET", "/v1/queues")[1]["queues"]
+
+
+class Runner:
+    """Runs a command once per task of a queue: the task's data as JSON on its stdin, KATAR_TASK_ID, KATAR_QUEUE
+    and KATAR_ATTEMPT in its environment. Exit 0 reports done, with stdout as the result (JSON when it parses,
+    else text, capped at `max_output` bytes); any other exit, a signal or the timeout reports failed with the tail
+    of stderr. Heartbeats keep the lease while the command runs. `stop()` (SIGTERM, SIGINT) takes no new task,
+    lets running ones finish for `grace` seconds, reports the rest failed, and returns.
+
+    Reports are retried with backoff and jitter until the server takes them: a report is idempotent, so a retry
+    after a lost answer has no second effect, and a delivery that was superseded meanwhile is refused (409) and
+    dropped. Leases are retried the same way, so a restarting server is simply waited for."""
+
+    def __init__(self, client: Client, queue: str, command: List[str], concurrency: int = 1,
+                 timeout: Optional[float] = None, wait: int = 5000, heartbeat: float = 10.0, grace: float = 30.0,
+                 worker: Optional[str] = None, max_output: int = 65536,
+                 log: Callable[[str], None] = lambda line: print("katar_http work: " + line, file=sys.stderr,
+                                                                  flush=True)) -> None:
+        self.client, self.queue, self.command, self.concurrency = client, queue, command, concurrency
+        self.timeout, self.wait, self.heartbeat, self.grace = timeout, wait, heartbeat, grace
+        self.worker = worker or "%s:%d" % (socket.gethostname(), os.getpid())
+        self.max_output, self.log = max_output, log
+        self.stopping = threading.Event()
+        self._changed = threading.Condition()
+        self._running: Dict[str, subprocess.Popen] = {}
+        self._stopped_ids: set = set()
+        self._random = random.Random()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def run(self) -> int:
+        """Work until stop(); 0 when stopped cleanly, 1 when the server refuses this worker (token, queue)."""
+        configuration = self._retry("read the configuration", lambda: self.client.configuration(self.queue))
+        if configuration is None:
+            return 0 if self.stopping.is_set() else 1
+        interval = configuration.get("interval", DEFAULT_INTERVAL_MS) / 1000.0
+        threads: List[threading.Thread] = []
+        while not self.stopping.is_set():
+            with self._changed:
+                while len(self._running) >= self.concurrency and not self.stopping.is_set():
+                    self._changed.wait()
+                free = self.concurrency - len(self._running)
+            if self.stopping.is_set():
+                break
+            tasks = self._retry("lease", lambda: self.client.lease(self.queue, max=free, wait=self.wait,
+                                                                   worker=self.worker))
+            if tasks is None:
+                if self.stopping.is_set():
+                    break
+                return 1
+            if self.stopping.is_set() and tasks:  # taken as we were told to stop: give them back untouched
+                self._report([{"_id": t["_id"], "attempt": t["attempt"], "status": QUEUED} for t in tasks])
+                break
+            for task in tasks:
+                with self._changed:
+                    self._running[task["_id"]] = None  # its slot is taken before its process starts
+                thread = threading.Thread(target=self._run_task, args=(task,), name="katar task " + task["_id"])
+                thread.start()
+                threads.append(thread)
+            if not tasks and not self.wait:
+                self.stopping.wait(interval)
+        self._finish(threads)
+        return 0
+
+    def _finish(self, threads: List[threading.Thread]) -> None:
+        """Let running tasks end within the grace period, then stop the rest (they are reported failed)."""
+        deadline = time.monotonic() + self.grace
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._changed:
+            for task_id, process in self._running.items():
+                if process is not None and process.poll() is None:
+                    self._stopped_ids.add(task_id)
+                    _kill_group(process)
+        for thread in threads:
+            thread.join()
+
+    def _run_task(self, task: Dict[str, Any]) -> None:
+        task_id, attempt = task["_id"], task["attempt"]
+        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=self.queue, KATAR_ATTEMPT=str(attempt))
+        report: Dict[str, Any] = {"_id": task_id, "attempt": attempt}
+        try:
+            # A session of its own: a ^C meant for the worker does not kill the task, which may finish.
+            process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, env=environment, start_new_session=True)
+        except OSError as exc:
+            report.update(status=FAILED, error=f"cannot run {self.command[0]}: {exc}")
+        else:
+            with self._changed:
+                self._running[task_id] = process
+            beating = threading.Event()
+            heart = threading.Thread(target=self._beat, args=(task_id, attempt, beating), daemon=True)
+            heart.start()
+            report.update(self._outcome(process, task))
+            beating.set()
+        self._report([report])
+        with self._changed:
+            self._running.pop(task_id, None)
+            self._changed.notify_all()
+
+    def _outcome(self, process: subprocess.Popen, task: Dict[str, Any]) -> Dict[str, Any]:
+        data = _encode(task["data"]).encode()
+        try:
+            out, err = process.communicate(data, timeout=self.timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            out, err = process.communicate()
+            timed_out = True
+        tail = err[-2000:].decode("utf-8", "replace").strip()
+        if task["_id"] in self._stopped_ids:
+            return {"status": FAILED, "error": "the worker stopped before the task finished: " + tail}
+        if timed_out:
+            return {"status": FAILED, "error": f"timed out after {self.timeout:g} s: {tail}"}
+        if process.returncode < 0:
+            return {"status": FAILED, "error": f"killed by signal {-process.returncode}: {tail}"}
+        if process.returncode:
+            return {"status": FAILED, "error": f"exit {process.returncode}: {tail}"}
+        return {"status": DONE, "result": self._result(out)}
+
+    def _result(self, out: bytes) -> Any:
+        if len(out) > self.max_output:
+            return out[:self.max_output].decode("utf-8", "replace") + "... (cut at %d bytes)" % self.max_output
+        try:
+            return json.loads(out)
+        except ValueError:
+            return out.decode("utf-8", "replace").rstrip("\n")
+
+    def _beat(self, task_id: str, attempt: int, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat):
+            try:
+                self.client.heartbeat(self.queue, task_id, attempt)
+            except CONNECTION_ERRORS + (KatarError,) as exc:
+                self.log(f"heartbeat for {task_id} failed: {exc}")
+
+    def _report(self, reports: List[Dict[str, Any]]) -> None:
+        """Send reports until the server takes them (or refuses them for good); give up only when stopping and
+        past the grace period."""
+        give_up_at = None
+        for delay in self._backoff():
+            try:
+                self.client.report(self.queue, reports)
+                return
+            except (Conflict, NotFound) as exc:
+                self.log(f"report of {', '.join(r['_id'] for r in reports)} refused: {exc}")
+                return
+            except CONNECTION_ERRORS + (KatarError,) as exc:
+                self.log(f"report of {', '.join(r['_id'] for r in reports)} failed, retrying: {exc}")
+            if self.stopping.is_set():
+                give_up_at = give_up_at or time.monotonic() + self.grace
+                if time.monotonic() > give_up_at:
+                    self.log(f"gave up reporting {', '.join(r['_id'] for r in reports)}: their leases will run out")
+                    return
+            time.sleep(delay)
+
+    def _retry(self, what: str, call: Callable[[], Any]) -> Any:
+        """Call until it succeeds; None if the server refuses this worker for good, or when stopping."""
+        for delay in self._backoff():
+            try:
+                return call()
+            except (Unauthorized, Forbidden, NotFound) as exc:
+                self.log(f"cannot {what}: {exc}")
+                return None
+            except CONNECTION_ERRORS + (KatarError,) as exc:
+                self.log(f"cannot {what}, retrying in {delay:.1f} s: {exc}")
+            if self.stopping.wait(delay):
+                return None
+        return None
+
+    def _backoff(self) -> Iterator[float]:
+        """Delays for retries: doubling from 0.25 s to 10 s, each with jitter, so restarted servers are not
+        stampeded by every worker at once."""
+        delay = 0.25
+        while True:
+            yield delay / 2 + self._random.uniform(0, delay / 2)
+            delay = min(delay * 2, 10.0)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 EXAMPLES = """\
 examples:
   python katar_http.py --port 3000 --queue jobs:1000        queue "jobs", workers poll every second
@@ -2317,6 +2662,11 @@ examples:
   python katar_http.py --config queues.json                 queues and their options from a file:
       {"queues": {"jobs": {"configuration": {"interval": 1000}, "lease": 30000, "max_attempts": 3}}}
   python katar_http.py --queue jobs --journal jobs.journal  keep the tasks across restarts and crashes
+
+the client side (see: katar_http.py work --help):
+  python katar_http.py work http://127.0.0.1:3000 jobs -c 4 -- ./process-one-task   run a command per task
+  python katar_http.py put http://127.0.0.1:3000 jobs '{"n": 1}'                   insert a task, print its id
+  python katar_http.py stats http://127.0.0.1:3000                                 the queues' figures
 """
 
 
@@ -2445,7 +2795,118 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
 
+TOOLS = ("work", "put", "stats")
+
+
+def build_tool_parser(tool: str) -> argparse.ArgumentParser:
+    """The parsers of `katar_http.py work|put|stats URL ...`, the client side of the file."""
+    about = {"work": "Run a command once per task of QUEUE, as a reliable worker.",
+             "put": "Insert tasks: DATA as JSON, or one JSON value per line on stdin; prints their ids.",
+             "stats": "Print the figures of every queue, or of QUEUE, as a table."}[tool]
+    parser = argparse.ArgumentParser(prog=f"katar_http.py {tool}", description=about)
+    parser.add_argument("url", metavar="URL", help="the server, like http://127.0.0.1:3000")
+    parser.add_argument("--token", help="bearer token (default: $KATAR_TOKEN)")
+    parser.add_argument("--cafile", metavar="FILE", help="trust this certificate for https:// (a self-signed one)")
+    if tool == "stats":
+        parser.add_argument("queue", metavar="QUEUE", nargs="?")
+        return parser
+    parser.add_argument("queue", metavar="QUEUE")
+    if tool == "put":
+        parser.add_argument("data", metavar="DATA", nargs="?", help="the task's data as JSON (else read stdin)")
+        parser.add_argument("--priority", default=0, help="an integer, or high, normal, low")
+        parser.add_argument("--delay", type=int, default=0, metavar="MS")
+        parser.add_argument("--key", help="idempotency key (one task only)")
+        return parser
+    parser.add_argument("-c", "--concurrency", type=int, default=1, metavar="N", help="tasks run at once (default 1)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="fail a task that runs longer")
+    parser.add_argument("--wait", type=int, default=5000, metavar="MS",
+                        help="long-poll for this long (default %(default)s; 0 polls at the queue's interval)")
+    parser.add_argument("--heartbeat", type=float, default=10.0, metavar="SECONDS",
+                        help="extend the lease this often while a task runs; keep it below the queue's lease")
+    parser.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM or SIGINT, how long running tasks may still take (default %(default)s)")
+    parser.add_argument("--worker", help="the id recorded on leased tasks (default host:pid)")
+    parser.add_argument("--max-output", type=int, default=65536, metavar="BYTES", help="cap on the result from stdout")
+    parser.epilog = "The command follows --: katar_http.py work URL QUEUE [options] -- CMD [ARGS...]"
+    return parser
+
+
+def run_tool(tool: str, argv: List[str], environ: Dict[str, str]) -> int:
+    command: List[str] = []
+    if tool == "work" and "--" in argv:  # what follows -- is the command, options and all
+        command, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
+    args = build_tool_parser(tool).parse_args(argv)
+    args.command = command
+    try:
+        tls = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
+        client = Client(args.url, token=args.token or environ.get("KATAR_TOKEN"), tls=tls)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        print(f"katar_http {tool}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if tool == "work":
+            return run_worker(client, args)
+        if tool == "put":
+            return run_put(client, args)
+        return run_stats(client, args)
+    except KatarError as exc:
+        print(f"katar_http {tool}: {exc.status} {exc}", file=sys.stderr)
+        return 1
+    except CONNECTION_ERRORS as exc:
+        print(f"katar_http {tool}: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_worker(client: Client, args: argparse.Namespace) -> int:
+    command = args.command
+    if not command:
+        print("katar_http work: give the command after --, like: work URL jobs -- ./process.sh", file=sys.stderr)
+        return 2
+    runner = Runner(client, args.queue, command, concurrency=max(1, args.concurrency), timeout=args.timeout,
+                    wait=args.wait, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,
+                    max_output=args.max_output)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: runner.stop())
+    return runner.run()
+
+
+def run_put(client: Client, args: argparse.Namespace) -> int:
+    texts = [args.data] if args.data is not None else [line for line in sys.stdin if line.strip()]
+    priority: Any = int(args.priority) if str(args.priority).lstrip("-").isdigit() else args.priority
+    try:
+        tasks = [{"data": json.loads(text), "priority": priority, "delay": args.delay} for text in texts]
+    except ValueError as exc:
+        print(f"katar_http put: the data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if args.key:
+        if len(tasks) != 1:
+            print("katar_http put: --key names one task", file=sys.stderr)
+            return 2
+        tasks[0]["key"] = args.key
+    for start in range(0, len(tasks), 1000):
+        for created in client.insert(args.queue, tasks[start:start + 1000]):
+            print(created["_id"])
+    return 0
+
+
+def run_stats(client: Client, args: argparse.Namespace) -> int:
+    columns = ("queued", "in progress", "paused", "done", "failed", "cancelled")
+    rows = [["queue", *columns, "waiting", "oldest queued"]]
+    for stats in client.stats(args.queue):
+        age = stats["oldest_queued_age_ms"]
+        rows.append([stats["queue"], *(str(stats["counts"][c]) for c in columns), str(stats["waiting_workers"]),
+                     "-" if age is None else f"{age / 1000:.1f} s"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+    return 0
+
+
 def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return run_tool(argv[0], argv[1:], dict(os.environ) if environ is None else environ)
     args = build_parser().parse_args(argv)
     try:
         access = load_access(args, dict(os.environ) if environ is None else environ)

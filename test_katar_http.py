@@ -2259,6 +2259,215 @@ class FuzzTest(unittest.TestCase):
             self.assertEqual(count, sum(1 for task in listed if task["status"] == status))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The client side: Client, put, stats, work; and /metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+class ClientTest(ServerTestCase):
+    real_clock = True
+    queue_options = {"persistent": True, "lease": 5000}
+
+    def test_the_client_covers_every_worker_and_producer_route(self):
+        client = K.Client(self.url)
+        self.addCleanup(client.close)
+        self.server.config("jobs", {"interval": 750, "model": "m1"})
+        self.assertEqual(client.configuration("jobs"), {"interval": 750, "model": "m1"})
+        created = client.insert("jobs", [{"data": {"n": 1}}, {"data": 2, "priority": "high", "key": "k"}])
+        self.assertEqual([task["created"] for task in created], [True, True])
+        leased = client.lease("jobs", max=5, wait=100, worker="w1")
+        self.assertEqual([task["data"] for task in leased], [2, {"n": 1}])
+        client.heartbeat("jobs", leased[0]["_id"], leased[0]["attempt"])
+        client.report("jobs", [{"_id": leased[0]["_id"], "status": "done", "result": "r"}])
+        self.assertEqual(client.task("jobs", leased[0]["_id"])["result"], "r")
+        self.assertEqual(client.lease("jobs", wait=50), [])
+        stats = client.stats("jobs")
+        self.assertEqual((stats[0]["counts"]["done"], stats[0]["counts"]["in progress"]), (1, 1))
+        self.assertEqual([queue["queue"] for queue in client.stats()], ["jobs"])
+        for call, error in ((lambda: client.configuration("nope"), K.NotFound),
+                            (lambda: client.report("jobs", [{"_id": leased[0]["_id"], "status": "failed", "error": "x"}]),
+                             K.Conflict),
+                            (lambda: client.insert("jobs", [{"data": 1, "priority": "urgent"}]), K.BadRequest)):
+            with self.assertRaises(error) as raised:
+                call()
+            self.assertEqual(raised.exception.status, error.status)
+        unreachable = K.Client("http://127.0.0.1:1", timeout=2)
+        with self.assertRaises(K.CONNECTION_ERRORS):
+            unreachable.configuration("jobs")
+
+    def test_the_client_sends_its_token(self):
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs"]})
+        anonymous, worker = K.Client(self.url), K.Client(self.url, token=WORKER)
+        self.addCleanup(anonymous.close)
+        self.addCleanup(worker.close)
+        with self.assertRaises(K.Unauthorized):
+            anonymous.configuration("jobs")
+        self.assertEqual(worker.configuration("jobs")["interval"], 30000)
+        with self.assertRaises(K.Forbidden):
+            worker.insert("jobs", [{"data": 1}])
+
+
+class MetricsTest(ServerTestCase):
+    real_clock = True
+
+    def metrics(self):
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            self.assertTrue(response.headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+            text = response.read().decode()
+        samples, declared = {}, set()
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                declared.add(line.split()[2])
+                continue
+            if line.startswith("#") or not line:
+                continue
+            match = re.fullmatch(r'([a-z_]+)\{([^}]*)\} (-?[0-9.e+]+)', line)
+            self.assertIsNotNone(match, f"not Prometheus text: {line!r}")
+            self.assertIn(match.group(1), declared, "a sample before its TYPE line")
+            samples[(match.group(1), match.group(2))] = float(match.group(3))
+        return samples
+
+    def test_metrics_parse_as_prometheus_text_and_move_with_the_tasks(self):
+        before = self.metrics()
+        self.assertEqual(before[("katar_tasks", 'queue="jobs",status="queued"')], 0)
+        self.insert({"data": 1}, {"data": 2})
+        task = self.lease_one()
+        self.poll({"tasks": [{"_id": task["_id"], "status": "done"}], "max": 0}, expect=204)
+        after = self.metrics()
+        self.assertEqual(after[("katar_tasks", 'queue="jobs",status="queued"')], 1)
+        self.assertEqual(after[("katar_task_events_total", 'queue="jobs",event="inserted"')], 2)
+        self.assertEqual(after[("katar_task_events_total", 'queue="jobs",event="done"')], 1)
+        self.assertGreaterEqual(after[("katar_http_requests_total", 'route="insert",code="201"')], 1)
+        self.assertGreater(after[("katar_http_requests_total", 'route="metrics",code="200"')],
+                           before.get(("katar_http_requests_total", 'route="metrics",code="200"'), 0))
+        self.assertIn(("katar_oldest_queued_age_seconds", 'queue="jobs"'), after)
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs"]})
+        self.assertEqual(self.call("GET", "/metrics")[0], 401)
+
+
+class ToolsTest(unittest.TestCase):
+    """put, stats and work, run as a user runs them, against a real server."""
+
+    def setUp(self):
+        self.broker = K.Broker()
+        self.jobs = self.broker.queue("jobs", persistent=True, lease=1000, max_attempts=1)
+        self.server = K.serve(self.broker, port=0)
+        self.addCleanup(self.server.close)
+
+    def tool(self, *args, stdin=None):
+        return subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), *args], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    def start_worker(self, *args):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", self.server.url,
+                                    "jobs", "--wait", "200", *args], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(stop_process, process)
+        return process
+
+    def test_put_and_stats_round_trip(self):
+        result = self.tool("put", self.server.url, "jobs", '{"n": 1}', "--priority", "high", "--key", "once")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        first = result.stdout.strip()
+        self.assertEqual(self.tool("put", self.server.url, "jobs", '{"n": 9}', "--key", "once").stdout.strip(), first)
+        result = self.tool("put", self.server.url, "jobs", stdin='{"n": 2}\n"three"\n\n[4]\n')
+        self.assertEqual(len(result.stdout.split()), 3)
+        detail = self.jobs.task(first)
+        self.assertEqual((detail["data"], detail["priority"]), ({"n": 1}, 10))
+        self.assertEqual(self.tool("put", self.server.url, "jobs", "{not json").returncode, 2)
+        self.assertEqual(self.tool("put", self.server.url, "nope", "1").returncode, 1)
+        stats = self.tool("stats", self.server.url)
+        self.assertEqual(stats.returncode, 0)
+        header, row = stats.stdout.splitlines()
+        self.assertEqual(header.split()[:3], ["queue", "queued", "in"])
+        self.assertEqual(row.split()[:2], ["jobs", "4"])
+
+    def test_work_reports_success_with_its_result_and_failure_with_stderr(self):
+        ok, bad = [task["_id"] for task in self.jobs.insert([{"data": {"n": 20}}, {"data": "fail"}])]
+        self.start_worker("--", sys.executable, "-c",
+                          "import json, os, sys; data = json.load(sys.stdin)\n"
+                          "if data == 'fail': sys.stderr.write('it broke\\n'); sys.exit(3)\n"
+                          "print(json.dumps({'double': data['n'] * 2, 'id': os.environ['KATAR_TASK_ID'],"
+                          " 'attempt': os.environ['KATAR_ATTEMPT'], 'queue': os.environ['KATAR_QUEUE']}))")
+        done, failed = self.jobs.task(ok, wait=20000), self.jobs.task(bad, wait=20000)
+        self.assertEqual(done["status"], "done")
+        self.assertEqual(done["result"], {"double": 40, "id": ok, "attempt": "1", "queue": "jobs"})
+        self.assertEqual((failed["status"], failed["error"]), ("failed", "exit 3: it broke"))
+
+    def test_work_fails_a_task_that_outlives_its_timeout(self):
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        self.start_worker("--timeout", "0.3", "--", "sleep", "30")
+        task = self.jobs.task(task_id, wait=20000)
+        self.assertEqual(task["status"], "failed")
+        self.assertIn("timed out after 0.3 s", task["error"])
+
+    def test_heartbeats_keep_a_task_that_outlives_its_lease(self):
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        self.start_worker("--heartbeat", "0.2", "--", "sh", "-c", "sleep 2.5; echo finished")
+        task = self.jobs.task(task_id, wait=20000)
+        self.assertEqual((task["status"], task["result"], task["attempt"]), ("done", "finished", 1))
+
+    def test_work_runs_n_tasks_at_once_with_c(self):
+        ids = [task["_id"] for task in self.jobs.insert([{"data": i} for i in range(4)])]
+        started = time.monotonic()
+        self.start_worker("-c", "4", "--heartbeat", "0.2", "--", "sleep", "1")
+        for task_id in ids:
+            self.assertEqual(self.jobs.task(task_id, wait=20000)["status"], "done")
+        self.assertLess(time.monotonic() - started, 3.5, "four one-second tasks did not run side by side")
+
+    def test_sigterm_mid_task_lets_it_finish_reports_it_and_exits_0(self):
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        worker = self.start_worker("--", "sh", "-c", "sleep 1; echo finished")
+        deadline = time.monotonic() + 10
+        while self.jobs.task(task_id)["status"] != "in progress":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(20), 0)
+        self.assertEqual(self.jobs.task(task_id)["status"], "done")
+        later = self.jobs.insert({"data": 2})["_id"]
+        self.assertEqual(self.jobs.task(later)["status"], "queued")  # a stopped worker takes nothing new
+
+    def test_a_worker_survives_a_server_restart_and_reports_after_it(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        journal = os.path.join(directory, "jobs.journal")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+
+        def start_server():
+            process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", str(port),
+                                        "--journal", journal, "--queue", "jobs", "--quiet"],
+                                       stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            self.addCleanup(process.stderr.close)
+            self.addCleanup(stop_process, process)
+            wait_until_listening(self, process)
+            return process
+        server = start_server()
+        url = f"http://127.0.0.1:{port}"
+        client = K.Client(url)
+        self.addCleanup(client.close)
+        task_id = client.insert("jobs", [{"data": 1}])[0]["_id"]
+        worker = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", url, "jobs",
+                                   "--wait", "200", "--", "sh", "-c", "sleep 1.5; echo survived"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(stop_process, worker)
+        deadline = time.monotonic() + 10
+        while client.task("jobs", task_id)["status"] != "in progress":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        server.kill()  # kill -9 while the task runs: its report meets a closed port, and is retried
+        server.wait(10)
+        time.sleep(1)
+        start_server()
+        client.close()  # its connection went with the old server
+        task = client.task("jobs", task_id, wait=20000)
+        self.assertEqual((task["status"], task["attempt"]), ("done", 1))
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(20), 0)
+
+
 class ReadmeTest(unittest.TestCase):
     @unittest.skipUnless(shutil.which("curl") and shutil.which("sh"), "the shell worker needs curl and sh")
     def test_the_readme_shell_worker_runs_each_task_and_reports_it(self):
