@@ -488,7 +488,7 @@ class Queue:
 
     def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
         """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
-        allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED)}
+        allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED, FAILED)}
         if not isinstance(status, str) or status not in allowed:
             raise BadRequest(f"status must be one of {', '.join(allowed)}, got {status!r}")
         broker = self._broker
@@ -506,7 +506,7 @@ class Queue:
             return self._task_view(task_id)
 
     def cancel(self, task_id: str) -> Dict[str, Any]:
-        """Cancel a queued or paused task."""
+        """Cancel a queued or paused task, or a dead letter."""
         return self.set_status(task_id, CANCELLED)
 
     def purge(self, status: str) -> int:
@@ -1643,6 +1643,8 @@ QUEUE_SEGMENT = r"/v1/queue/([^/]+)"
 ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
     (re.compile(r"/healthz"), {"GET": "route_health"}),
     (re.compile(r"/metrics"), {"GET": "route_metrics"}),
+    (re.compile(r"/v1/openapi\.json"), {"GET": "route_openapi"}),
+    (re.compile(r"/(?:ui)?"), {"GET": "route_page"}),
     (re.compile(r"/v1/queues"), {"GET": "route_queues"}),
     (re.compile(QUEUE_SEGMENT), {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
     (re.compile(QUEUE_SEGMENT + r"/stats"), {"GET": "route_stats"}),
@@ -1650,7 +1652,7 @@ ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
     (re.compile(QUEUE_SEGMENT + r"/tasks/([^/]+)"),
      {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
 ]
-OPEN_PATHS = ("/healthz",)                               # answered without a token
+OPEN_PATHS = ("/healthz", "/v1/openapi.json", "/", "/ui")  # answered without a token (they hold no data)
 WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
 # curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
@@ -1797,6 +1799,165 @@ class _Reader(io.RawIOBase):
         if self.deadline is None and count:
             self.deadline = time.monotonic() + self.whole
         return count
+
+
+def _schema(kind: str, **more: Any) -> Dict[str, Any]:
+    return dict({"type": kind}, **more)
+
+
+_ID = _schema("string", description="a task id, like 5f0c2a9e-42")
+_TASK_IN = _schema("object", properties={
+    "data": {"description": "any JSON"}, "priority": {"oneOf": [_schema("integer"), _schema("string", enum=list(PRIORITIES))]},
+    "delay": _schema("integer", minimum=0), "key": _schema("string", maxLength=256),
+    "status": _schema("string", enum=[QUEUED, PAUSED])})
+_REPORT = _schema("object", required=["_id", "status"], properties={
+    "_id": _ID, "status": _schema("string", enum=[DONE, FAILED, IN_PROGRESS, QUEUED]),
+    "attempt": _schema("integer", minimum=1), "error": _schema("string"), "result": {"description": "any JSON"},
+    "retry": _schema("boolean"), "retry_after": _schema("integer", minimum=0)})
+_LEASED = _schema("object", required=["_id", "data", "attempt"],
+                  properties={"_id": _ID, "data": {}, "attempt": _schema("integer")})
+_ERROR = {"description": "an error", "content": {"application/json": {"schema": _schema(
+    "object", required=["error"], properties={"error": _schema("string"), "ids": _schema("array", items=_ID)})}}}
+
+
+def _json_response(description: str, schema: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema or _schema("object")}}}
+
+
+def _operation(summary: str, responses: Dict[str, Any], body: Optional[Dict[str, Any]] = None,
+               example: Any = None, query: Iterable[Tuple[str, str]] = ()) -> Dict[str, Any]:
+    operation: Dict[str, Any] = {"summary": summary, "responses": dict(responses, default=_ERROR)}
+    if body is not None:
+        operation["requestBody"] = {"content": {"application/json": {"schema": body, "example": example}}}
+    if query:
+        operation["parameters"] = [{"name": name, "in": "query", "schema": _schema(kind)} for name, kind in query]
+    return operation
+
+
+_QUEUE_OPTIONS = _schema("object", properties=dict(
+    {name: _schema("boolean" if isinstance(value, bool) else "integer") for name, value in QUEUE_DEFAULTS.items()},
+    configuration=_schema("object", properties={"interval": _schema("integer", minimum=0)})))
+_POLL = _schema("object", properties={"tasks": _schema("array", items=_REPORT), "max": _schema("integer", minimum=0),
+                                      "wait": _schema("number", minimum=0), "worker": _schema("string")})
+# The API as it is: a test checks that every route of ROUTES is here and that the examples validate.
+OPENAPI: Dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "katar_http", "version": __version__,
+             "description": "A task-queue server for polling workers. Send Authorization: Bearer <token> when the "
+                            "server has tokens."},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "security": [{"bearer": []}],
+    "paths": {
+        "/healthz": {"get": _operation("Liveness", {"200": _json_response("ok")})},
+        "/metrics": {"get": _operation("Prometheus metrics", {"200": {"description": "text exposition"}})},
+        "/v1/openapi.json": {"get": _operation("This document", {"200": _json_response("OpenAPI 3.1")})},
+        "/": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
+        "/ui": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
+        "/v1/queues": {"get": _operation("Every queue's stats", {"200": _json_response("stats")})},
+        "/v1/queue/{queue}": {
+            "get": _operation("The queue's configuration", {"200": _json_response("configuration", _schema(
+                "object", required=["configuration"], properties={"configuration": _schema("object")}))}),
+            "post": _operation("Report tasks, then lease the next ones", {
+                "200": _json_response("leased tasks", _schema("object", properties={
+                    "tasks": _schema("array", items=_LEASED)})), "204": {"description": "no task available"}},
+                body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-1", "status": "done"}], "max": 1, "wait": 20000}),
+            "put": _operation("Create or reconfigure the queue", {"200": _json_response("changed"),
+                                                                    "201": _json_response("created")},
+                              body=_QUEUE_OPTIONS, example={"lease": 30000, "configuration": {"interval": 1000}})},
+        "/v1/queue/{queue}/stats": {"get": _operation("The queue's figures", {"200": _json_response("stats")})},
+        "/v1/queue/{queue}/tasks": {
+            "get": _operation("A page of tasks", {"200": _json_response("tasks and the next cursor")},
+                              query=[("status", "string"), ("limit", "integer"), ("after", "string")]),
+            "post": _operation("Insert one task, or a list", {"201": _json_response("created"),
+                                                              "200": _json_response("nothing new (keys)")},
+                               body={"anyOf": [_TASK_IN, _schema("object", required=["tasks"], properties={
+                                   "tasks": _schema("array", items=_TASK_IN)})]},
+                               example={"tasks": [{"data": {"n": 1}, "priority": "high"}]}),
+            "delete": _operation("Purge the tasks of one status", {"200": _json_response("how many")},
+                                 query=[("status", "string")])},
+        "/v1/queue/{queue}/tasks/{id}": {
+            "get": _operation("One task; with wait, hold until it finishes", {"200": _json_response("the task")},
+                              query=[("wait", "number")]),
+            "patch": _operation("Pause, resume, retry or cancel", {"200": _json_response("the task")},
+                                body=_schema("object", required=["status"], properties={
+                                    "status": _schema("string", enum=[PAUSED, QUEUED, CANCELLED])}),
+                                example={"status": "queued"}),
+            "delete": _operation("Cancel a queued or paused task, or a dead letter", {"200": _json_response("the task")})},
+    },
+}
+
+
+# The operator's page: self-contained (no external assets), data only through the JSON routes, and built with
+# textContent, never innerHTML: task errors are written by clients.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>katar_http</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}table{border-collapse:collapse}
+td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}
+.dead{margin:.5em 0 1.5em;font-size:13px}.dead td{text-align:left}.error{color:#a00}button{margin-left:.3em}
+#status{color:#666}
+</style></head><body>
+<h1>katar_http</h1>
+<p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
+<button id="save">Use</button> <span id="status"></span></p>
+<table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
+<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued</th><th></th></tr></thead><tbody></tbody></table>
+<div id="letters"></div>
+<script>
+"use strict";
+const statuses = ["queued", "in progress", "paused", "done", "failed", "cancelled"];
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("katar_token") || "";
+document.getElementById("save").onclick = () => { sessionStorage.setItem("katar_token", tokenInput.value); refresh(); };
+function call(method, path, body) {
+  const headers = {"Content-Type": "application/json"};
+  const token = sessionStorage.getItem("katar_token");
+  if (token) headers["Authorization"] = "Bearer " + token;
+  return fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)}).then(async r => {
+    const payload = r.status === 204 ? null : await r.json();
+    if (!r.ok) throw new Error(r.status + " " + (payload && payload.error));
+    return payload;
+  });
+}
+function cell(row, text, tag) { const c = document.createElement(tag || "td"); c.textContent = text; row.appendChild(c); return c; }
+function button(parent, label, action) {
+  const b = document.createElement("button"); b.textContent = label;
+  b.onclick = () => action().then(refresh, e => show(e.message)); parent.appendChild(b);
+}
+function show(text) { document.getElementById("status").textContent = text; }
+const q = name => encodeURIComponent(name);
+async function refresh() {
+  try {
+    const {queues} = await call("GET", "/v1/queues");
+    const body = document.querySelector("#queues tbody"); body.textContent = "";
+    const letters = document.getElementById("letters"); letters.textContent = "";
+    for (const s of queues) {
+      const row = document.createElement("tr"); body.appendChild(row);
+      cell(row, s.queue + (s.paused ? " (paused)" : ""));
+      for (const status of statuses) cell(row, s.counts[status]);
+      cell(row, s.waiting_workers);
+      cell(row, s.oldest_queued_age_ms === null ? "-" : (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
+      button(cell(row, ""), s.paused ? "Resume" : "Pause", () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
+      if (!s.counts.failed) continue;
+      const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=failed&limit=20");
+      const title = document.createElement("h2"); title.textContent = "Dead letters of " + s.queue; letters.appendChild(title);
+      const table = document.createElement("table"); table.className = "dead"; letters.appendChild(table);
+      for (const t of tasks) {
+        const r = document.createElement("tr"); table.appendChild(r);
+        cell(r, t._id); cell(r, "attempt " + t.attempt); cell(r, t.error).className = "error";
+        const actions = cell(r, "");
+        const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
+        button(actions, "Retry", () => call("PATCH", path, {status: "queued"}));
+        button(actions, "Cancel", () => call("DELETE", path));
+      }
+    }
+    show("updated " + new Date().toLocaleTimeString());
+  } catch (e) { show(e.message); }
+}
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""
 
 
 class Text(str):
@@ -2118,6 +2279,12 @@ class Handler(BaseHTTPRequestHandler):
     def route_metrics(self) -> Reply:
         return HTTPStatus.OK, Text(metrics_text(self.server.broker, self.server.request_counts()),
                                    "text/plain; version=0.0.4; charset=utf-8")
+
+    def route_openapi(self) -> Reply:
+        return HTTPStatus.OK, OPENAPI
+
+    def route_page(self) -> Reply:
+        return HTTPStatus.OK, Text(PAGE, "text/html; charset=utf-8")
 
     def route_health(self) -> Reply:
         return HTTPStatus.OK, {"status": "ok", "version": __version__}

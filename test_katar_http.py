@@ -971,7 +971,7 @@ class HostileInputTest(GuardedStateTestCase):
         self.assert_nothing_lost()
 
     def test_unknown_paths_are_404_and_unknown_methods_405_with_allow(self):
-        for method, path in (("GET", "/"), ("GET", "/v1/queue/jobs/"), ("GET", "/v1/queue/jobs/tasks/a/b"),
+        for method, path in (("GET", "/index.html"), ("GET", "/v1/queue/jobs/"), ("GET", "/v1/queue/jobs/tasks/a/b"),
                              ("POST", "/v2/queue/jobs"), ("GET", "/v1/queue/%ff%fe")):
             self.assertEqual(self.call(method, path)[0], 404, (method, path))
         for method, path, allow in (("DELETE", "/v1/queue/jobs", "GET, POST, PUT"),
@@ -2200,7 +2200,7 @@ class FuzzTest(unittest.TestCase):
                 with lock:
                     seen.update(codes)
                     bad.extend((code, data[:120]) for code in codes if code >= 500 and code != 503)
-                    if b"Traceback" in answer or (codes and b"Content-Type: text/html" in answer):
+                    if b"Traceback" in answer or b"<!DOCTYPE HTML" in answer:  # http.server's own error page
                         bad.append(("not JSON", answer[:200]))
 
         threads = [threading.Thread(target=client, args=(seed, self.requests // 8)) for seed in range(8)]
@@ -2342,6 +2342,91 @@ class MetricsTest(ServerTestCase):
         self.assertIn(("katar_oldest_queued_age_seconds", 'queue="jobs"'), after)
         self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs"]})
         self.assertEqual(self.call("GET", "/metrics")[0], 401)
+
+
+def schema_errors(value, schema, where="body"):
+    """The ways `value` breaks `schema` (the JSON Schema subset the OpenAPI document uses)."""
+    errors = []
+    for combinator, fits in (("oneOf", lambda n: n == 1), ("anyOf", lambda n: n >= 1)):
+        if combinator in schema:
+            matches = sum(1 for option in schema[combinator] if not schema_errors(value, option, where))
+            return [] if fits(matches) else [f"{where} does not fit {combinator}"]
+    kind = schema.get("type")
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "number": (int, float), "integer": int}
+    if kind and (not isinstance(value, kinds[kind]) or (kind in ("integer", "number") and isinstance(value, bool))):
+        return [f"{where} is not {kind}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where} is not one of {schema['enum']}")
+    if "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{where} is below {schema['minimum']}")
+    if kind == "object":
+        errors += [f"{where}.{name} is missing" for name in schema.get("required", ()) if name not in value]
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                errors += schema_errors(value[name], sub, f"{where}.{name}")
+    if kind == "array":
+        for index, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), f"{where}[{index}]")
+    return errors
+
+
+class DescriptionTest(ServerTestCase):
+    def test_the_openapi_document_lists_every_served_route_and_its_examples_validate(self):
+        status, document, _ = self.call("GET", "/v1/openapi.json")
+        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        served = set()
+        for pattern, methods in K.ROUTES:
+            template = pattern.pattern.replace("\\", "").replace("(?:ui)?", "")
+            groups = iter(["{queue}", "{id}"])
+            template = re.sub(r"\(\[\^/\]\+\)", lambda _: next(groups), template)
+            for path in ([template, "/ui"] if template == "/" else [template]):
+                for method in methods:
+                    served.add((path, method.lower()))
+        described = {(path, method) for path, item in document["paths"].items() for method in item}
+        self.assertEqual(served, described)
+        checked = 0
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                self.assertIn("default", operation["responses"])
+                content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+                if content:
+                    self.assertEqual(schema_errors(content["example"], content["schema"]), [], (path, method))
+                    self.assertNotEqual(schema_errors({"tasks": "x", "max": "1"}, content["schema"]) if method == "post"
+                                        and path == "/v1/queue/{queue}" else ["skip"], [])
+                    checked += 1
+        self.assertGreaterEqual(checked, 4)
+        # The examples are real requests: sent to the server, they are accepted.
+        self.jobs.insert({"data": 1})
+        leased = self.lease_one()
+        self.assertIn(self.call("POST", "/v1/queue/jobs", {"tasks": [{"_id": leased["_id"], "status": "done"}],
+                                                           "max": 1, "wait": 0})[0], (200, 204))
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks",
+                                   document["paths"]["/v1/queue/{queue}/tasks"]["post"]["requestBody"]["content"]
+                                   ["application/json"]["example"])[0], 201)
+
+    def test_the_page_is_served_self_contained_and_acts_through_the_json_routes(self):
+        self.server.httpd.access = K.Access([ADMIN])
+        for path in ("/", "/ui"):
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:  # no token: it holds no data
+                self.assertTrue(response.headers["Content-Type"].startswith("text/html"))
+                page = response.read().decode()
+        self.assertNotRegex(page, r"(src|href)=|https?://|@import|url\(")
+        self.assertNotIn("innerHTML", page)
+        for route in ('"/v1/queues"', '"PATCH"', '"DELETE"', '"PUT"', "status=failed", "Authorization"):
+            self.assertIn(route, page)
+        # What its buttons send: retry and cancel a dead letter, pause and resume the queue.
+        headers = {"Authorization": "Bearer " + ADMIN}
+        dead, other = [t["_id"] for t in self.jobs.insert([{"data": 1}, {"data": 2}])]
+        self.jobs.set_status(other, "paused")
+        leased = self.jobs.lease()
+        self.jobs.report([{"_id": leased[0]["_id"], "status": "failed", "error": "<b>x</b>", "retry": False}])
+        self.assertEqual(self.call("PATCH", f"/v1/queue/jobs/tasks/{dead}", {"status": "queued"}, headers=headers)[1]
+                         ["status"], "queued")
+        leased = self.jobs.lease()
+        self.jobs.report([{"_id": leased[0]["_id"], "status": "failed", "error": "again", "retry": False}])
+        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{dead}", headers=headers)[1]["status"], "cancelled")
+        self.assertTrue(self.call("PUT", "/v1/queue/jobs", {"paused": True}, headers=headers)[1]["paused"])
+        self.assertFalse(self.call("PUT", "/v1/queue/jobs", {"paused": False}, headers=headers)[1]["paused"])
 
 
 class ToolsTest(unittest.TestCase):
