@@ -1208,8 +1208,7 @@ class Broker:
         try:
             journal.compact(snapshot)
         except OSError as exc:
-            print(f"katar_http: compaction of {journal.path} failed, the journal is unchanged: {exc}",
-                  file=sys.stderr)
+            warn(f"compaction of {journal.path} failed, the journal is unchanged: {exc}")
 
     # -- the one place state changes ------------------------------------------------------------------------------
 
@@ -1242,6 +1241,11 @@ class Broker:
         if op == "insert":
             self._seq = max(self._seq, _seq_of(record["tasks"][-1][0]))
         getattr(self._queues[record["q"]], "_apply_" + op)(record)
+
+
+def warn(message: str) -> None:
+    """A problem the operator should hear of, on stderr, whatever the log level."""
+    print("katar_http: " + message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1355,8 +1359,8 @@ class Journal:
             records.append((number, record))
             offset += len(line) + 1
         if tail:
-            print(f"katar_http: {self.path}: cut off a torn last record at byte {offset} "
-                  f"({len(tail)} bytes of an interrupted write)", file=sys.stderr)
+            warn(f"{self.path}: cut off a torn last record at byte {offset} "
+                 f"({len(tail)} bytes of an interrupted write)")
         return records, offset
 
     def _corrupt(self, number: int, offset: int, exc: Exception) -> List[Tuple[int, Dict[str, Any]]]:
@@ -1371,8 +1375,8 @@ class Journal:
         with open(self.path, "rb") as handle, open(saved, "wb") as out:
             handle.seek(offset)
             out.write(handle.read())
-        print(f"katar_http: {self.path}: line {number} (byte {offset}) is corrupt; kept the records before it, "
-              f"saved the rest in {saved}", file=sys.stderr)
+        warn(f"{self.path}: line {number} (byte {offset}) is corrupt; kept the records before it, "
+             f"saved the rest in {saved}")
         return self._read_prefix(offset)[0]
 
     def cut(self, number: int) -> List[Tuple[int, Dict[str, Any]]]:
@@ -2851,7 +2855,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "repeat for more queues")
     group.add_argument("--config", metavar="FILE",
                        help='JSON file {"queues": {NAME: {"configuration": {...}, "lease": MS, ...}}}')
-    group.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    group.add_argument("--log-level", choices=("info", "warning"), default="info",
+                       help="info: a line per request on stderr (method, path, status, bytes, ms; never tokens, "
+                            "queries or data); warning: only problems, such as a torn journal tail, a failed "
+                            "compaction or an internal error (default %(default)s)")
+    group.add_argument("--quiet", action="store_true", help="the same as --log-level warning")
     group = parser.add_argument_group("durability")
     group.add_argument("--journal", metavar="FILE",
                        help="keep every change in this append-only file and reload it at start (default: memory only)")
@@ -3107,7 +3115,8 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         broker.close()
         return 2
     try:
-        server = KatarServer(broker, args.host, args.port, limits=limits, access=access, tls=tls, quiet=args.quiet)
+        server = KatarServer(broker, args.host, args.port, limits=limits, access=access, tls=tls,
+                             quiet=args.quiet or args.log_level != "info")
     except OSError as exc:
         print(f"katar_http: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         broker.close()

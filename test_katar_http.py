@@ -1184,6 +1184,14 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(result.returncode, 2, args)
             self.assertIn(needle, result.stderr)
 
+    def test_log_level_info_logs_each_request_and_warning_does_not(self):
+        for level, expected in (("info", True), ("warning", False)):
+            process, url = self.start("--queue", "jobs", "--log-level", level)
+            self.get(url + "/v1/queue/jobs")
+            process.send_signal(signal.SIGTERM)
+            self.assertEqual(process.wait(10), 0)
+            self.assertEqual('"GET /v1/queue/jobs" 200' in process.stderr.read(), expected, level)
+
     def test_a_second_server_on_the_same_journal_refuses_to_start(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
@@ -1222,7 +1230,10 @@ class CommandLineTest(unittest.TestCase):
                                 capture_output=True, text=True, timeout=20)
         self.assertEqual(result.returncode, 0)
         for flag in ("--host", "--port", "--queue", "--config", "--max-wait", "--max-body", "--idle-timeout",
-                     "--quiet", "--journal", "--fsync", "--fsync-interval", "--repair-journal", "examples:"):
+                     "--quiet", "--log-level", "--journal", "--fsync", "--fsync-interval", "--repair-journal",
+                     "--token", "--token-file", "--worker-token", "--worker-token-file", "--tls-cert", "--tls-key",
+                     "--insecure", "--max-tasks", "--max-data", "--max-depth", "--max-headers", "--max-head-bytes",
+                     "--request-timeout", "--max-connections", "examples:", "work", "put", "stats"):
             self.assertIn(flag, result.stdout)
 
 
