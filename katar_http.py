@@ -23,14 +23,20 @@ Delivery is at least once: a task is handed out again when its lease runs out be
 With --journal FILE every change is appended to FILE (JSON lines) and fsync'd before it is acknowledged, many
 requests sharing one fsync; a restart, even after kill -9 or a power cut, replays FILE to the same state.
 
+The same file is the client side: `python katar_http.py work URL QUEUE -- CMD` makes any program a worker,
+`put` inserts tasks, `stats` prints the queues' figures; `Client` does the same from Python. GET /metrics is
+Prometheus text, GET / an operator's page, GET /v1/openapi.json the API's description.
+
 The file reads top to bottom as the architecture:
   1. constants and errors (each error carries its HTTP status);
   2. the queue core (Broker, Queue, Task): thread-safe behind one lock, knowing nothing of HTTP. Every change of
      state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and replays
      them through the same function, so memory and disk cannot disagree;
   3. the journal (Journal: append, group commit, compaction, recovery);
-  4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, call the core, serialise);
-  5. the server object and the command line.
+  4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, authenticate, call the core, serialise);
+  5. the server object;
+  6. the client and the worker runner (Client, Runner);
+  7. the command line.
 
 Security: --token (admin) and --worker-token (lease and report on named queues only) guard every route but
 /healthz; --tls-cert serves HTTPS; every request is bounded (Limits). Without a token the server refuses to listen
@@ -2366,7 +2372,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. The server object and the command line
+# 5. The server object
 # ---------------------------------------------------------------------------------------------------------------
 
 REFUSAL = json.dumps({"error": "the server is at its connection limit; retry later"}).encode()
@@ -2825,6 +2831,10 @@ def _kill_group(process: subprocess.Popen) -> None:
     except OSError:
         pass
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. The command line
+# ---------------------------------------------------------------------------------------------------------------
 
 EXAMPLES = """\
 examples:
