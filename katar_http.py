@@ -391,8 +391,8 @@ class Queue:
             collections.OrderedDict()
         self._waiters: "collections.deque[_Waiter]" = collections.deque()  # long polls, first come first served
         self._result_waiters: Dict[str, List[_Waiter]] = {}
-        self.totals = {name: 0 for name in
-                       ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled")}
+        self.totals = {name: 0 for name in ("inserted", "leased", "done", "failed", "retried", "expired", "released",
+                                            "cancelled", "lease_wait_ms")}
 
     # -- public surface ------------------------------------------------------------------------------------------
 
@@ -778,6 +778,7 @@ class Queue:
         at, until, worker = rec["at"], rec["until"], rec["worker"]
         for task_id in rec["ids"]:
             task = self._tasks[task_id]
+            self.totals["lease_wait_ms"] += max(0, at - max(task.updated_at, task.run_at))  # queued and due
             task.attempt += 1
             task.worker, task.lease_until = worker, until
             if not task.history:
@@ -1983,22 +1984,27 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
     """The Prometheus text exposition of the queues and of the HTTP requests served."""
     lines: List[str] = []
 
-    def family(name: str, kind: str, about: str, samples: Iterable[Tuple[str, Any]]) -> None:
+    def family(name: str, kind: str, about: str, samples: Iterable[Tuple[str, str, Any]]) -> None:
+        """One metric family: its HELP and TYPE lines, then (suffix, labels, value) samples."""
         lines.extend([f"# HELP {name} {about}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{{{labels}}} {value}" for labels, value in samples)
+        lines.extend(f"{name}{suffix}{{{labels}}} {value}" for suffix, labels, value in samples)
 
     stats = [queue.stats() for queue in broker.queues()]
     family("katar_tasks", "gauge", "Tasks in a queue, by status.",
-           [(f'queue="{s["queue"]}",status="{status}"', count) for s in stats for status, count in s["counts"].items()])
+           [("", f'queue="{s["queue"]}",status="{status}"', n) for s in stats for status, n in s["counts"].items()])
     family("katar_task_events_total", "counter", "Task events since the server started: inserted, leased, done, "
            "failed (dead letters), retried, expired, released, cancelled.",
-           [(f'queue="{s["queue"]}",event="{event}"', count) for s in stats for event, count in s["totals"].items()])
+           [("", f'queue="{s["queue"]}",event="{event}"', n) for s in stats
+            for event, n in s["totals"].items() if event != "lease_wait_ms"])
+    family("katar_lease_wait_seconds", "summary", "How long leased tasks waited, due, before a worker took them.",
+           [(suffix, f'queue="{s["queue"]}"', value) for s in stats
+            for suffix, value in (("_sum", s["totals"]["lease_wait_ms"] / 1000.0), ("_count", s["totals"]["leased"]))])
     family("katar_oldest_queued_age_seconds", "gauge", "How long the oldest queued task has waited.",
-           [(f'queue="{s["queue"]}"', (s["oldest_queued_age_ms"] or 0) / 1000.0) for s in stats])
+           [("", f'queue="{s["queue"]}"', (s["oldest_queued_age_ms"] or 0) / 1000.0) for s in stats])
     family("katar_waiting_workers", "gauge", "Long polls waiting for a task.",
-           [(f'queue="{s["queue"]}"', s["waiting_workers"]) for s in stats])
+           [("", f'queue="{s["queue"]}"', s["waiting_workers"]) for s in stats])
     family("katar_http_requests_total", "counter", "HTTP requests answered, by route and status code.",
-           [(f'route="{route}",code="{code}"', count) for (route, code), count in sorted(requests.items())])
+           [("", f'route="{route}",code="{code}"', n) for (route, code), n in sorted(requests.items())])
     return "\n".join(lines) + "\n"
 
 

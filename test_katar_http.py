@@ -2301,6 +2301,23 @@ class ClientTest(ServerTestCase):
             with self.assertRaises(error) as raised:
                 call()
             self.assertEqual(raised.exception.status, error.status)
+        # The routes without a method of their own go through request(), which every method uses.
+        other = leased[1]["_id"]
+        client.report("jobs", [{"_id": other, "status": "failed", "error": "x", "retry": False}])
+        answers = {
+            ("PUT", "/v1/queue/mail"): {"lease": 5000}, ("GET", "/v1/queue/jobs/tasks?status=failed"): None,
+            ("PATCH", f"/v1/queue/jobs/tasks/{other}"): {"status": "queued"},
+            ("DELETE", f"/v1/queue/jobs/tasks/{other}"): None, ("DELETE", "/v1/queue/jobs/tasks?status=done"): None,
+            ("GET", "/healthz"): None, ("GET", "/v1/openapi.json"): None, ("GET", "/metrics"): None, ("GET", "/"): None}
+        results = {route: client.request(route[0], route[1], body) for route, body in answers.items()}
+        self.assertEqual(results[("PUT", "/v1/queue/mail")][0], 201)
+        self.assertEqual([task["_id"] for task in results[("GET", "/v1/queue/jobs/tasks?status=failed")][1]["tasks"]],
+                         [other])
+        self.assertEqual(results[("PATCH", f"/v1/queue/jobs/tasks/{other}")][1]["status"], "queued")
+        self.assertEqual(results[("DELETE", f"/v1/queue/jobs/tasks/{other}")][1]["status"], "cancelled")
+        self.assertEqual(results[("DELETE", "/v1/queue/jobs/tasks?status=done")][1], {"purged": 1})
+        self.assertIn("katar_tasks", results[("GET", "/metrics")][1])
+        self.assertIn("<!doctype html>", results[("GET", "/")][1])
         unreachable = K.Client("http://127.0.0.1:1", timeout=2)
         with self.assertRaises(K.CONNECTION_ERRORS):
             unreachable.configuration("jobs")
@@ -2333,7 +2350,8 @@ class MetricsTest(ServerTestCase):
                 continue
             match = re.fullmatch(r'([a-z_]+)\{([^}]*)\} (-?[0-9.e+]+)', line)
             self.assertIsNotNone(match, f"not Prometheus text: {line!r}")
-            self.assertIn(match.group(1), declared, "a sample before its TYPE line")
+            family = match.group(1) if match.group(1) in declared else re.sub(r"_(sum|count)$", "", match.group(1))
+            self.assertIn(family, declared, "a sample before its TYPE line")
             samples[(match.group(1), match.group(2))] = float(match.group(3))
         return samples
 
@@ -2351,6 +2369,8 @@ class MetricsTest(ServerTestCase):
         self.assertGreater(after[("katar_http_requests_total", 'route="metrics",code="200"')],
                            before.get(("katar_http_requests_total", 'route="metrics",code="200"'), 0))
         self.assertIn(("katar_oldest_queued_age_seconds", 'queue="jobs"'), after)
+        self.assertEqual(after[("katar_lease_wait_seconds_count", 'queue="jobs"')], 1)
+        self.assertGreaterEqual(after[("katar_lease_wait_seconds_sum", 'queue="jobs"')], 0)
         self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs"]})
         self.assertEqual(self.call("GET", "/metrics")[0], 401)
 
