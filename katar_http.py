@@ -562,6 +562,7 @@ class Queue:
                 "queue": self.name,
                 "counts": {status: len(ids) for status, ids in self._by_status.items()},
                 "total": len(self._tasks),
+                "oldest_queued": oldest.id if oldest else None,
                 "oldest_queued_age_ms": max(0, now - oldest.updated_at) if oldest else None,
                 "waiting_workers": len(self._waiters),
                 "paused": self.options["paused"],
@@ -1913,7 +1914,7 @@ td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-
 <p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
 <button id="save">Use</button> <span id="status"></span></p>
 <table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
-<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued</th><th></th></tr></thead><tbody></tbody></table>
+<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead><tbody></tbody></table>
 <div id="letters"></div>
 <script>
 "use strict";
@@ -1948,7 +1949,7 @@ async function refresh() {
       cell(row, s.queue + (s.paused ? " (paused)" : ""));
       for (const status of statuses) cell(row, s.counts[status]);
       cell(row, s.waiting_workers);
-      cell(row, s.oldest_queued_age_ms === null ? "-" : (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
+      cell(row, s.oldest_queued === null ? "-" : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
       button(cell(row, ""), s.paused ? "Resume" : "Pause", () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
       if (!s.counts.failed) continue;
       const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=failed&limit=20");
@@ -2754,7 +2755,7 @@ class Runner:
             self._changed.notify_all()
 
     def _outcome(self, process: subprocess.Popen, task: Dict[str, Any]) -> Dict[str, Any]:
-        data = _encode(task["data"]).encode()
+        data = _encode(task["data"]).encode() + b"\n"  # a line, for shell `read` as much as for JSON readers
         try:
             out, err = process.communicate(data, timeout=self.timeout)
             timed_out = False

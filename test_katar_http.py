@@ -854,6 +854,7 @@ class OperatorRoutesTest(ServerTestCase):
         self.assertEqual(stats["counts"]["paused"], 1)
         self.assertEqual(stats["counts"]["in progress"], 1)
         self.assertEqual(stats["oldest_queued_age_ms"], 2500)
+        self.assertEqual(stats["oldest_queued"], self.jobs.tasks(status="queued")["tasks"][0]["_id"])
         self.assertEqual(stats["totals"]["inserted"], 3)
         self.assertEqual(stats["totals"]["leased"], 1)
         self.assertEqual(stats["waiting_workers"], 0)
@@ -2443,6 +2444,13 @@ class DescriptionTest(ServerTestCase):
                 page = response.read().decode()
         self.assertNotRegex(page, r"(src|href)=|https?://|@import|url\(")
         self.assertNotIn("innerHTML", page)
+        if shutil.which("node"):  # where node exists, the page's script must at least parse
+            script = os.path.join(tempfile.mkdtemp(), "page.js")
+            self.addCleanup(shutil.rmtree, os.path.dirname(script))
+            with open(script, "w") as handle:
+                handle.write(re.search(r"<script>(.*)</script>", page, re.S).group(1))
+            checked = subprocess.run(["node", "--check", script], capture_output=True, text=True, timeout=60)
+            self.assertEqual(checked.returncode, 0, checked.stderr)
         for route in ('"/v1/queues"', '"PATCH"', '"DELETE"', '"PUT"', "status=failed", "Authorization"):
             self.assertIn(route, page)
         # What its buttons send: retry and cancel a dead letter, pause and resume the queue.
