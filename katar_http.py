@@ -1828,6 +1828,32 @@ _REPORT = _schema("object", required=["_id", "status"], properties={
     "retry": _schema("boolean"), "retry_after": _schema("integer", minimum=0)})
 _LEASED = _schema("object", required=["_id", "data", "attempt"],
                   properties={"_id": _ID, "data": {}, "attempt": _schema("integer")})
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_HISTORY = _schema("object", properties={
+    "attempt": _schema("integer"), "worker": {"type": ["string", "null"]}, "leased_at": _schema("integer"),
+    "ended_at": _NULLABLE_INT, "outcome": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+    "duration_ms": _NULLABLE_INT})
+_TASK_OUT = _schema("object", required=["_id", "queue", "status"], properties={
+    "_id": _ID, "queue": _schema("string"), "status": _schema("string", enum=list(STATUSES)), "data": {},
+    "priority": _schema("integer"), "key": {"type": ["string", "null"]}, "attempt": _schema("integer"),
+    "attempts_spent": _schema("integer"), "worker": {"type": ["string", "null"]}, "lease_expires_at": _NULLABLE_INT,
+    "run_at": _schema("integer"), "error": {"type": ["string", "null"]}, "result": {},
+    "history": _schema("array", items=_HISTORY), "created_at": _schema("integer"), "updated_at": _schema("integer"),
+    "discarded": _schema("boolean")})
+_STATS = _schema("object", required=["queue", "counts", "total", "totals"], properties={
+    "queue": _schema("string"), "counts": _schema("object", properties={s: _schema("integer") for s in STATUSES}),
+    "total": _schema("integer"), "oldest_queued": {"type": ["string", "null"]},
+    "oldest_queued_age_ms": _NULLABLE_INT, "waiting_workers": _schema("integer"), "paused": _schema("boolean"),
+    "totals": _schema("object", properties={name: _schema("integer") for name in (
+        "inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "lease_wait_ms")})})
+_QUEUE_OUT = _schema("object", required=["name", "configuration"], properties=dict(
+    {name: _schema("boolean" if isinstance(value, bool) else "integer") for name, value in QUEUE_DEFAULTS.items()},
+    name=_schema("string"), configuration=_schema("object")))
+_INSERTED = _schema("object", required=["tasks"], properties={"tasks": _schema("array", items=_schema(
+    "object", required=["_id", "status", "created"],
+    properties={"_id": _ID, "status": _schema("string"), "created": _schema("boolean")}))})
+_PAGE_OUT = _schema("object", required=["tasks", "next"], properties={
+    "tasks": _schema("array", items=_TASK_OUT), "next": {"type": ["string", "null"]}})
 _ERROR = {"description": "an error", "content": {"application/json": {"schema": _schema(
     "object", required=["error"], properties={"error": _schema("string"), "ids": _schema("array", items=_ID)})}}}
 
@@ -1860,12 +1886,15 @@ OPENAPI: Dict[str, Any] = {
     "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     "security": [{"bearer": []}],
     "paths": {
-        "/healthz": {"get": _operation("Liveness", {"200": _json_response("ok")})},
+        "/healthz": {"get": _operation("Liveness", {"200": _json_response("ok", _schema(
+            "object", required=["status"], properties={"status": _schema("string", enum=["ok"]),
+                                                       "version": _schema("string")}))})},
         "/metrics": {"get": _operation("Prometheus metrics", {"200": {"description": "text exposition"}})},
         "/v1/openapi.json": {"get": _operation("This document", {"200": _json_response("OpenAPI 3.1")})},
         "/": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
         "/ui": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
-        "/v1/queues": {"get": _operation("Every queue's stats", {"200": _json_response("stats")})},
+        "/v1/queues": {"get": _operation("Every queue's stats", {"200": _json_response("stats", _schema(
+            "object", required=["queues"], properties={"queues": _schema("array", items=_STATS)}))})},
         "/v1/queue/{queue}": {
             "get": _operation("The queue's configuration", {"200": _json_response("configuration", _schema(
                 "object", required=["configuration"], properties={"configuration": _schema("object")}))}),
@@ -1873,28 +1902,30 @@ OPENAPI: Dict[str, Any] = {
                 "200": _json_response("leased tasks", _schema("object", properties={
                     "tasks": _schema("array", items=_LEASED)})), "204": {"description": "no task available"}},
                 body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-1", "status": "done"}], "max": 1, "wait": 20000}),
-            "put": _operation("Create or reconfigure the queue", {"200": _json_response("changed"),
-                                                                    "201": _json_response("created")},
+            "put": _operation("Create or reconfigure the queue", {"200": _json_response("changed", _QUEUE_OUT),
+                                                                    "201": _json_response("created", _QUEUE_OUT)},
                               body=_QUEUE_OPTIONS, example={"lease": 30000, "configuration": {"interval": 1000}})},
-        "/v1/queue/{queue}/stats": {"get": _operation("The queue's figures", {"200": _json_response("stats")})},
+        "/v1/queue/{queue}/stats": {"get": _operation("The queue's figures", {"200": _json_response("stats", _STATS)})},
         "/v1/queue/{queue}/tasks": {
-            "get": _operation("A page of tasks", {"200": _json_response("tasks and the next cursor")},
+            "get": _operation("A page of tasks", {"200": _json_response("tasks and the next cursor", _PAGE_OUT)},
                               query=[("status", "string"), ("limit", "integer"), ("after", "string")]),
-            "post": _operation("Insert one task, or a list", {"201": _json_response("created"),
-                                                              "200": _json_response("nothing new (keys)")},
+            "post": _operation("Insert one task, or a list", {"201": _json_response("created", _INSERTED),
+                                                              "200": _json_response("nothing new (keys)", _INSERTED)},
                                body={"anyOf": [_TASK_IN, _schema("object", required=["tasks"], properties={
                                    "tasks": _schema("array", items=_TASK_IN)})]},
                                example={"tasks": [{"data": {"n": 1}, "priority": "high"}]}),
-            "delete": _operation("Purge the tasks of one status", {"200": _json_response("how many")},
+            "delete": _operation("Purge the tasks of one status", {"200": _json_response("how many", _schema(
+                "object", required=["purged"], properties={"purged": _schema("integer")}))},
                                  query=[("status", "string")])},
         "/v1/queue/{queue}/tasks/{id}": {
-            "get": _operation("One task; with wait, hold until it finishes", {"200": _json_response("the task")},
+            "get": _operation("One task; with wait, hold until it finishes", {"200": _json_response("the task", _TASK_OUT)},
                               query=[("wait", "number")]),
-            "patch": _operation("Pause, resume, retry or cancel", {"200": _json_response("the task")},
+            "patch": _operation("Pause, resume, retry or cancel", {"200": _json_response("the task", _TASK_OUT)},
                                 body=_schema("object", required=["status"], properties={
                                     "status": _schema("string", enum=[PAUSED, QUEUED, CANCELLED])}),
                                 example={"status": "queued"}),
-            "delete": _operation("Cancel a queued or paused task, or a dead letter", {"200": _json_response("the task")})},
+            "delete": _operation("Cancel a queued or paused task, or a dead letter",
+                                 {"200": _json_response("the task", _TASK_OUT)})},
     },
 }
 

@@ -2384,7 +2384,12 @@ def schema_errors(value, schema, where="body"):
             matches = sum(1 for option in schema[combinator] if not schema_errors(value, option, where))
             return [] if fits(matches) else [f"{where} does not fit {combinator}"]
     kind = schema.get("type")
-    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "number": (int, float), "integer": int}
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "number": (int, float), "integer": int,
+             "null": type(None)}
+    if isinstance(kind, list):  # ["string", "null"]
+        fits = [k for k in kind if isinstance(value, kinds[k]) and not (k in ("integer", "number") and
+                                                                          isinstance(value, bool))]
+        return [] if fits else [f"{where} is none of {kind}"]
     if kind and (not isinstance(value, kinds[kind]) or (kind in ("integer", "number") and isinstance(value, bool))):
         return [f"{where} is not {kind}"]
     if "enum" in schema and value not in schema["enum"]:
@@ -2427,6 +2432,27 @@ class DescriptionTest(ServerTestCase):
                                         and path == "/v1/queue/{queue}" else ["skip"], [])
                     checked += 1
         self.assertGreaterEqual(checked, 4)
+        # Real responses fit the schemas the document gives them.
+        def fits(method, path, template, code, body=None):
+            status, payload, _ = self.call(method, path, body)
+            self.assertEqual(status, code, (path, payload))
+            schema = document["paths"][template][method.lower()]["responses"][str(code)]["content"][
+                "application/json"]["schema"]
+            self.assertEqual(schema_errors(payload, schema), [], (method, path))
+            return payload
+        inserted = fits("POST", "/v1/queue/jobs/tasks", "/v1/queue/{queue}/tasks", 201, {"data": 5, "key": "kk"})
+        fits("POST", "/v1/queue/jobs/tasks", "/v1/queue/{queue}/tasks", 200, {"data": 5, "key": "kk"})
+        first = inserted["tasks"][0]["_id"]
+        fits("GET", f"/v1/queue/jobs/tasks/{first}", "/v1/queue/{queue}/tasks/{id}", 200)
+        fits("PATCH", f"/v1/queue/jobs/tasks/{first}", "/v1/queue/{queue}/tasks/{id}", 200, {"status": "paused"})
+        fits("GET", "/v1/queue/jobs/tasks", "/v1/queue/{queue}/tasks", 200)
+        fits("GET", "/v1/queue/jobs/stats", "/v1/queue/{queue}/stats", 200)
+        fits("GET", "/v1/queues", "/v1/queues", 200)
+        fits("PUT", "/v1/queue/jobs", "/v1/queue/{queue}", 200, {"lease": 9000})
+        fits("GET", "/v1/queue/jobs", "/v1/queue/{queue}", 200)
+        fits("GET", "/healthz", "/healthz", 200)
+        fits("DELETE", f"/v1/queue/jobs/tasks/{first}", "/v1/queue/{queue}/tasks/{id}", 200)
+        fits("DELETE", "/v1/queue/jobs/tasks?status=cancelled", "/v1/queue/{queue}/tasks", 200)
         # The examples are real requests: sent to the server, they are accepted.
         self.jobs.insert({"data": 1})
         leased = self.lease_one()
