@@ -303,12 +303,13 @@ class Task:
     """One task. `attempt` numbers its deliveries (1, 2, ...); `spent` counts those that ended in failure or expiry,
     which is what `max_attempts` limits (a task handed back does not spend an attempt)."""
 
-    __slots__ = ("id", "seq", "data", "priority", "status", "key", "created_at", "updated_at", "run_at",
-                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "token")
+    # Few slots: a queue may hold millions of tasks, and each slot is eight bytes of each of them.
+    __slots__ = ("id", "data", "priority", "status", "key", "created_at", "updated_at", "run_at",
+                 "attempt", "spent", "worker", "lease_until", "error", "result", "history")
 
-    def __init__(self, task_id: str, seq: int, data: Any, priority: int, status: str, key: Optional[str],
+    def __init__(self, task_id: str, data: Any, priority: int, status: str, key: Optional[str],
                  run_at: int, at: int) -> None:
-        self.id, self.seq, self.data, self.priority, self.status, self.key = task_id, seq, data, priority, status, key
+        self.id, self.data, self.priority, self.status, self.key = task_id, data, priority, status, key
         self.created_at = self.updated_at = at
         self.run_at = run_at
         self.attempt = self.spent = 0
@@ -317,7 +318,6 @@ class Task:
         self.error: Optional[str] = None
         self.result: Any = None
         self.history: Any = ()  # a list from the first delivery on: a task that waits needs none
-        self.token = 0  # which heap entry is current; an index detail, never journalled
 
     def latest(self) -> Optional[Dict[str, Any]]:
         """The history entry of the latest delivery, if it is still remembered."""
@@ -365,11 +365,13 @@ class Queue:
     Broker._apply; everything else prepares records or keeps indexes.
 
     Indexes, rebuilt from the tasks alone (so a journal never needs them):
-      _ready    heap of (-priority, seq, token, id): queued tasks whose run_at has come, best first;
-      _delayed  heap of (run_at, seq, token, id): queued tasks waiting for a delay or a backoff;
-      _leases   heap of (lease_until, seq, attempt, id): tasks in progress, soonest expiry first.
-    Heap entries go stale when a task moves on; a stale entry is skipped when popped (its token or lease no longer
-    matches) and the heaps are rebuilt when stale entries outnumber live ones.
+      _ready    heap of (-priority, id): queued tasks whose run_at has come, best first (ids sort in insertion
+                order, so this is first in, first out within a priority);
+      _delayed  heap of (run_at, id): queued tasks waiting for a delay or a backoff;
+      _leases   heap of (lease_until, id, attempt): tasks in progress, soonest expiry first.
+    Heap entries go stale when a task moves on; a stale entry is skipped when popped (the task is no longer queued
+    and due, or its run_at or lease no longer matches), duplicates are skipped once their task is leased, and the
+    heaps are rebuilt when stale entries outnumber live ones.
     """
 
     def __init__(self, broker: "Broker", name: str, options: Dict[str, Any]) -> None:
@@ -382,9 +384,9 @@ class Queue:
         # Plain dicts keep insertion order and cost less than OrderedDicts; the oldest queued task is the first one
         # iteration finds (stats only: that walk can pass deleted slots, never the queue's hot path).
         self._by_status: Dict[str, Dict[str, Task]] = {status: {} for status in STATUSES}
-        self._ready: List[Tuple[int, int, int, str]] = []
-        self._delayed: List[Tuple[int, int, int, str]] = []
-        self._leases: List[Tuple[int, int, int, str]] = []
+        self._ready: List[Tuple[int, str]] = []
+        self._delayed: List[Tuple[int, str]] = []
+        self._leases: List[Tuple[int, str, int]] = []
         self._keys: Dict[str, str] = {}
         # Discarded tasks of a non-persistent queue: id -> (status, attempt, its outcome, key), oldest first.
         self._finished: "collections.OrderedDict[str, Tuple[str, int, Optional[str], Optional[str]]]" = \
@@ -535,17 +537,19 @@ class Queue:
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         limit = _check_int("limit", limit, 1, MAX_LIST_LIMIT)
-        after_seq = _seq_of(after) if after is not None else 0
+        if after is not None:
+            _seq_of(after)  # a malformed cursor is refused
+        after = after or ""
         with self._broker._lock:
             self._tick(self._broker._now())
             # A listing is an operator's tool: it walks the tasks of one status (or all) in insertion order.
             if status is None:
                 candidates: Iterable[Task] = self._tasks.values()
             else:
-                candidates = sorted(self._by_status[status].values(), key=lambda task: task.seq)
+                candidates = sorted(self._by_status[status].values(), key=lambda task: task.id)
             page: List[Dict[str, Any]] = []
             for task in candidates:
-                if task.seq > after_seq:
+                if task.id > after:
                     if len(page) == limit:
                         return {"tasks": page, "next": page[-1]["_id"]}
                     page.append(task.snapshot(self.name))
@@ -668,15 +672,15 @@ class Queue:
         """Move tasks whose delay has passed to the ready heap, and expire leases that ran out."""
         delayed, ready, tasks = self._delayed, self._ready, self._tasks
         while delayed and delayed[0][0] <= now:
-            _, seq, token, task_id = heapq.heappop(delayed)
+            run_at, task_id = heapq.heappop(delayed)
             task = tasks.get(task_id)
-            if task is not None and task.token == token and task.status == QUEUED:
-                heapq.heappush(ready, (-task.priority, seq, token, task_id))
+            if task is not None and task.status == QUEUED and task.run_at == run_at:
+                heapq.heappush(ready, (-task.priority, task_id))
         if not self._broker._writable():
             return  # the journal's disk fails: reads go on, expiries and hand-offs wait for it
         leases = self._leases
         while leases and leases[0][0] <= now:
-            until, _, attempt, task_id = heapq.heappop(leases)
+            until, task_id, attempt = heapq.heappop(leases)
             task = tasks.get(task_id)
             if task is None or task.status != IN_PROGRESS or task.attempt != attempt or task.lease_until != until:
                 continue
@@ -699,12 +703,13 @@ class Queue:
             limit = min(limit, self.options["max_in_flight"] - len(self._by_status[IN_PROGRESS]))
         if limit <= 0 or self.options["paused"]:
             return []
-        ready, tasks, ids = self._ready, self._tasks, []
+        ready, tasks, ids, picked = self._ready, self._tasks, [], set()
         while ready and len(ids) < limit:
-            _, _, token, task_id = heapq.heappop(ready)
+            _, task_id = heapq.heappop(ready)
             task = tasks.get(task_id)
-            if task is not None and task.token == token and task.status == QUEUED:
+            if task is not None and task.status == QUEUED and task.run_at <= now and task_id not in picked:
                 ids.append(task_id)
+                picked.add(task_id)
         if not ids:
             return []
         self._broker._commit([{"op": "lease", "q": self.name, "ids": ids, "worker": worker,
@@ -766,7 +771,7 @@ class Queue:
         at, tasks, by_status = rec["at"], self._tasks, self._by_status
         for task_id, data, priority, status, key, delay in rec["tasks"]:
             # Without a delay, run_at is the very int of `at`: one object less per task.
-            task = Task(task_id, _seq_of(task_id), data, priority, status, key, at + delay if delay else at, at)
+            task = Task(task_id, data, priority, status, key, at + delay if delay else at, at)
             tasks[task_id] = task
             by_status[status][task_id] = task
             if key is not None:
@@ -788,7 +793,7 @@ class Queue:
                                  "outcome": None, "error": None, "duration_ms": None})
             del task.history[:-HISTORY_LIMIT]
             self._move(task, IN_PROGRESS, at)
-            heapq.heappush(self._leases, (until, task.seq, task.attempt, task_id))
+            heapq.heappush(self._leases, (until, task_id, task.attempt))
         self.totals["leased"] += len(rec["ids"])
         if len(self._leases) > 2 * len(self._by_status[IN_PROGRESS]) + 1024:
             self._reindex_leases()
@@ -802,7 +807,7 @@ class Queue:
             latest.update(outcome=None, error=None, ended_at=None, duration_ms=None)
         task.lease_until = rec["until"]
         self._move(task, IN_PROGRESS, rec["at"])
-        heapq.heappush(self._leases, (rec["until"], task.seq, task.attempt, task.id))
+        heapq.heappush(self._leases, (rec["until"], task.id, task.attempt))
 
     def _apply_done(self, rec: Dict[str, Any]) -> None:
         at = rec["at"]
@@ -851,7 +856,7 @@ class Queue:
             self._place(task, at)
 
     def _apply_task(self, rec: Dict[str, Any]) -> None:
-        task = Task(rec["id"], _seq_of(rec["id"]), rec["data"], rec["priority"], rec["status"], rec["key"],
+        task = Task(rec["id"], rec["data"], rec["priority"], rec["status"], rec["key"],
                     rec["run_at"], rec["created_at"])
         for field in ("updated_at", "attempt", "spent", "worker", "lease_until", "error", "result"):
             setattr(task, field, rec[field])
@@ -863,7 +868,7 @@ class Queue:
         if task.status == QUEUED:
             self._place(task, rec["updated_at"])
         elif task.status == IN_PROGRESS:
-            heapq.heappush(self._leases, (task.lease_until, task.seq, task.attempt, task.id))
+            heapq.heappush(self._leases, (task.lease_until, task.id, task.attempt))
 
     def _apply_restore(self, rec: Dict[str, Any]) -> None:
         self.totals.update(rec["totals"])
@@ -901,11 +906,10 @@ class Queue:
 
     def _place(self, task: Task, now: int) -> None:
         """Index a queued task in the ready or the delayed heap; earlier entries for it go stale."""
-        task.token += 1
         if task.run_at <= now:
-            heapq.heappush(self._ready, (-task.priority, task.seq, task.token, task.id))
+            heapq.heappush(self._ready, (-task.priority, task.id))
         else:
-            heapq.heappush(self._delayed, (task.run_at, task.seq, task.token, task.id))
+            heapq.heappush(self._delayed, (task.run_at, task.id))
         if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
             self._reindex_queued(now)
 
@@ -916,14 +920,14 @@ class Queue:
         self._ready, self._delayed = [], []
         for task in self._by_status[QUEUED].values():
             if task.run_at <= now:
-                self._ready.append((-task.priority, task.seq, task.token, task.id))
+                self._ready.append((-task.priority, task.id))
             else:
-                self._delayed.append((task.run_at, task.seq, task.token, task.id))
+                self._delayed.append((task.run_at, task.id))
         heapq.heapify(self._ready)
         heapq.heapify(self._delayed)
 
     def _reindex_leases(self) -> None:
-        self._leases = [(task.lease_until, task.seq, task.attempt, task.id)
+        self._leases = [(task.lease_until, task.id, task.attempt)
                         for task in self._by_status[IN_PROGRESS].values()]
         heapq.heapify(self._leases)
 
@@ -1051,7 +1055,7 @@ class Broker:
 
     def _next_id(self) -> str:
         self._seq += 1
-        return f"{self._epoch}-{self._seq}"
+        return f"{self._epoch}-{self._seq:012d}"  # zero-padded: ids sort in the order they were made
 
     def queue(self, name: str, **options: Any) -> Queue:
         """Return the queue `name`, creating it; given options (QUEUE_DEFAULTS keys or `configuration`) are set."""

@@ -1045,6 +1045,22 @@ class CoreTest(unittest.TestCase):
             jobs.set_status(task["_id"], "paused")
         self.assertLess(len(jobs._ready) + len(jobs._delayed), 1100)
 
+    def test_a_task_paused_and_resumed_again_and_again_is_leased_once(self):
+        jobs = K.Broker().queue("jobs")
+        task_id = jobs.insert({"data": 1})["_id"]
+        for _ in range(5):  # each resume indexes the task again; the older entries must not lease it twice
+            jobs.set_status(task_id, "paused")
+            jobs.set_status(task_id, "queued")
+        leased = jobs.lease(max=10)
+        self.assertEqual([(task["_id"], task["attempt"]) for task in leased], [(task_id, 1)])
+        self.assertEqual(len(jobs.task(task_id)["history"]), 1)
+        self.assertEqual(jobs.lease(max=10), [])
+
+    def test_ids_sort_in_the_order_tasks_were_inserted(self):
+        jobs = K.Broker().queue("jobs")
+        ids = [task["_id"] for task in jobs.insert([{"data": i} for i in range(12)])]
+        self.assertEqual(sorted(ids), ids)
+
     def test_ids_differ_between_brokers_so_a_restart_cannot_reuse_one(self):
         first = K.Broker().queue("jobs").insert({"data": 1})["_id"]
         second = K.Broker().queue("jobs").insert({"data": 1})["_id"]
@@ -1414,7 +1430,7 @@ class JournalTest(unittest.TestCase):
         before = broker_state(broker)
         broker.close()
         self.assertEqual(broker_state(self.open()), before)
-        self.assertEqual(task["_id"].rsplit("-", 1)[1], "150")
+        self.assertEqual(int(task["_id"].rsplit("-", 1)[1]), 150)
 
     def test_a_crash_between_any_two_steps_of_compaction_leaves_a_journal_that_loads(self):
         for step in ("snapshot written", "tail written", "renamed"):
