@@ -1821,7 +1821,7 @@ def _schema(kind: str, **more: Any) -> Dict[str, Any]:
     return dict({"type": kind}, **more)
 
 
-_ID = _schema("string", description="a task id, like 5f0c2a9e-42")
+_ID = _schema("string", description="a task id, like 5f0c2a9e-000000000042")
 _TASK_IN = _schema("object", properties={
     "data": {"description": "any JSON"}, "priority": {"oneOf": [_schema("integer"), _schema("string", enum=list(PRIORITIES))]},
     "delay": _schema("integer", minimum=0), "key": _schema("string", maxLength=256),
@@ -1905,7 +1905,7 @@ OPENAPI: Dict[str, Any] = {
             "post": _operation("Report tasks, then lease the next ones", {
                 "200": _json_response("leased tasks", _schema("object", properties={
                     "tasks": _schema("array", items=_LEASED)})), "204": {"description": "no task available"}},
-                body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-1", "status": "done"}], "max": 1, "wait": 20000}),
+                body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1, "wait": 20000}),
             "put": _operation("Create or reconfigure the queue", {"200": _json_response("changed", _QUEUE_OUT),
                                                                     "201": _json_response("created", _QUEUE_OUT)},
                               body=_QUEUE_OPTIONS, example={"lease": 30000, "configuration": {"interval": 1000}})},
