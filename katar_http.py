@@ -1823,7 +1823,8 @@ def _schema(kind: str, **more: Any) -> Dict[str, Any]:
 
 _ID = _schema("string", description="a task id, like 5f0c2a9e-000000000042")
 _TASK_IN = _schema("object", properties={
-    "data": {"description": "any JSON"}, "priority": {"oneOf": [_schema("integer"), _schema("string", enum=list(PRIORITIES))]},
+    "data": {"description": "any JSON"},
+    "priority": {"oneOf": [_schema("integer"), _schema("string", enum=list(PRIORITIES))]},
     "delay": _schema("integer", minimum=0), "key": _schema("string", maxLength=256),
     "status": _schema("string", enum=[QUEUED, PAUSED])})
 _REPORT = _schema("object", required=["_id", "status"], properties={
@@ -1905,7 +1906,8 @@ OPENAPI: Dict[str, Any] = {
             "post": _operation("Report tasks, then lease the next ones", {
                 "200": _json_response("leased tasks", _schema("object", properties={
                     "tasks": _schema("array", items=_LEASED)})), "204": {"description": "no task available"}},
-                body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1, "wait": 20000}),
+                body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1,
+                                     "wait": 20000}),
             "put": _operation("Create or reconfigure the queue", {"200": _json_response("changed", _QUEUE_OUT),
                                                                     "201": _json_response("created", _QUEUE_OUT)},
                               body=_QUEUE_OPTIONS, example={"lease": 30000, "configuration": {"interval": 1000}})},
@@ -1922,7 +1924,8 @@ OPENAPI: Dict[str, Any] = {
                 "object", required=["purged"], properties={"purged": _schema("integer")}))},
                                  query=[("status", "string")])},
         "/v1/queue/{queue}/tasks/{id}": {
-            "get": _operation("One task; with wait, hold until it finishes", {"200": _json_response("the task", _TASK_OUT)},
+            "get": _operation("One task; with wait, hold until it finishes",
+                              {"200": _json_response("the task", _TASK_OUT)},
                               query=[("wait", "number")]),
             "patch": _operation("Pause, resume, retry or cancel", {"200": _json_response("the task", _TASK_OUT)},
                                 body=_schema("object", required=["status"], properties={
@@ -1949,7 +1952,8 @@ td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-
 <p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
 <button id="save">Use</button> <span id="status"></span></p>
 <table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
-<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead><tbody></tbody></table>
+<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead>
+<tbody></tbody></table>
 <div id="letters"></div>
 <script>
 "use strict";
@@ -1967,7 +1971,9 @@ function call(method, path, body) {
     return payload;
   });
 }
-function cell(row, text, tag) { const c = document.createElement(tag || "td"); c.textContent = text; row.appendChild(c); return c; }
+function cell(row, text, tag) {
+  const c = document.createElement(tag || "td"); c.textContent = text; row.appendChild(c); return c;
+}
 function button(parent, label, action) {
   const b = document.createElement("button"); b.textContent = label;
   b.onclick = () => action().then(refresh, e => show(e.message)); parent.appendChild(b);
@@ -1984,11 +1990,14 @@ async function refresh() {
       cell(row, s.queue + (s.paused ? " (paused)" : ""));
       for (const status of statuses) cell(row, s.counts[status]);
       cell(row, s.waiting_workers);
-      cell(row, s.oldest_queued === null ? "-" : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
-      button(cell(row, ""), s.paused ? "Resume" : "Pause", () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
+      cell(row, s.oldest_queued === null ? "-"
+                : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
+      button(cell(row, ""), s.paused ? "Resume" : "Pause",
+             () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
       if (!s.counts.failed) continue;
       const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=failed&limit=20");
-      const title = document.createElement("h2"); title.textContent = "Dead letters of " + s.queue; letters.appendChild(title);
+      const title = document.createElement("h2");
+      title.textContent = "Dead letters of " + s.queue; letters.appendChild(title);
       const table = document.createElement("table"); table.className = "dead"; letters.appendChild(table);
       for (const t of tasks) {
         const r = document.createElement("tr"); table.appendChild(r);
@@ -2262,7 +2271,8 @@ class Handler(BaseHTTPRequestHandler):
         if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
             raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media[:100]}")
         try:
-            if length and self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            expects = self.headers.get("expect", "").lower() == "100-continue"
+            if length and expects and self.request_version == "HTTP/1.1":
                 self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
             raw = self.rfile.read(length) if length else b""
         except OSError:  # a timeout (a client that stalls mid-body is cut off), or a client that went away
