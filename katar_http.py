@@ -227,6 +227,14 @@ def _check_int(field: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def _check_number(field: str, value: Any, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise BadRequest(f"{field} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise BadRequest(f"{field} must be between {low} and {high}, got {value}")
+    return value
+
+
 def _check_text(field: str, value: Any, limit: int = MAX_TEXT) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"{field} must be a string, got {type(value).__name__}")
@@ -830,17 +838,13 @@ class Queue:
             self._finish(task, FAILED, at)
         else:
             self.totals["retried"] += 1
-            task.run_at = rec["retry_at"]
-            self._move(task, QUEUED, at)
-            self._place(task, at)
+            self._requeue(task, rec["retry_at"], at)
 
     def _apply_release(self, rec: Dict[str, Any]) -> None:
         task = self._tasks[rec["id"]]
         self._end_delivery(task, "queued", None, rec["at"])
         self.totals["released"] += 1
-        task.run_at = rec["at"]
-        self._move(task, QUEUED, rec["at"])
-        self._place(task, rec["at"])
+        self._requeue(task, rec["at"], rec["at"])
 
     def _apply_status(self, rec: Dict[str, Any]) -> None:
         task, status, at = self._tasks[rec["id"]], rec["status"], rec["at"]
@@ -848,12 +852,13 @@ class Queue:
             self.totals["cancelled"] += 1
             self._finish(task, CANCELLED, at)
             return
-        if status == QUEUED and task.status == FAILED:
+        if status == PAUSED:
+            self._move(task, PAUSED, at)
+            return
+        if task.status == FAILED:
             task.spent = 0  # an operator retries a dead letter: it gets its attempts back
             task.run_at = at
-        self._move(task, status, at)
-        if status == QUEUED:
-            self._place(task, at)
+        self._requeue(task, task.run_at, at)
 
     def _apply_task(self, rec: Dict[str, Any]) -> None:
         task = Task(rec["id"], rec["data"], rec["priority"], rec["status"], rec["key"],
@@ -903,6 +908,12 @@ class Queue:
         task.status, task.updated_at = status, at
         if status != IN_PROGRESS:
             task.lease_until = None
+
+    def _requeue(self, task: Task, run_at: int, at: int) -> None:
+        """Back to `queued`, due at `run_at`: a retry, a hand-back, a resume."""
+        task.run_at = run_at
+        self._move(task, QUEUED, at)
+        self._place(task, at)
 
     def _place(self, task: Task, now: int) -> None:
         """Index a queued task in the ready or the delayed heap; earlier entries for it go stale."""
@@ -971,14 +982,6 @@ def _seq_of(task_id: Any) -> int:
         return int(str(task_id).rsplit("-", 1)[1])
     except (IndexError, ValueError):
         raise BadRequest(f"after must be a task id, got {task_id!r}") from None
-
-
-def _check_number(field: str, value: Any, low: float, high: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise BadRequest(f"{field} must be a number, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise BadRequest(f"{field} must be between {low} and {high}, got {value}")
-    return value
 
 
 def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
@@ -1450,9 +1453,7 @@ class Journal:
         self._cond.release()
         error: Optional[OSError] = None
         try:
-            view = memoryview(batch)
-            while view:
-                view = view[self._write(self._fd, view):]
+            _write_all(self._fd, batch, self._write)
             if self.fsync == "always":
                 self._fsync(self._fd)
         except OSError as exc:
@@ -1629,10 +1630,11 @@ class Journal:
             self._lock_fd = None
 
 
-def _write_all(fd: int, data: bytes) -> int:
+def _write_all(fd: int, data: bytes, write: Callable[[int, Any], int] = os.write) -> int:
+    """Write all of `data` (a write may take only part of it); returns its length."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[write(fd, view):]
     return len(data)
 
 
