@@ -15,7 +15,8 @@ Workloads (P producers, C workers):
   W2   drain, one task per request, the report of the last task riding on the request for the next
   W3   drain, max 100 per request, the reports of the previous batch on the same request
   W4   long-poll latency: a worker waiting with `wait`, a task inserted every 20 ms; p50 and p99 insert -> receipt
-and W1, W2, W3 again with --journal (fsync always, group commit).
+and W1, W2, W3 again with --journal (fsync always, group commit). Each drain starts from its own prefill (what
+the insert rows left is purged first). The run ends with the project's bars and whether this run met each.
 """
 
 import argparse
@@ -216,10 +217,21 @@ def prefill(port: int, count: int) -> None:
     connection.close()
 
 
+def purge(port: int) -> None:
+    connection = _connect(port)
+    connection.request("DELETE", f"/v1/queue/{QUEUE}/tasks?status=queued")
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    if response.status != 200:
+        raise SystemExit(f"purge answered {response.status}")
+
+
 def measure(pool, server: Server, row: str, options: argparse.Namespace) -> tuple:
     """Tasks a second of one workload against one server, and the server's CPU microseconds per task."""
     seconds = options.seconds
     if row in ("W2", "W3") and server.kind != "baseline":
+        purge(server.port)  # what the insert rows left behind: each drain starts from its own prefill alone
         prefill(server.port, options.tasks * (1 if row == "W2" else 10))
     cpu = server.cpu_seconds()
     if row == "W1":
@@ -278,7 +290,26 @@ def table(options: argparse.Namespace) -> None:
     print(f"W4    memory   long-poll latency insert -> receipt: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
           f"({options.latency_samples} tasks, one every 20 ms)")
     print("baseline: ThreadingHTTPServer, HTTP/1.1 keep-alive, reads the JSON body, answers a small JSON 200")
+    rate = {(row, mode): rate for row, mode, (rate, _) in ((r[0], r[1], r[2:4]) for r in rows)}
+    base = {row: base_rate for row, _, _, _, (base_rate, _), _ in rows}
+    print_bars([
+        ("W2 memory, x baseline", rate["W2", "memory"] / base["W2"], ">=", 1.0),
+        ("W3 memory, x baseline", rate["W3", "memory"] / base["W3"], ">=", 0.5),
+        ("W1 journal, x memory", rate["W1", "journal"] / rate["W1", "memory"], ">=", 0.7),
+        ("W2 journal, x memory", rate["W2", "journal"] / rate["W2", "memory"], ">=", 0.7),
+        ("W3 journal, x memory", rate["W3", "journal"] / rate["W3", "memory"], ">=", 0.8),
+        ("W4 p50 ms", p50, "<=", 2.0),
+        ("W4 p99 ms", p99, "<=", 10.0),
+    ])
     print("command: python3 " + " ".join([os.path.basename(__file__)] + sys.argv[1:]))
+
+
+def print_bars(bars: list) -> None:
+    """The bars the project set itself (issue 5), each with what this run measured."""
+    print("bars:")
+    for name, value, sense, bar in bars:
+        holds = value >= bar if sense == ">=" else value <= bar
+        print(f"  {name:34} {value:8.2f}  {sense} {bar:<6g} {'holds' if holds else 'MISSES'}")
 
 
 def scale(options: argparse.Namespace) -> None:
@@ -318,6 +349,11 @@ def scale(options: argparse.Namespace) -> None:
     print(f"RSS per queued task ({len(DATA)}-byte data): {per_task:.0f} bytes")
     print(f"replay of a {big:,}-task journal ({size / 1e6:.0f} MB): {replay_seconds - startup:.1f} s "
           f"(start with it {replay_seconds:.1f} s, without {startup:.1f} s)")
+    print_bars([
+        (f"W2 {big:,} queued, x {1000:,} queued", big_rate / small_rate, ">=", 0.8),
+        ("RSS bytes per queued task", per_task, "<=", 500),
+        (f"replay s, {big:,} tasks", replay_seconds - startup, "<=", 10),
+    ])
     print("command: python3 " + " ".join([os.path.basename(__file__)] + sys.argv[1:]))
 
 
