@@ -965,10 +965,13 @@ class HostileInputTest(GuardedStateTestCase):
     def test_garbage_request_lines_and_headers_get_json_errors(self):
         host, port = self.server.host, self.server.port
         for request in (b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
-                        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"\x00\x01\x02\r\n\r\n"):
+                        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
+                        b"GET //[/x HTTP/1.1\r\n\r\n", b"GET http://[::1/v1/queues HTTP/1.1\r\n\r\n",
+                        b"GET * HTTP/1.1\r\n\r\n", b"GET http://host HTTP/1.1\r\n\r\n"):
             answer = raw_exchange(host, port, request)
             self.assertRegex(answer[:12], rb"HTTP/1\.[01] 4\d\d", request[:30])
             self.assertIn(b"application/json", answer)
+        self.assertEqual(self.server.httpd.internal_errors, 0)
         self.assert_nothing_lost()
 
     def test_unknown_paths_are_404_and_unknown_methods_405_with_allow(self):
@@ -2165,7 +2168,8 @@ def fuzz_request(rng, ids):
         (f"/v1/queue/{queue}/tasks?status={rng.choice(['queued', 'done', 'x', 'in%20progress'])}"
          f"&limit={rng.choice(['5', '0', 'x', '99999'])}&after={task_id}", None),
         (f"/v1/queue/{queue}/tasks/{task_id}?wait={rng.choice(['0', '20', '-1', 'x', '1e400'])}", None),
-        ("/" + "".join(rng.choice("abc%/?&=.\x7f") for _ in range(rng.randrange(1, 40))), None)])
+        ("//[::1/v1/queues", None), ("http://[x/v1/queues", None),
+        ("/" + "".join(rng.choice("abc%/?&=.\x7f[]:@#") for _ in range(rng.randrange(1, 40))), None)])
     method = rng.choice(FUZZ_METHODS)
     body = mutate(rng, fuzz_body(rng, ids, route)) if rng.random() < 0.8 else b""
     version = rng.choice(["HTTP/1.1"] * 12 + ["HTTP/1.0", "HTTP/2", "HTTP/1.1x", ""])
