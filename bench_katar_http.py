@@ -2,8 +2,9 @@
 """Benchmarks for katar_http, standard library only.
 
     python3 bench_katar_http.py            # the table, about a minute
-    python3 bench_katar_http.py --quick    # a smoke run, about ten seconds
+    python3 bench_katar_http.py --quick    # a smoke run, about fifteen seconds
     python3 bench_katar_http.py --scale    # 1,000 against 1,000,000 queued tasks, memory per task, replay time
+    python3 bench_katar_http.py --fsync interval   # the journal rows with another durability
 
 It starts katar_http.py in a subprocess and, in the same run, a do-nothing baseline: a ThreadingHTTPServer whose
 HTTP/1.1 handler reads the JSON body and answers a small JSON 200. Both are driven by separate client processes
@@ -76,7 +77,7 @@ def run_baseline_server() -> None:
 class Server:
     """A server in a subprocess: katar_http (optionally with a journal) or the baseline."""
 
-    def __init__(self, kind: str, journal: str = "") -> None:
+    def __init__(self, kind: str, journal: str = "", fsync: str = "always") -> None:
         self.kind = kind
         if kind == "baseline":
             command = [sys.executable, os.path.abspath(__file__), "--baseline-server"]
@@ -84,7 +85,7 @@ class Server:
             command = [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
                        "--queue", QUEUE, "--max-connections", "1024"]
             if journal:
-                command += ["--journal", journal]
+                command += ["--journal", journal, "--fsync", fsync]
         self.command = command
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -266,7 +267,7 @@ def table(options: argparse.Namespace) -> None:
         # baseline, in memory and with the journal back to back: on a shared machine the load drifts over a
         # minute, and a ratio is only fair between measurements taken seconds apart.
         baseline, memory = Server("baseline"), Server("katar")
-        durable = Server("katar", journal=os.path.join(directory, "bench.journal"))
+        durable = Server("katar", journal=os.path.join(directory, "bench.journal"), fsync=options.fsync)
         for row in ("W1", "W1b", "W2", "W3"):
             base = measure(pool, baseline, row, options)
             rows.append((row, "memory") + measure(pool, memory, row, options) + (base, memory.rss_mib()))
@@ -278,7 +279,8 @@ def table(options: argparse.Namespace) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     in_memory = {row: rate for row, mode, rate, _, _, _ in rows if mode == "memory"}
     print(f"\nkatar_http benchmark, {os.cpu_count()} cores, Python {sys.version.split()[0]}; "
-          f"{options.producers} producers, {options.workers} workers, {options.seconds:g} s per timed row")
+          f"{options.producers} producers, {options.workers} workers, {options.seconds:g} s per timed row, "
+          f"journal with --fsync {options.fsync}")
     print(f"{'row':5} {'server':8} {'tasks/s':>9} {'baseline':>9} {'x baseline':>10} {'x memory':>8} "
           f"{'CPU us/task':>11} {'baseline':>8} {'x':>5} {'RSS MiB':>7}")
     for row, mode, (rate, cpu), (base_rate, base_cpu), rss in ((r[0], r[1], r[2:4], r[4], r[5]) for r in rows):
@@ -365,6 +367,8 @@ def main() -> None:
     parser.add_argument("--producers", type=int, default=4, help="producer processes (default 4)")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     parser.add_argument("--tasks", type=int, default=20000, help="tasks W2 drains; W3 drains ten times as many")
+    parser.add_argument("--fsync", choices=("always", "interval", "never"), default="always",
+                        help="the journal rows' --fsync (default always, the server's default)")
     parser.add_argument("--latency-samples", type=int, default=250, help="tasks timed in W4 (default 250)")
     parser.add_argument("--scale-tasks", type=int, default=1000000, help="the large queue of --scale")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
