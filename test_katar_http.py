@@ -967,7 +967,9 @@ class HostileInputTest(GuardedStateTestCase):
         for request in (b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
                         b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
                         b"GET //[/x HTTP/1.1\r\n\r\n", b"GET http://[::1/v1/queues HTTP/1.1\r\n\r\n",
-                        b"GET * HTTP/1.1\r\n\r\n", b"GET http://host HTTP/1.1\r\n\r\n"):
+                        b"GET * HTTP/1.1\r\n\r\n", b"GET http://host HTTP/1.1\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nX\xe9: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nX(y): x\r\n\r\n"):
             answer = raw_exchange(host, port, request)
             self.assertRegex(answer[:12], rb"HTTP/1\.[01] 4\d\d", request[:30])
             self.assertIn(b"application/json", answer)
