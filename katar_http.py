@@ -2519,20 +2519,16 @@ class _HTTPServer(ThreadingHTTPServer):
                     self._connections_changed.wait()
                 request = self._refusals.popleft()
             try:
-                # A lingering close: answer, half-close, read what the client sent until it closes (at most half
-                # a second). Closing with its request unread would reset the connection, and a reset can destroy
-                # the 503 before the client reads it.
                 request.settimeout(0.5)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
                                 % (len(REFUSAL), REFUSAL))
-                request.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + 0.5
-                while time.monotonic() < deadline and request.recv(65536):
-                    pass
             except OSError:
                 pass
-            request.close()
+            _close_lingering(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        _close_lingering(request)
 
     def count(self, route: str, status: int) -> None:
         with self._requests_lock:
@@ -2562,6 +2558,21 @@ class _HTTPServer(ThreadingHTTPServer):
                     pass
             while self._connections and time.monotonic() < deadline:
                 self._connections_changed.wait(deadline - time.monotonic())
+
+
+def _close_lingering(connection: socket.socket, seconds: float = 0.5) -> None:
+    """Half-close, read what the client still sends until it closes (at most about `seconds`), then close.
+    Closing with part of a request unread resets the connection, and a reset can destroy the answer before the
+    client reads it: the 414 to a long request line, the 503 to one connection too many."""
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and connection.recv(65536):
+            pass
+    except (OSError, ValueError):
+        pass
+    connection.close()
 
 
 def tls_context(cert_file: str, key_file: Optional[str] = None) -> ssl.SSLContext:
