@@ -2510,7 +2510,7 @@ class _HTTPServer(ThreadingHTTPServer):
                                                      daemon=True)
                     self._refuser.start()
                 return
-        self.shutdown_request(request)
+        super().shutdown_request(request)  # a plain close: this is the accepting thread, which must not linger
 
     def _refuse_forever(self) -> None:
         while True:
@@ -2528,6 +2528,7 @@ class _HTTPServer(ThreadingHTTPServer):
             _close_lingering(request)
 
     def shutdown_request(self, request: Any) -> None:
+        """End a connection when its thread is done with it."""
         _close_lingering(request)
 
     def count(self, route: str, status: int) -> None:
