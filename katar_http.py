@@ -1003,7 +1003,7 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
             raise BadRequest(f"{where}: task {task_id} is reported twice", [task_id])
         seen.add(task_id)
         status = report.get("status")
-        if status not in _OUTCOME:
+        if not isinstance(status, str) or status not in _OUTCOME:
             raise BadRequest(f"{where}.status must be done, failed, in progress or queued, got {status!r}", [task_id])
         item: Dict[str, Any] = {"_id": task_id, "status": status}
         try:
