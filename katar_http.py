@@ -71,6 +71,7 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
@@ -115,10 +116,19 @@ MAX_DELAY_MS = 366 * 86400 * 1000
 MAX_PRIORITY = 10 ** 9
 MAX_TEXT = 65536             # characters in an error, worker id or key
 HISTORY_LIMIT = 20           # attempts remembered per task
+HISTORY_ERROR_LIMIT = 1024   # characters of an error kept in each history entry (the task keeps the whole latest one)
 FINISHED_MEMORY = 10000      # ids of discarded tasks a non-persistent queue remembers, for idempotent reports
 DEFAULT_MAX_WAIT_MS = 30000  # the server's cap on `wait`
 DEFAULT_MAX_BODY = 1 << 20   # bytes in a request body
 QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+# The memory estimate (--max-memory) of what the queues hold, in bytes. Measured on CPython 3.11 (bench --scale):
+# a queued task with small data costs about 490 bytes of RSS, a history entry about 450; parsed JSON takes up to
+# twice its text.
+TASK_BYTES = 600             # a task, its index entries and its slot in the status and id tables
+HISTORY_ENTRY_BYTES = 500    # one remembered attempt
+QUEUE_BYTES = 4096           # an empty queue
+MEMORY_SHARE = 4             # by default the queues may hold a quarter of the machine's memory...
+ADDRESS_SPACE_SHARE = 3      # ...and at most a third of the address space the process may have (ulimit -v)
 
 
 class KatarError(Exception):
@@ -272,14 +282,31 @@ def _json_default(value: Any) -> Any:
 
 def _json_value(field: str, value: Any) -> Any:
     """Return `value` as plain JSON values (what a journal can write and a client can read), or raise BadRequest."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
+    return _json_sized(field, value)[0]
+
+
+def _json_sized(field: str, value: Any) -> Tuple[Any, int]:
+    """`value` as plain JSON values, and an estimate of the bytes it holds in memory; BadRequest if not JSON."""
+    if value is None or isinstance(value, (bool, int)):
+        return value, 32
+    if isinstance(value, str):
+        return value, 49 + len(value)
     if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
-        return value
+        return value, 32
     try:
-        return json.loads(json.dumps(value, default=_json_default, allow_nan=False))
+        text = json.dumps(value, default=_json_default, allow_nan=False)
+        return json.loads(text), 64 + 2 * len(text)
     except (TypeError, ValueError, RecursionError) as exc:
         raise BadRequest(f"{field} must be JSON: {exc}") from None
+
+
+def _value_bytes(value: Any) -> int:
+    """The memory estimate of a value that is already plain JSON (as _json_sized gives it)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return 32
+    if isinstance(value, str):
+        return 49 + len(value)
+    return 64 + 2 * len(_encode(value))
 
 
 def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -312,12 +339,13 @@ class Task:
     """One task. `attempt` numbers its deliveries (1, 2, ...); `spent` counts those that ended in failure or expiry,
     which is what `max_attempts` limits (a task handed back does not spend an attempt)."""
 
-    # Few slots: a queue may hold millions of tasks, and each slot is eight bytes of each of them.
+    # Few slots: a queue may hold millions of tasks, and each slot is eight bytes of each of them. `size` is the
+    # memory estimate of its data, key and result (see _json_sized); the rest of a task's estimate follows from it.
     __slots__ = ("id", "data", "priority", "status", "key", "created_at", "updated_at", "run_at",
-                 "attempt", "spent", "worker", "lease_until", "error", "result", "history")
+                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "size")
 
     def __init__(self, task_id: str, data: Any, priority: int, status: str, key: Optional[str],
-                 run_at: int, at: int) -> None:
+                 run_at: int, at: int, size: int) -> None:
         self.id, self.data, self.priority, self.status, self.key = task_id, data, priority, status, key
         self.created_at = self.updated_at = at
         self.run_at = run_at
@@ -327,6 +355,28 @@ class Task:
         self.error: Optional[str] = None
         self.result: Any = None
         self.history: Any = ()  # a list from the first delivery on: a task that waits needs none
+        self.size = size
+
+    @property
+    def memory(self) -> int:
+        """The estimate of the bytes this task holds (what --max-memory bounds)."""
+        return TASK_BYTES + self.size + HISTORY_ENTRY_BYTES * len(self.history) + len(self.error or "")
+
+    def save(self) -> Tuple[Any, ...]:
+        """What the apply functions may change, for `restore` to put back if a commit fails halfway. History
+        entries other than the latest are never changed in place, so a shallow copy of the list keeps them."""
+        history = self.history
+        return (self.status, self.updated_at, self.run_at, self.attempt, self.spent, self.worker, self.lease_until,
+                self.error, self.result, self.size, history, list(history), dict(history[-1]) if history else None)
+
+    def restore(self, state: Tuple[Any, ...]) -> None:
+        (self.status, self.updated_at, self.run_at, self.attempt, self.spent, self.worker, self.lease_until,
+         self.error, self.result, self.size, history, entries, latest) = state
+        if entries:
+            history[:] = entries
+            history[-1].clear()
+            history[-1].update(latest)
+        self.history = history
 
     def latest(self) -> Optional[Dict[str, Any]]:
         """The history entry of the latest delivery, if it is still remembered."""
@@ -346,7 +396,7 @@ class Task:
                 "status": self.status, "key": self.key, "created_at": self.created_at, "updated_at": self.updated_at,
                 "run_at": self.run_at, "attempt": self.attempt, "spent": self.spent, "worker": self.worker,
                 "lease_until": self.lease_until, "error": self.error, "result": self.result,
-                "history": [dict(entry) for entry in self.history]}
+                "history": [dict(entry) for entry in self.history], "size": self.size}
 
     def snapshot(self, queue: str) -> Dict[str, Any]:
         return {
@@ -404,6 +454,10 @@ class Queue:
         self._result_waiters: Dict[str, List[_Waiter]] = {}
         self.totals = {name: 0 for name in ("inserted", "leased", "done", "failed", "retried", "expired", "released",
                                             "cancelled", "lease_wait_ms")}
+        self.memory = QUEUE_BYTES  # the estimate of what this queue holds: the sum of its tasks' `memory`
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
     # -- public surface ------------------------------------------------------------------------------------------
 
@@ -439,7 +493,7 @@ class Queue:
         with broker._changing():
             now = broker._now()
             results, rows, new_keys = [], [], {}
-            for data, priority, delay, key, status in checked:
+            for data, priority, delay, key, status, size in checked:
                 if key is not None and (key in self._keys or key in new_keys):
                     known = new_keys.get(key) or (self._keys[key], self._status_of(self._keys[key]))
                     results.append({"_id": known[0], "status": known[1], "created": False})
@@ -447,9 +501,10 @@ class Queue:
                 task_id = broker._next_id()
                 if key is not None:
                     new_keys[key] = (task_id, status)
-                rows.append([task_id, data, priority, status, key, delay])
+                rows.append([task_id, data, priority, status, key, delay, size])
                 results.append({"_id": task_id, "status": status, "created": True})
-            if rows:  # one record for the whole request: [id, data, priority, status, key, delay] per task
+            if rows:  # one record for the whole request: [id, data, priority, status, key, delay, size] per task
+                broker._admit(sum(TASK_BYTES + row[6] for row in rows))
                 broker._commit([{"op": "insert", "q": self.name, "at": now, "tasks": rows}])
             self._serve_waiters(now)
         return results[0] if single else results
@@ -584,12 +639,12 @@ class Queue:
 
     # -- validation and planning (under the lock; no state changes) ---------------------------------------------
 
-    def _check_insert(self, index: int, entry: Any) -> Tuple[Any, int, int, Optional[str], str]:
+    def _check_insert(self, index: int, entry: Any) -> Tuple[Any, int, int, Optional[str], str, int]:
         where = f"tasks[{index}]" if index or not isinstance(entry, dict) else "task"
         if not isinstance(entry, dict):
             raise BadRequest(f"{where} must be an object")
         try:
-            data = _json_value("data", entry.get("data"))
+            data, size = _json_sized("data", entry.get("data"))
             priority = _check_priority(entry.get("priority", 0))
             delay = _check_int("delay", entry.get("delay", 0), 0, MAX_DELAY_MS)
             key = entry.get("key")
@@ -600,7 +655,7 @@ class Queue:
                 raise BadRequest(f"status of a new task must be queued or paused, got {status!r}")
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc}") from None
-        return data, priority, delay, key, status
+        return data, priority, delay, key, status, size + (len(key) if key else 0)
 
     def _status_of(self, task_id: str) -> str:
         task = self._tasks.get(task_id)
@@ -694,8 +749,12 @@ class Queue:
             if task is None or task.status != IN_PROGRESS or task.attempt != attempt or task.lease_until != until:
                 continue
             dead = task.spent + 1 >= self.options["max_attempts"]
-            self._broker._commit([{"op": "fail", "q": self.name, "id": task_id, "at": now, "outcome": "expired",
-                                   "error": "lease expired", "retry_at": None if dead else now}])
+            try:
+                self._broker._commit([{"op": "fail", "q": self.name, "id": task_id, "at": now, "outcome": "expired",
+                                       "error": "lease expired", "retry_at": None if dead else now}])
+            except Unavailable:
+                heapq.heappush(leases, (until, task_id, attempt))  # it expires on a later tick
+                return
         self._serve_waiters(now)
 
     def _next_due(self) -> Optional[int]:
@@ -721,15 +780,23 @@ class Queue:
                 picked.add(task_id)
         if not ids:
             return []
-        self._broker._commit([{"op": "lease", "q": self.name, "ids": ids, "worker": worker,
-                               "until": now + self.options["lease"], "at": now}])
+        try:
+            self._broker._commit([{"op": "lease", "q": self.name, "ids": ids, "worker": worker,
+                                   "until": now + self.options["lease"], "at": now}])
+        except Unavailable:
+            for task_id in ids:  # back in line (an entry the undo re-placed too is a harmless duplicate)
+                heapq.heappush(ready, (-tasks[task_id].priority, task_id))
+            raise
         return [{"_id": task_id, "data": tasks[task_id].data, "attempt": tasks[task_id].attempt} for task_id in ids]
 
     def _serve_waiters(self, now: int) -> None:
         """Hand ready tasks to waiting long polls, oldest first, so that nobody barges ahead of them."""
         while self._waiters:
             waiter = self._waiters[0]
-            leased = self._take(waiter.max, waiter.worker, now)
+            try:
+                leased = self._take(waiter.max, waiter.worker, now)
+            except Unavailable:
+                return  # the change that called for this stands; the waiter goes on waiting
             if not leased:
                 return
             self._waiters.popleft()
@@ -775,24 +842,33 @@ class Queue:
         return {"_id": task_id, "queue": self.name, "status": memo[0], "attempt": memo[1], "discarded": True}
 
     # -- state changes: run only from Broker._apply, live or in replay ------------------------------------------
+    # Each apply function passes every task it changes through _touch first (which notes how to put it back if the
+    # commit fails halfway, and takes its bytes out of the memory estimate) and through _hold after, if the queue
+    # still holds it.
 
     def _apply_insert(self, rec: Dict[str, Any]) -> None:
         at, tasks, by_status = rec["at"], self._tasks, self._by_status
-        for task_id, data, priority, status, key, delay in rec["tasks"]:
+        undo = self._broker._undo
+        for row in rec["tasks"]:
+            task_id, data, priority, status, key, delay = row[:6]
+            size = row[6] if len(row) > 6 else _value_bytes(data) + len(key or "")  # journals of version 1
             # Without a delay, run_at is the very int of `at`: one object less per task.
-            task = Task(task_id, data, priority, status, key, at + delay if delay else at, at)
+            task = Task(task_id, data, priority, status, key, at + delay if delay else at, at, size)
+            if undo is not None:
+                undo.append((self._put_back, task, None))
             tasks[task_id] = task
             by_status[status][task_id] = task
             if key is not None:
                 self._keys[key] = task_id
             if status == QUEUED:
                 self._place(task, at)
+            self._hold(task)
         self.totals["inserted"] += len(rec["tasks"])
 
     def _apply_lease(self, rec: Dict[str, Any]) -> None:
         at, until, worker = rec["at"], rec["until"], rec["worker"]
         for task_id in rec["ids"]:
-            task = self._tasks[task_id]
+            task = self._touch(self._tasks[task_id])
             self.totals["lease_wait_ms"] += max(0, at - max(task.updated_at, task.run_at))  # queued and due
             task.attempt += 1
             task.worker, task.lease_until = worker, until
@@ -803,12 +879,13 @@ class Queue:
             del task.history[:-HISTORY_LIMIT]
             self._move(task, IN_PROGRESS, at)
             heapq.heappush(self._leases, (until, task_id, task.attempt))
+            self._hold(task)
         self.totals["leased"] += len(rec["ids"])
         if len(self._leases) > 2 * len(self._by_status[IN_PROGRESS]) + 1024:
             self._reindex_leases()
 
     def _apply_heartbeat(self, rec: Dict[str, Any]) -> None:
-        task = self._tasks[rec["id"]]
+        task = self._touch(self._tasks[rec["id"]])
         latest = task.latest()
         if latest is not None and latest["outcome"] == "expired":
             # Revived after its lease ran out (nobody took the task): as if it never expired.
@@ -817,18 +894,21 @@ class Queue:
         task.lease_until = rec["until"]
         self._move(task, IN_PROGRESS, rec["at"])
         heapq.heappush(self._leases, (rec["until"], task.id, task.attempt))
+        self._hold(task)
 
     def _apply_done(self, rec: Dict[str, Any]) -> None:
-        at = rec["at"]
+        at, keep = rec["at"], self.options["persistent"]
         for task_id, result in zip(rec["ids"], rec["results"]):
-            task = self._tasks[task_id]
+            task = self._touch(self._tasks[task_id])
             self._end_delivery(task, "done", None, at)
             task.result, task.error = result, None
+            if keep and result is not None:
+                task.size += _value_bytes(result)
             self._finish(task, DONE, at)
         self.totals["done"] += len(rec["ids"])
 
     def _apply_fail(self, rec: Dict[str, Any]) -> None:
-        task, at, outcome = self._tasks[rec["id"]], rec["at"], rec["outcome"]
+        task, at, outcome = self._touch(self._tasks[rec["id"]]), rec["at"], rec["outcome"]
         was_dead = task.status == FAILED  # a late failure report on a task its expiry already dead-lettered
         self._end_delivery(task, outcome, rec["error"], at)
         task.error = rec["error"]
@@ -840,30 +920,34 @@ class Queue:
         else:
             self.totals["retried"] += 1
             self._requeue(task, rec["retry_at"], at)
+            self._hold(task)
 
     def _apply_release(self, rec: Dict[str, Any]) -> None:
-        task = self._tasks[rec["id"]]
+        task = self._touch(self._tasks[rec["id"]])
         self._end_delivery(task, "queued", None, rec["at"])
         self.totals["released"] += 1
         self._requeue(task, rec["at"], rec["at"])
+        self._hold(task)
 
     def _apply_status(self, rec: Dict[str, Any]) -> None:
-        task, status, at = self._tasks[rec["id"]], rec["status"], rec["at"]
+        task, status, at = self._touch(self._tasks[rec["id"]]), rec["status"], rec["at"]
         if status == CANCELLED:
             self.totals["cancelled"] += 1
             self._finish(task, CANCELLED, at)
             return
         if status == PAUSED:
             self._move(task, PAUSED, at)
-            return
-        if task.status == FAILED:
-            task.spent = 0  # an operator retries a dead letter: it gets its attempts back
-            task.run_at = at
-        self._requeue(task, task.run_at, at)
+        else:
+            if task.status == FAILED:
+                task.spent = 0  # an operator retries a dead letter: it gets its attempts back
+                task.run_at = at
+            self._requeue(task, task.run_at, at)
+        self._hold(task)
 
     def _apply_task(self, rec: Dict[str, Any]) -> None:
+        size = rec["size"] if "size" in rec else _value_bytes(rec["data"]) + len(rec["key"] or "")
         task = Task(rec["id"], rec["data"], rec["priority"], rec["status"], rec["key"],
-                    rec["run_at"], rec["created_at"])
+                    rec["run_at"], rec["created_at"], size)
         for field in ("updated_at", "attempt", "spent", "worker", "lease_until", "error", "result"):
             setattr(task, field, rec[field])
         task.history = [dict(entry) for entry in rec["history"]] or ()
@@ -875,6 +959,7 @@ class Queue:
             self._place(task, rec["updated_at"])
         elif task.status == IN_PROGRESS:
             heapq.heappush(self._leases, (task.lease_until, task.id, task.attempt))
+        self._hold(task)
 
     def _apply_restore(self, rec: Dict[str, Any]) -> None:
         self.totals.update(rec["totals"])
@@ -890,18 +975,62 @@ class Queue:
     def _adopt(self, other: "Queue") -> None:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
-                     "totals"):
+                     "totals", "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
         for task_id in rec["ids"]:
-            task = self._tasks.pop(task_id, None)
+            task = self._tasks.get(task_id)
             if task is not None:
+                self._touch(task)
+                del self._tasks[task_id]
                 del self._by_status[task.status][task_id]
                 if task.key is not None and self._keys.get(task.key) == task_id:
                     del self._keys[task.key]
 
     # -- helpers of the apply functions ----------------------------------------------------------------------------
+
+    def _touch(self, task: Task) -> Task:
+        """Before an apply function changes `task`: in a live commit, note how to put it back; and take its
+        bytes out of the memory estimate (_hold puts them back in once the change is made)."""
+        undo = self._broker._undo
+        if undo is not None:
+            undo.append((self._put_back, task, task.save()))
+        self.memory -= task.memory
+        return task
+
+    def _hold(self, task: Task) -> None:
+        self.memory += task.memory
+
+    def _put_back(self, task: Task, state: Optional[Tuple[Any, ...]]) -> None:
+        """Undo a failed commit's change to `task`: make it what `state` (Task.save) says, or remove it if it was
+        new (state None). Heap entries it left behind are stale, and skipped as any stale entry is."""
+        if self._tasks.get(task.id) is task:
+            del self._tasks[task.id]
+            del self._by_status[task.status][task.id]
+            if task.key is not None and self._keys.get(task.key) == task.id:
+                del self._keys[task.key]
+        if state is None:
+            return
+        task.restore(state)
+        self._finished.pop(task.id, None)
+        self._tasks[task.id] = task
+        self._by_status[task.status][task.id] = task
+        if task.key is not None:
+            self._keys[task.key] = task.id
+        if task.status == QUEUED:
+            self._place(task, self._broker._now())
+        elif task.status == IN_PROGRESS:
+            heapq.heappush(self._leases, (task.lease_until, task.id, task.attempt))
+
+    def _put_back_totals(self, totals: Dict[str, int], memory: int) -> None:
+        self.totals, self.memory = totals, memory
+
+    def _put_back_memo(self, task_id: str, memo: Tuple[str, int, Optional[str], Optional[str]]) -> None:
+        self._finished[task_id] = memo
+        self._finished.move_to_end(task_id, last=False)
+        if memo[3] is not None:
+            self._keys.setdefault(memo[3], task_id)
 
     def _move(self, task: Task, status: str, at: int) -> None:
         del self._by_status[task.status][task.id]
@@ -944,34 +1073,43 @@ class Queue:
         heapq.heapify(self._leases)
 
     def _end_delivery(self, task: Task, outcome: str, error: Optional[str], at: int) -> None:
-        """Close the history entry of the latest delivery; failures and expiries spend an attempt, once."""
+        """Close the history entry of the latest delivery; failures and expiries spend an attempt, once. The entry
+        keeps the error's first HISTORY_ERROR_LIMIT characters: a worker's error costs memory in every entry."""
         latest = task.latest()
         first_end = latest is None or latest["outcome"] is None
         if outcome in ("failed", "expired") and first_end:
             task.spent += 1
         if latest is not None:
-            latest.update(outcome=outcome, error=error, ended_at=at, duration_ms=at - latest["leased_at"])
+            latest.update(outcome=outcome, error=error if error is None else error[:HISTORY_ERROR_LIMIT],
+                          ended_at=at, duration_ms=at - latest["leased_at"])
 
     def _finish(self, task: Task, status: str, at: int) -> None:
-        """Move a task to a final status: kept, or (done and cancelled on a non-persistent queue) discarded and
-        remembered. Dead letters (failed) are always kept. Result waiters are answered."""
+        """Move a task (touched) to a final status: kept, or (done and cancelled on a non-persistent queue)
+        discarded and remembered. Dead letters (failed) are always kept. Result waiters are answered once the
+        commit has succeeded."""
         self._move(task, status, at)
-        waiters = self._result_waiters.pop(task.id, ())
-        if waiters:
-            view = task.snapshot(self.name)
-            for waiter in waiters:
-                waiter.result = view
-                waiter.cond.notify()
+        if task.id in self._result_waiters:
+            self._broker._answers.append((self._answer, task.id, task.snapshot(self.name)))
         if status == FAILED or self.options["persistent"]:
+            self._hold(task)
             return
         del self._tasks[task.id]
         del self._by_status[status][task.id]
         latest = task.latest()
         self._finished[task.id] = (status, task.attempt, latest["outcome"] if latest else None, task.key)
+        undo = self._broker._undo
         while len(self._finished) > FINISHED_MEMORY:
-            old_id, (_, _, _, key) = self._finished.popitem(last=False)
-            if key is not None and self._keys.get(key) == old_id:
-                del self._keys[key]  # the key's window closes when its task is forgotten
+            old_id, memo = self._finished.popitem(last=False)
+            if undo is not None:
+                undo.append((self._put_back_memo, old_id, memo))
+            if memo[3] is not None and self._keys.get(memo[3]) == old_id:
+                del self._keys[memo[3]]  # the key's window closes when its task is forgotten
+
+    def _answer(self, task_id: str, view: Dict[str, Any]) -> None:
+        """Hand a finished task's view to those waiting for its result."""
+        for waiter in self._result_waiters.pop(task_id, ()):
+            waiter.result = view
+            waiter.cond.notify()
 
 
 _OUTCOME = {DONE: "done", FAILED: "failed", QUEUED: "queued", IN_PROGRESS: None}
@@ -1025,18 +1163,44 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
     return checked
 
 
+def default_max_memory() -> int:
+    """The default of --max-memory: a quarter of the machine's memory, and no more than a third of the address
+    space the process may have (ulimit -v), since the interpreter, threads and a compaction need the rest."""
+    try:
+        bound = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MEMORY_SHARE
+    except (AttributeError, ValueError, OSError):
+        bound = 1 << 30  # the platform will not say: 1 GiB
+    try:
+        import resource  # POSIX
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            bound = min(bound, soft // ADDRESS_SPACE_SHARE)
+    except (ImportError, OSError, ValueError):
+        pass
+    return bound
+
+
 class Broker:
     """The queues and the one lock that guards all of their state.
 
-    `clock` returns seconds since the epoch (time.time); tests inject a fake one. `random` draws the backoff jitter.
+    `clock` is anything with time() and monotonic(), as the time module (the default); tests inject a fake one.
+    Time in the core is the wall clock read once, at start, plus the monotonic time since: a step of the wall
+    clock (NTP, an operator) neither expires nor stretches a lease. Across a restart the journal's times are
+    measured against the wall clock again, and never run backwards behind the latest one the journal holds.
+    `random` draws the backoff jitter. `max_memory` bounds the estimate of what the queues hold (inserts beyond it
+    are refused with Unavailable; 0: no bound; None: default_max_memory()).
+
     Every state change goes through `_commit(records)` -> `_apply(record)`, which a journal can write and replay.
+    A commit is all or nothing: its records are encoded before memory changes, and if applying them fails
+    halfway, what they changed is put back (each apply function notes how, through Queue._touch).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, random_source: Optional[random.Random] = None,
-                 journal: Union[None, str, "Journal"] = None) -> None:
+    def __init__(self, clock: Any = time, random_source: Optional[random.Random] = None,
+                 journal: Union[None, str, "Journal"] = None, max_memory: Optional[int] = None) -> None:
         # This lock guards every queue, task, index and waiter list below; conditions of waiters are built on it.
         self._lock = threading.Lock()
         self._clock = clock
+        self._origin = (clock.time() * 1000.0, clock.monotonic())  # (wall ms, monotonic s) when time began
         self._random = random_source or random.Random()
         self._queues: Dict[str, Queue] = {}
         self._seq = 0
@@ -1044,18 +1208,27 @@ class Broker:
         # an id from before a restart of an in-memory server cannot report on an unrelated task with that number.
         self._epoch = "%08x" % random.SystemRandom().getrandbits(32)
         self._closed = False
+        self.max_memory = default_max_memory() if max_memory is None else max_memory
+        self._memory = 0   # the sum of the queues' memory estimates
+        self._live = 0     # tasks held, all queues together: what a compacted journal would hold
+        self._undo: Optional[List[Tuple[Any, ...]]] = None   # during a live commit: how to put back its changes
+        self._answers: List[Tuple[Any, ...]] = []            # result waiters to answer once the commit stands
+        self._latest = 0   # the latest time a replayed record carries
         self._journal: Optional[Journal] = None
         self._compaction: Optional[threading.Thread] = None
         if journal is not None:
             journal = Journal(journal) if isinstance(journal, str) else journal
-            records = self._load(journal)
+            self._load(journal)
             self._journal = journal
-            if not records or records[0][1]["op"] != "journal":
+            if self._now() < self._latest:  # the wall clock is behind the journal: time goes on from its end
+                self._origin = (float(self._latest), clock.monotonic())
+            if journal.records == 0:
                 with self._changing():
                     self._commit([self._header()])
 
     def _now(self) -> int:
-        return int(round(self._clock() * 1000))  # round: 1.001 s is 1000.9999 ms as a float
+        wall_ms, monotonic = self._origin
+        return int(round(wall_ms + (self._clock.monotonic() - monotonic) * 1000.0))
 
     def _next_id(self) -> str:
         self._seq += 1
@@ -1068,6 +1241,8 @@ class Broker:
         options = _check_options(options)
         with self._changing():
             queue = self._queues.get(name)
+            if queue is None:
+                self._admit(QUEUE_BYTES)
             if queue is None or options:
                 merged = dict(queue.options) if queue is not None else {}
                 merged.update(options)
@@ -1128,15 +1303,15 @@ class Broker:
     def _writable(self) -> bool:
         """Whether changes can be journalled now (lock held). After a disk failure, memory is first rebuilt from
         the durable part of the file, so that it never holds what the disk lost; then the journal is truncated to
-        that part, which succeeds once the disk works again."""
+        that part, which succeeds once the disk works again (and never if the file was deleted or replaced)."""
         journal = self._journal
         if journal is None or journal.failed is None:
-            return journal is None or not journal._closed
+            return journal is None or not journal.closed
         if not journal.rolled_back:
             try:
-                self._rebuild(journal.read_back(), journal.path)
+                self._rebuild(journal)
                 journal.rolled_back = True
-            except OSError:
+            except (OSError, MemoryError, JournalError):
                 return False
         try:
             journal.reset()
@@ -1144,10 +1319,11 @@ class Broker:
             return False
         return True
 
-    def _rebuild(self, records: List[Tuple[int, Dict[str, Any]]], path: str) -> None:
-        """Replace the state of every queue by what `records` build; waiters stay where they are."""
-        fresh = Broker(clock=self._clock, random_source=self._random)
-        fresh._replay(records, path)
+    def _rebuild(self, journal: "Journal") -> None:
+        """Replace the state of every queue by what the journal's durable part builds; waiters stay where they
+        are."""
+        fresh = Broker(clock=self._clock, random_source=self._random, max_memory=self.max_memory)
+        journal.read_back(fresh._replay)
         for name in list(self._queues):
             if name not in fresh._queues:
                 del self._queues[name]
@@ -1158,32 +1334,32 @@ class Broker:
                 queue._broker = self
                 self._queues[name] = queue
         self._epoch, self._seq = fresh._epoch, fresh._seq
+        self._memory, self._live = fresh._memory, fresh._live
 
-    def _load(self, journal: "Journal") -> List[Tuple[int, Dict[str, Any]]]:
-        """Open the journal and replay it; with repair, a record that cannot be applied is cut off with the rest.
-        Returns the records replayed."""
+    def _load(self, journal: "Journal") -> None:
+        """Open the journal and replay it; with repair, a record that cannot be applied is set aside with the
+        rest of the file, and the replay starts again from an empty state."""
         try:
-            records = journal.open()
+            journal.open()
             while True:
                 try:
-                    self._replay(records, journal.path)
-                    return records
+                    journal.replay(self._replay)
+                    return
                 except JournalError as exc:
                     if not journal.repair or exc.line is None:
                         raise
-                    records = journal.cut(exc.line)
-                    self._queues, self._seq = {}, 0
+                    journal.cut(exc.line)
+                    self._queues, self._seq, self._memory, self._live = {}, 0, 0, 0
         except BaseException:
             journal.close()  # refusing to start must not keep the journal locked
             raise
 
-    def _replay(self, records: List[Tuple[int, Dict[str, Any]]], path: str) -> None:
-        for number, record in records:
-            try:
-                self._apply(record)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                raise JournalError(f"{path}: line {number} cannot be applied ({type(exc).__name__}: {exc}). "
-                                   f"{REPAIR_HINT}", number) from None
+    def _replay(self, record: Dict[str, Any]) -> None:
+        """Apply one record read from the journal."""
+        self._apply(record)
+        at = record.get("at")
+        if isinstance(at, int) and at > self._latest:
+            self._latest = at
 
     def _header(self) -> Dict[str, Any]:
         return {"op": "journal", "version": JOURNAL_VERSION, "epoch": self._epoch, "seq": self._seq}
@@ -1201,62 +1377,135 @@ class Broker:
 
     def compact(self) -> None:
         """Rewrite the journal now as a snapshot of the live state (it also happens by itself as the journal
-        grows). Serving goes on meanwhile; only taking the snapshot holds the lock."""
+        grows). Serving goes on meanwhile; only taking the snapshot holds the lock. OSError if it failed (the
+        journal is then unchanged)."""
         with self._lock:
             journal = self._journal
-            if journal is None or not journal.begin_compaction():
+            generation = journal.begin_compaction() if journal is not None else None
+            if generation is None:
                 return  # no journal, or a compaction is already running
             snapshot = self._snapshot()
-        journal.compact(snapshot)
+        journal.compact(snapshot, generation)
 
     def _maybe_compact(self) -> None:
         """Lock held: start a compaction in the background when the journal has grown well past the state."""
         journal = self._journal
-        if self._closed or not journal.wants_compaction(sum(len(q._tasks) + 2 for q in self._queues.values())):
+        if self._closed or not journal.wants_compaction(self._live + 2 * len(self._queues)):
             return
-        if journal.begin_compaction():
-            self._compaction = threading.Thread(target=self._compact_quietly, args=(journal, self._snapshot()),
+        generation = journal.begin_compaction()
+        if generation is not None:
+            self._compaction = threading.Thread(target=self._compact_quietly,
+                                                args=(journal, self._snapshot(), generation),
                                                 name="katar_http compaction", daemon=True)
             self._compaction.start()
 
     @staticmethod
-    def _compact_quietly(journal: "Journal", snapshot: List[Dict[str, Any]]) -> None:
+    def _compact_quietly(journal: "Journal", snapshot: List[Dict[str, Any]], generation: int) -> None:
         try:
-            journal.compact(snapshot)
+            journal.compact(snapshot, generation)
         except OSError as exc:
             warn(f"compaction of {journal.path} failed, the journal is unchanged: {exc}")
+
+    def health(self) -> Optional[str]:
+        """Why changes cannot be made durable now (a journal that failed, or a write or fsync that has hung for
+        longer than STALL_SECONDS), or None."""
+        return self._journal.trouble() if self._journal is not None else None
+
+    def memory(self) -> Tuple[int, int]:
+        """The estimate of the bytes the queues hold, and its bound (0: none)."""
+        return self._memory, self.max_memory
+
+    def _admit(self, size: int) -> None:
+        """Lock held: refuse a change that would take the memory estimate past max_memory."""
+        if self.max_memory and self._memory + size > self.max_memory:
+            raise Unavailable(f"the queues hold about {self._memory >> 20} MiB of the {self.max_memory >> 20} MiB "
+                              f"this server may use (--max-memory): inserts wait until workers drain tasks; retry "
+                              f"later")
 
     # -- the one place state changes ------------------------------------------------------------------------------
 
     def _commit(self, records: List[Dict[str, Any]]) -> None:
-        """Apply records in order and queue them for the journal (lock held). Memory is changed first, the disk
-        next; the request that made the change answers only once the disk has it (see _changing)."""
+        """Apply records in order and queue them for the journal (lock held); all of them, or none. Memory is
+        changed first, the disk next; the request that made the change answers only once the disk has it (see
+        _changing)."""
         journal = self._journal
-        if journal is not None and (journal.failed is not None or journal._closed) and not self._writable():
+        if journal is not None and not self._writable():
             raise Unavailable(f"the journal cannot be written ({journal.failed or 'closed'}); nothing was changed")
-        for record in records:
-            self._apply(record)
+        try:
+            lines = journal.encode(records) if journal is not None else b""
+        except Exception as exc:  # MemoryError, or a value the encoder refuses: nothing has changed yet
+            raise Unavailable(f"the change could not be written ({type(exc).__name__}: {exc}); "
+                              f"nothing was changed") from None
+        saved, self._undo, self._answers = (self._memory, self._live), [], []
+        try:
+            for record in records:
+                self._apply(record)
+            if journal is not None:
+                journal.append(lines, len(records))
+        except Exception as exc:
+            self._revert(saved, exc)
+            raise Unavailable(f"the change failed ({type(exc).__name__}) and was undone; nothing was changed: "
+                              f"retry later") from None
+        finally:
+            self._undo = None
+        for answer, task_id, view in self._answers:
+            answer(task_id, view)
         if journal is not None:
-            journal.append(records)
             self._maybe_compact()
+
+    def _revert(self, saved: Tuple[int, int], error: BaseException) -> None:
+        """Put back what a failed commit changed (lock held). Should that fail too, memory no longer matches the
+        journal: the journal is marked failed, so that memory is rebuilt from it before the next change."""
+        details = "".join(traceback.format_exception_only(type(error), error)).strip()
+        try:
+            for action, *args in reversed(self._undo or ()):
+                action(*args)
+            self._memory, self._live = saved
+        except Exception as second:
+            if self._journal is None:
+                warn(f"a change failed ({details}) and could not be undone ({second!r}): memory may hold part of "
+                     f"it; restart the server")
+            else:
+                self._journal.fail(OSError(errno.EIO, f"a change could not be undone: {second!r}"))
+            return
+        warn(f"a change failed and was undone, nothing was changed: {details}")
 
     def _apply(self, record: Dict[str, Any]) -> None:
         op = record["op"]
         if op == "journal":
-            if record["version"] != JOURNAL_VERSION:
-                raise JournalError(f"journal version {record['version']} is not {JOURNAL_VERSION}")
+            if record["version"] not in JOURNAL_VERSIONS:
+                raise JournalError(f"journal version {record['version']} is not one of "
+                                   f"{', '.join(map(str, JOURNAL_VERSIONS))}")
             self._epoch, self._seq = record["epoch"], max(self._seq, record["seq"])
             return
         if op == "queue":
-            queue = self._queues.get(record["q"])
-            if queue is None:
-                self._queues[record["q"]] = Queue(self, record["q"], record["options"])
-            else:
-                queue.options.update(record["options"])
+            self._apply_queue(record)
             return
+        queue = self._queues[record["q"]]
+        memory, held = queue.memory, len(queue)
+        if self._undo is not None:
+            self._undo.append((queue._put_back_totals, dict(queue.totals), memory))
         if op == "insert":
             self._seq = max(self._seq, _seq_of(record["tasks"][-1][0]))
-        getattr(self._queues[record["q"]], "_apply_" + op)(record)
+        getattr(queue, "_apply_" + op)(record)
+        self._memory += queue.memory - memory
+        self._live += len(queue) - held
+
+    def _apply_queue(self, record: Dict[str, Any]) -> None:
+        queue = self._queues.get(record["q"])
+        if self._undo is not None:
+            self._undo.append((self._put_back_queue, record["q"], None if queue is None else dict(queue.options)))
+        if queue is None:
+            queue = self._queues[record["q"]] = Queue(self, record["q"], record["options"])
+            self._memory += queue.memory
+        else:
+            queue.options.update(record["options"])
+
+    def _put_back_queue(self, name: str, options: Optional[Dict[str, Any]]) -> None:
+        if options is None:
+            del self._queues[name]
+        else:
+            self._queues[name].options = options
 
 
 def warn(message: str) -> None:
@@ -1265,26 +1514,108 @@ def warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. The journal: the core's records as JSON lines, appended, fsync'd in groups, compacted, replayed
+# 3. The journal: the core's records as checksummed lines, appended, fsync'd in groups, compacted, replayed
 # ---------------------------------------------------------------------------------------------------------------
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2          # a line is the CRC-32 of the record's JSON (8 hex digits), a space, the JSON
+JOURNAL_VERSIONS = (1, 2)    # version 1 (bare JSON lines, no checksum) still loads; new lines get checksums
 REPAIR_HINT = ("Nothing was changed. To keep the records before that line and set the rest aside, "
                "start once with --repair-journal (Journal(..., repair=True)).")
 FSYNC_MODES = ("always", "interval", "never")
 COMPACT_MIN_RECORDS = 10000  # never compact a journal shorter than this
 COMPACT_RATIO = 4            # compact when the journal holds this many times more records than the live state
+COMPACT_RETRY = (1.0, 300.0)  # seconds before a failed compaction is tried again: the first wait, and the cap
+STALL_SECONDS = 5.0          # a write or fsync pending this long makes the server report itself degraded
+READ_CHUNK = 1 << 20         # bytes read at a time when replaying: a journal is streamed, never read whole
+
+
+def journal_line(record: Dict[str, Any]) -> bytes:
+    """One record as a journal line: the CRC-32 of its JSON, a space, the JSON, a newline."""
+    body = _encode(record).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _parse_line(line: bytes, checksummed: bool) -> Dict[str, Any]:
+    """A journal line (without its newline) as a record; ValueError if it is damaged. A line that starts with
+    '{' is a version 1 line, without a checksum: accepted only where `checksummed` is false."""
+    if line[:1] == b"{":
+        if checksummed:
+            raise ValueError("the line has no checksum")
+        body = line
+    else:
+        body = line[9:]
+        if line[8:9] != b" " or int(line[:8], 16) != zlib.crc32(body):
+            raise ValueError("its checksum does not match its content")
+    record = json.loads(body)
+    if not isinstance(record, dict) or "op" not in record:
+        raise ValueError("not a record")
+    return record
+
+
+def _lines(fd: int, end: Optional[int] = None) -> Iterator[Tuple[int, bytes]]:
+    """(offset, line) of each line of the open file `fd`, up to `end` bytes; the last may lack its newline. Read
+    a chunk at a time: memory holds one chunk and one line, whatever the size of the file."""
+    position, offset, rest = 0, 0, b""
+    while True:
+        size = READ_CHUNK if end is None else min(READ_CHUNK, end - position)
+        chunk = os.pread(fd, size, position) if size > 0 else b""
+        if not chunk:
+            break
+        position += len(chunk)
+        rest += chunk
+        start, newline = 0, rest.find(b"\n")
+        while newline >= 0:
+            yield offset, rest[start:newline + 1]
+            offset += newline + 1 - start
+            start, newline = newline + 1, rest.find(b"\n", newline + 1)
+        rest = rest[start:]
+    if rest:
+        yield offset, rest
+
+
+def _lock_file(fd: int, path: str) -> None:
+    """Take the advisory lock of the open file `fd` for this process; JournalError if another holds it. The kernel
+    releases it when the process dies, even by kill -9."""
+    try:
+        import fcntl  # POSIX
+    except ImportError:
+        return  # no advisory locks on this platform: one writer is then the operator's promise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise JournalError(f"{path} is in use by another katar_http server (pid {_lock_holder(fd)}); "
+                           f"one journal has one writer") from None
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid that holds the lock on the open file `fd`, as /proc/locks tells it (Linux), or "unknown"."""
+    status = os.fstat(fd)
+    device = "%02x:%02x:%d" % (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
 
 
 class Journal:
-    """An append-only file of JSON lines, one per record of Broker._apply.
+    """An append-only file of checksummed lines, one per record of Broker._apply.
 
-    Writers call append() under the broker lock (cheap: it encodes and queues), then wait(ticket) outside it. The
-    first waiter becomes the flusher: it writes everything queued in one write() and, with fsync "always", one
-    fsync, then wakes the others; requests that arrived meanwhile share the next one (group commit). With
-    "interval" a background thread fsyncs every `fsync_interval` seconds and waiters need only the write; with
-    "never" the operating system decides. A failed write or fsync marks the journal failed: every unsynced ticket
-    is lost (its waiter raises Unavailable) and the broker rebuilds memory from what the file holds.
+    Writers encode their records before changing memory (encode), append them under the broker lock (cheap: it
+    queues bytes), then wait(ticket) outside it. The first waiter becomes the flusher: it writes everything queued
+    in one write() and, with fsync "always", one fsync, then wakes the others; requests that arrived meanwhile
+    share the next one (group commit). With "interval" a background thread fsyncs every `fsync_interval` seconds
+    and waiters need only the write; with "never" the operating system decides. A failed write or fsync marks the
+    journal failed: every unsynced ticket is lost (its waiter raises Unavailable) and the broker rebuilds memory
+    from what the file holds.
+
+    The lock is the file's own (flock on the open journal), so a second server reaching the same file through a
+    symbolic or hard link is refused. After each flush the journal checks that its path still names the file it
+    writes: a journal deleted or replaced under the server fails, loudly, for good (until a restart).
 
     `_write` and `_fsync` are os.write and os.fsync, as attributes so that tests can make the disk fail.
     """
@@ -1296,7 +1627,6 @@ class Journal:
         self.fsync, self.fsync_interval, self.repair = fsync, fsync_interval, repair
         self._write, self._fsync = os.write, os.fsync
         self._fd: Optional[int] = None
-        self._lock_fd: Optional[int] = None
         # This lock guards everything below; it is taken inside the broker lock, never the other way round. `_cond`
         # is for the rare waits on a flush in progress (reset, compaction, close); each request waiting for its
         # records has a condition of its own in `_waiting`, so that a flush wakes only those it made durable.
@@ -1307,123 +1637,158 @@ class Journal:
         self._appended = 0                 # tickets handed out (one per append)
         self._durable = 0                  # tickets whose records are written (and fsync'd, with "always")
         self._lost_upto = 0                # tickets up to this one were lost to a disk failure
-        self._flushing = False             # one thread writes at a time
+        self._flushing = False             # one thread writes at a time (a flush, an interval fsync, a compaction)
+        self._io_since: Optional[float] = None  # monotonic time the write or fsync under way began
         self._written = 0                  # bytes of the file written
         self._synced = 0                   # bytes of the file fsync'd
         self.failed: Optional[OSError] = None
         self.rolled_back = False           # memory was rebuilt from the durable part after the failure
+        self._generation = 0               # failures so far: a compaction begun before one must not finish
         self.records = 0                   # records in the file, to decide when to compact
         self._compacting: Optional[List[bytes]] = None  # records appended since the snapshot being written
+        self._compaction_running = False
+        self._compact_after = 0.0          # monotonic time before which no compaction starts (after a failure)
+        self._compact_wait = COMPACT_RETRY[0]
         self._closed = False
         self.compaction_hook: Callable[[str], None] = lambda step: None  # tests stop a compaction between steps
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- opening and replay ---------------------------------------------------------------------------------------
 
-    def open(self) -> List[Tuple[int, Dict[str, Any]]]:
-        """Take the lock file, read the records (cutting off a torn last line), open the file for appending.
-        Returns (line number, record) pairs for the broker to replay."""
-        self._take_lock()
-        records, good_bytes = self._read()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.ftruncate(self._fd, good_bytes)  # drops a torn tail, if any
-        os.lseek(self._fd, good_bytes, os.SEEK_SET)
-        os.fsync(self._fd)
-        self._written = self._synced = good_bytes
-        self.records = len(records)
+    def open(self) -> None:
+        """Open the journal (creating it) and take its lock. The path is opened again if, between the open and the
+        lock, a compaction of another server renamed a new file over it."""
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # writes land at the end
+            try:
+                _lock_file(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._names(fd):
+                self._fd = fd
+                break
+            os.close(fd)
+        else:
+            raise JournalError(f"{self.path} keeps being replaced while it is opened; is another program writing it?")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path + ".compact")  # what a compaction cut short left behind
         if self.fsync == "interval":
             threading.Thread(target=self._sync_periodically, name="katar_http fsync", daemon=True).start()
-        return records
 
-    def _take_lock(self) -> None:
-        lock_path = self.path + ".lock"
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _names(self, fd: int) -> bool:
+        """Whether the journal's path still names the open file `fd` (not deleted, renamed away or replaced)."""
         try:
-            import fcntl  # POSIX; the lock is released by the kernel when the process dies, even by kill -9
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass  # no advisory locks on this platform: one writer is then the operator's promise
+            here, there = os.stat(self.path), os.fstat(fd)
         except OSError:
-            holder = os.read(self._lock_fd, 64).decode("ascii", "replace").strip() or "unknown"
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise JournalError(f"{self.path} is in use by another katar_http server (pid {holder}); "
-                               f"one journal has one writer") from None
-        os.ftruncate(self._lock_fd, 0)
-        os.write(self._lock_fd, str(os.getpid()).encode())
+            return False
+        return there.st_nlink > 0 and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
-    def _read(self) -> Tuple[List[Tuple[int, Dict[str, Any]]], int]:
-        """Parse the file. A bad last line is a torn write: cut off with a warning. A bad line with good lines
-        after it is corruption: refused, or with `repair` cut off there, the rest saved beside the journal."""
-        try:
-            with open(self.path, "rb") as handle:
-                lines = handle.read().split(b"\n")
-        except FileNotFoundError:
-            return [], 0
-        tail = lines.pop()  # what follows the last newline: b"" unless the last write was torn
-        records: List[Tuple[int, Dict[str, Any]]] = []
-        offset = 0
-        for number, line in enumerate(lines, 1):
+    def replay(self, apply: Callable[[Dict[str, Any]], None]) -> None:
+        """Pass every record of the file to `apply`, in order, reading it line by line; cut off a torn last line.
+        A record that cannot be applied is a JournalError naming its line."""
+        assert self._fd is not None
+        good = self._scan(apply, None, self.repair)
+        os.ftruncate(self._fd, good)  # drops a torn tail, if any
+        os.fsync(self._fd)
+        self._written = self._synced = good
+
+    def _scan(self, apply: Callable[[Dict[str, Any]], None], end: Optional[int], repair: bool) -> int:
+        """Apply the records of the first `end` bytes (all: None); returns the bytes that hold whole, sound lines.
+        A damaged last line is a torn write, cut off with a warning. A damaged line with lines after it is damage:
+        refused, or with `repair` set aside with the rest of the file."""
+        assert self._fd is not None
+        checksummed, damaged, good, self.records = True, None, 0, 0
+        for number, (offset, line) in enumerate(_lines(self._fd, end), 1):
+            if damaged is not None:
+                return self._damaged(*damaged, repair)
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "op" not in record:
-                    raise ValueError("not a record")
+                if not line.endswith(b"\n"):
+                    raise ValueError("it is not a whole line")
+                if number == 1 and line[:1] == b"{":  # version 1 journals start with a bare header
+                    record = _parse_line(line[:-1], False)
+                    checksummed = not (record["op"] == "journal" and record.get("version") == 1)
+                else:
+                    record = _parse_line(line[:-1], checksummed)
             except ValueError as exc:
-                if number == len(lines) and not tail:
-                    tail = line + b"\n"
-                    break
-                return self._corrupt(number, offset, exc), offset
-            records.append((number, record))
-            offset += len(line) + 1
-        if tail:
-            warn(f"{self.path}: cut off a torn last record at byte {offset} "
-                 f"({len(tail)} bytes of an interrupted write)")
-        return records, offset
+                damaged = (number, offset, exc)
+                continue
+            try:
+                apply(record)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise JournalError(f"{self.path}: line {number} cannot be applied ({type(exc).__name__}: {exc}). "
+                                   f"{REPAIR_HINT}", number) from None
+            self.records += 1
+            good = offset + len(line)
+        if damaged is not None:
+            size = (end if end is not None else os.fstat(self._fd).st_size) - good
+            warn(f"{self.path}: cut off a torn last record at byte {good} ({size} bytes of an interrupted write: "
+                 f"{damaged[2]})")
+        return good
 
-    def _corrupt(self, number: int, offset: int, exc: Exception) -> List[Tuple[int, Dict[str, Any]]]:
-        if not self.repair:
-            raise JournalError(f"{self.path}: line {number} (byte {offset}) is not a journal record ({exc}). "
-                               f"{REPAIR_HINT}", number)
-        return self._set_aside(number, offset)
+    def _damaged(self, number: int, offset: int, exc: Exception, repair: bool) -> int:
+        if not repair:
+            raise JournalError(f"{self.path}: line {number} (byte {offset}) is damaged ({exc}), and records follow "
+                               f"it. {REPAIR_HINT}", number)
+        self._set_aside(number, offset)
+        return offset
 
-    def _set_aside(self, number: int, offset: int) -> List[Tuple[int, Dict[str, Any]]]:
-        """Repair: copy the file from `offset` (line `number`) to FILE.corrupt-TIME; return the records before."""
+    def _set_aside(self, number: int, offset: int) -> None:
+        """Repair: copy the file from `offset` (line `number`) to FILE.corrupt-TIME, say exactly what that drops,
+        and truncate the journal there."""
+        assert self._fd is not None
         saved = f"{self.path}.corrupt-{int(time.time())}"
-        with open(self.path, "rb") as handle, open(saved, "wb") as out:
-            handle.seek(offset)
-            out.write(handle.read())
-        warn(f"{self.path}: line {number} (byte {offset}) is corrupt; kept the records before it, "
-             f"saved the rest in {saved}")
-        return self._read_prefix(offset)[0]
-
-    def cut(self, number: int) -> List[Tuple[int, Dict[str, Any]]]:
-        """Repair after a line that parsed but could not be applied: set it and the rest aside, truncate the
-        journal before it, and return the records that remain."""
-        with open(self.path, "rb") as handle:
-            offset = sum(len(line) for _, line in zip(range(number - 1), handle))
-        records = self._set_aside(number, offset)
+        dropped: Dict[str, int] = collections.Counter()
+        lines = unreadable = 0
+        with open(saved, "wb") as out:
+            for _, line in _lines(self._fd):
+                lines += 1
+                if lines < number:
+                    continue
+                out.write(line)
+                try:
+                    dropped[_parse_line(line.rstrip(b"\n"), False)["op"]] += 1
+                except (ValueError, KeyError):
+                    unreadable += 1
+            out.flush()
+            os.fsync(out.fileno())
+        what = ", ".join(f"{count} {op}" for op, count in sorted(dropped.items()))
+        warn(f"{self.path}: line {number} (byte {offset}) is damaged; kept the {number - 1} lines before it and "
+             f"set aside the {lines - number + 1} lines from it on in {saved}: {unreadable} unreadable, and records "
+             f"that parse: {what or 'none'}")
         os.ftruncate(self._fd, offset)
-        os.lseek(self._fd, offset, os.SEEK_SET)
         os.fsync(self._fd)
         self._written = self._synced = offset
-        self.records = len(records)
-        return records
 
-    def _read_prefix(self, size: int) -> Tuple[List[Tuple[int, Dict[str, Any]]], int]:
-        with open(self.path, "rb") as handle:
-            data = handle.read(size)
-        return [(number, json.loads(line)) for number, line in enumerate(data.split(b"\n")[:-1], 1)], size
+    def cut(self, number: int) -> None:
+        """Repair after a line that parsed but could not be applied: set it and the rest aside; the broker then
+        replays what remains."""
+        assert self._fd is not None
+        offset = 0
+        for count, (start, _) in enumerate(_lines(self._fd), 1):
+            if count == number:
+                offset = start
+                break
+        self._set_aside(number, offset)
 
     # -- appending and group commit -------------------------------------------------------------------------------
 
-    def append(self, records: List[Dict[str, Any]]) -> int:
-        """Queue records for writing (broker lock held); returns the ticket to wait for."""
-        data = "".join([_encode(record) + "\n" for record in records]).encode()
+    @staticmethod
+    def encode(records: List[Dict[str, Any]]) -> bytes:
+        """The lines of `records` (before memory changes: an encoding failure changes nothing)."""
+        return b"".join([journal_line(record) for record in records])
+
+    def append(self, data: bytes, count: int) -> int:
+        """Queue `count` encoded records for writing (broker lock held); returns the ticket to wait for."""
         with self._cond:
             self._pending.append(data)
             if self._compacting is not None:
                 self._compacting.append(data)
             self._appended += 1
-            self.records += len(records)
+            self.records += count
             return self._appended
 
     @property
@@ -1447,23 +1812,28 @@ class Journal:
                 self._flush_locked()
 
     def _flush_locked(self) -> None:
-        """Write (and fsync) everything pending, releasing the condition during the I/O."""
-        self._flushing = True
-        batch, upto = b"".join(self._pending), self._appended
-        self._pending = []
+        """Write (and fsync) everything pending, releasing the condition during the I/O; then check that the
+        path still names the file written."""
+        self._flushing, self._io_since = True, time.monotonic()
+        upto, pending, self._pending = self._appended, self._pending, []
         self._cond.release()
         error: Optional[OSError] = None
+        size = 0
         try:
-            _write_all(self._fd, batch, self._write)
+            batch = b"".join(pending)
+            size = _write_all(self._fd, batch, self._write)
             if self.fsync == "always":
                 self._fsync(self._fd)
-        except OSError as exc:
-            error = exc
+            if not self._names(self._fd):
+                raise OSError(errno.ESTALE, f"{self.path} was deleted or replaced while the server ran: it no "
+                                            f"longer holds what is written; restart the server to write it anew")
+        except (OSError, MemoryError) as exc:
+            error = exc if isinstance(exc, OSError) else OSError(errno.ENOMEM, "out of memory while writing")
         finally:
             self._cond.acquire()
-            self._flushing = False
+            self._flushing, self._io_since = False, None
         if error is None:
-            self._written += len(batch)
+            self._written += size
             if self.fsync == "always":
                 self._synced = self._written
             self._durable = max(self._durable, upto)
@@ -1485,10 +1855,20 @@ class Journal:
         self._waiting = still
         self._cond.notify_all()
 
+    def fail(self, error: OSError) -> None:
+        """Mark the journal failed from outside (memory could not be put back after a failed commit): memory is
+        then rebuilt from the file before the next change."""
+        with self._cond:
+            self._fail(error)
+            self._wake()
+
     def _fail(self, error: OSError) -> None:
+        if self.failed is None:
+            warn(f"the journal {self.path} failed: {error}. Changes are refused (503) until it can be written.")
         self.failed, self.rolled_back = error, False
         self._lost_upto = self._appended
         self._pending = []
+        self._generation += 1
 
     def _sync_periodically(self) -> None:
         while True:
@@ -1500,7 +1880,7 @@ class Journal:
                     self._cond.wait()
                 if self.failed or self._synced == self._written:
                     continue
-                self._flushing = True
+                self._flushing, self._io_since = True, time.monotonic()
                 written = self._written
             error = None
             try:
@@ -1508,7 +1888,7 @@ class Journal:
             except OSError as exc:
                 error = exc
             with self._cond:
-                self._flushing = False
+                self._flushing, self._io_since = False, None
                 if error is None:
                     self._synced = written
                 else:
@@ -1520,101 +1900,118 @@ class Journal:
 
     def reset(self) -> None:
         """After a failure: drop everything after the last durable byte, so the file holds only what it held
-        before the failure. Raises OSError while the disk still fails. Broker lock held (no appends)."""
+        before the failure. Raises OSError while the disk still fails, or for good once the file was deleted or
+        replaced. Broker lock held (no appends)."""
         with self._cond:
             while self._flushing:
                 self._cond.wait()
+            if not self._names(self._fd):
+                raise OSError(errno.ESTALE, f"{self.path} was deleted or replaced while the server ran")
             keep = self._durable_bytes()
             self._lost_upto = self._appended
             self._pending = []
             os.ftruncate(self._fd, keep)
-            os.lseek(self._fd, keep, os.SEEK_SET)
             self._fsync(self._fd)
             self._written = self._synced = keep
             self._durable = self._appended
             self.failed = None
             self._wake()
 
-    def read_back(self) -> List[Tuple[int, Dict[str, Any]]]:
-        """The records of the durable part of the file, for the broker to rebuild memory from."""
+    def read_back(self, apply: Callable[[Dict[str, Any]], None]) -> None:
+        """Pass the records of the durable part of the file to `apply`, for the broker to rebuild memory from.
+        Read from the open file, which is the journal's even if its path was taken away."""
         with self._cond:
             while self._flushing:
                 self._cond.wait()
             size = self._durable_bytes()
-        return self._read_prefix(size)[0]
+        self._scan(apply, size, False)
+
+    def trouble(self) -> Optional[str]:
+        """Why records cannot be made durable now, or None."""
+        failed, since = self.failed, self._io_since
+        if failed is not None:
+            return f"the journal cannot be written: {failed}"
+        if since is not None and time.monotonic() - since > STALL_SECONDS:
+            return f"a journal write or fsync has been pending for {time.monotonic() - since:.0f} s"
+        return None
 
     # -- compaction -----------------------------------------------------------------------------------------------
 
     def wants_compaction(self, live_records: int) -> bool:
-        return (self._compacting is None and not self.failed and self.records >= COMPACT_MIN_RECORDS
-                and self.records > COMPACT_RATIO * max(live_records, 1))
+        return (not self._compaction_running and not self.failed and self.records >= COMPACT_MIN_RECORDS
+                and self.records > COMPACT_RATIO * max(live_records, 1) and time.monotonic() >= self._compact_after)
 
-    def begin_compaction(self) -> bool:
-        """Broker lock held, as the snapshot is taken: records from now on also go to the new file. False if a
-        compaction is already under way."""
+    def begin_compaction(self) -> Optional[int]:
+        """Broker lock held, as the snapshot is taken: records from now on also go to the new file. Returns what
+        compact() needs, or None if a compaction is under way or the journal failed."""
         with self._cond:
-            if self._compacting is not None or self.failed is not None or self._closed:
-                return False
-            self._compacting = []
-            return True
+            if self._compaction_running or self.failed is not None or self._closed:
+                return None
+            self._compaction_running, self._compacting = True, []
+            return self._generation
 
-    def compact(self, snapshot: List[Dict[str, Any]]) -> None:
-        """Write the snapshot to a temporary file beside the journal, fsync it, append what arrived meanwhile,
-        rename it over the journal and fsync the folder. A crash at any step leaves a journal that loads: the
-        old one until the rename, the new one after."""
+    def compact(self, snapshot: List[Dict[str, Any]], generation: int) -> None:
+        """Write the snapshot to a temporary file beside the journal and fsync it; then, holding off every other
+        write, add what was appended since the snapshot (the tail), fsync, rename it over the journal and fsync the
+        folder. Records appended after the tail was taken stay pending, for the new file. A crash at any step
+        leaves a journal that loads: the old one until the rename, the new one after. A failure removes the
+        temporary file and holds off the next compaction (1 s, doubling up to 5 min)."""
         temporary = self.path + ".compact"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        renamed = False
         try:
+            _lock_file(fd, temporary)  # the lock moves with the file: no moment without one
             size = 0
             for start in range(0, len(snapshot), 10000):
-                chunk = "".join([_encode(record) + "\n" for record in snapshot[start:start + 10000]]).encode()
-                size += _write_all(fd, chunk)
+                size += _write_all(fd, self.encode(snapshot[start:start + 10000]))
             os.fsync(fd)
             self.compaction_hook("snapshot written")
             with self._cond:
                 while self._flushing:
                     self._cond.wait()
-                if self.failed is not None:  # records in the tail may have been refused: keep the old file
-                    self._compacting = None
-                    raise OSError(errno.EIO, f"the journal failed during compaction: {self.failed}")
-                self._flushing = True  # the old file gets no more writes: this thread is the only writer now
+                if self.failed is not None or self._generation != generation or self._closed:
+                    # records in the snapshot or the tail may have been refused since: keep the old file
+                    raise OSError(errno.EIO, f"the journal failed during compaction: {self.failed or 'closed'}")
+                self._flushing = True  # no other write until the new file is in place
+                tail, self._compacting = self._compacting or [], None
+                upto, covered, records_then = self._appended, len(self._pending), self.records
             try:
-                tail = b"".join(self._compacting or [])
-                size += _write_all(fd, tail)
+                size += _write_all(fd, b"".join(tail))
                 os.fsync(fd)
                 self.compaction_hook("tail written")
                 os.replace(temporary, self.path)
-                self.compaction_hook("renamed")
-                _fsync_folder(self.path)
-            except BaseException:
+                renamed = True
+            finally:
                 with self._cond:
+                    if renamed:  # the new file is the journal: write there from now on
+                        self._fd, fd = fd, self._fd
+                        self._written = self._synced = size
+                        del self._pending[:covered]  # in the snapshot or the tail; what came later stays pending
+                        self._durable = max(self._durable, upto)
+                        self.records = len(snapshot) + sum(chunk.count(b"\n") for chunk in tail) + (
+                            self.records - records_then)
                     self._flushing = False
                     self._wake()
-                raise
-            with self._cond:
-                os.close(self._fd)
-                self._fd, fd = fd, -1
-                self._written = self._synced = size
-                self._pending = []  # all of it is in the new file, which is fsync'd
-                self._durable = self._appended
-                self.records = len(snapshot) + sum(chunk.count(b"\n") for chunk in self._compacting or [])
-                self._compacting = None
-                self._flushing = False
-                self._wake()
+            _fsync_folder(self.path)
+            self.compaction_hook("renamed")
+            self._compact_wait = COMPACT_RETRY[0]
         except OSError:
-            with self._cond:
-                self._compacting = None
+            self._compact_after = time.monotonic() + self._compact_wait
+            self._compact_wait = min(2 * self._compact_wait, COMPACT_RETRY[1])
             raise
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)  # the old journal's descriptor, once the new one is in place
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            with self._cond:
+                self._compaction_running, self._compacting = False, None
 
     def close(self) -> None:
-        """Flush what is pending, then release the file and the lock."""
+        """Flush what is pending, then release the file and its lock."""
         with self._cond:
             if self._closed or self._fd is None:
                 self._closed = True
-                self._release_lock()
                 return
             while self._flushing:
                 self._cond.wait()
@@ -1623,12 +2020,6 @@ class Journal:
             self._closed = True
             self._wake()
             os.close(self._fd)
-        self._release_lock()
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
 
 def _write_all(fd: int, data: bytes, write: Callable[[int, Any], int] = os.write) -> int:

@@ -33,16 +33,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class FakeClock:
-    """Seconds since the epoch that move only when a test says so."""
+    """A wall clock and a monotonic clock (what Broker reads, as of the time module) that move only when a test
+    says so: advance() moves both, as time passing does; step() moves the wall clock alone, as NTP or an operator
+    setting the date does."""
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self.now = start
+        self.elapsed = 1000.0
 
-    def __call__(self) -> float:
+    def time(self) -> float:
         return self.now
+
+    def monotonic(self) -> float:
+        return self.elapsed
 
     def advance(self, ms: float) -> None:
         self.now += ms / 1000.0
+        self.elapsed += ms / 1000.0
+
+    def step(self, seconds: float) -> None:
+        self.now += seconds
 
     @property
     def ms(self) -> int:
@@ -57,7 +67,7 @@ class ServerTestCase(unittest.TestCase):
 
     def setUp(self) -> None:
         self.clock = FakeClock()
-        self.broker = K.Broker(clock=time.time if self.real_clock else self.clock, random_source=random.Random(7))
+        self.broker = K.Broker(clock=time if self.real_clock else self.clock, random_source=random.Random(7))
         self.jobs = self.broker.queue("jobs", **self.queue_options)
         self.server = K.serve(self.broker, port=0, limits=K.Limits(max_wait=5000))
         self.addCleanup(self.server.close)
@@ -1308,8 +1318,8 @@ class JournalTest(unittest.TestCase):
     def crash(self, broker):
         """Abandon a broker as a killed process would: no flush, just the lock released (as the kernel does)."""
         journal = broker._journal
-        os.close(journal._lock_fd)
-        journal._lock_fd, journal._closed = None, True
+        os.close(journal._fd)
+        journal._fd, journal._closed = None, True
 
     def churn(self, broker):
         """A bit of everything the core journals."""
@@ -1402,9 +1412,9 @@ class JournalTest(unittest.TestCase):
         broker = self.open()
         broker.queue("jobs")
         broker.close()
-        with open(self.path, "a") as handle:
-            handle.write('{"op":"done","q":"jobs","ids":["nope-1"],"results":[null],"at":1}\n'
-                         '{"op":"queue","q":"other","options":{}}\n')
+        with open(self.path, "ab") as handle:
+            handle.write(K.journal_line({"op": "done", "q": "jobs", "ids": ["nope-1"], "results": [None], "at": 1}) +
+                         K.journal_line({"op": "queue", "q": "other", "options": {}}))
         with self.assertRaisesRegex(K.JournalError, "line 3 cannot be applied.*--repair-journal"):
             K.Broker(journal=self.path)
         stderr = io.StringIO()
