@@ -225,6 +225,11 @@ class URITooLong(KatarError):
     status = HTTPStatus.REQUEST_URI_TOO_LONG
 
 
+class MisdirectedRequest(KatarError):
+    """The Host names a server this is not (how DNS rebinding gets a web page into a server without a token)."""
+    status = HTTPStatus.MISDIRECTED_REQUEST
+
+
 # Field checks shared by the core and the HTTP layer. Each names the offending field.
 
 def _check_int(field: str, value: Any, low: int, high: int) -> int:
@@ -2062,7 +2067,9 @@ ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
     (re.compile(QUEUE_SEGMENT + r"/tasks/([^/]+)"),
      {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
 ]
-OPEN_PATHS = ("/healthz", "/v1/openapi.json", "/", "/ui")  # answered without a token (they hold no data)
+OPEN_PATHS = ("/healthz", "/v1/openapi.json", "/", "/ui")  # answered without a token or an origin (no data)
+CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"  # what a page of an --allow-origin may send, after its preflight
+CORS_HEADERS = "authorization, content-type"
 WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
 # curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
@@ -2072,6 +2079,10 @@ SINGLE_HEADERS = ("content-length", "transfer-encoding", "content-type", "author
 Reply = Tuple[int, Any]
 # RFC 9110 5.1: a header name is a token; "Bad Name" or "Name :" is how a request gets read two ways by two servers.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9112 2.2: lines end with CRLF. A bare LF, a bare CR or a NUL is refused wherever it is, however the bytes
+# arrive: a server that takes a bare LF as a line end in one place and not in another frames requests two ways.
+_BAD_HEAD_BYTE = re.compile(rb"[\r\n\x00]")
+BAD_FRAMING = "a request head may not hold a bare LF, a bare CR or a NUL: end each line with CRLF"
 
 
 # Workers ask for the same few targets over and over: splitting and routing each once saves about 12 us of a
@@ -2471,6 +2482,9 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
            [("", f'queue="{s["queue"]}"', (s["oldest_queued_age_ms"] or 0) / 1000.0) for s in stats])
     family("katar_waiting_workers", "gauge", "Long polls waiting for a task.",
            [("", f'queue="{s["queue"]}"', s["waiting_workers"]) for s in stats])
+    used, bound = broker.memory()
+    family("katar_memory_bytes", "gauge", "The estimate of the memory the queues hold, and its bound "
+           "(--max-memory; 0: none).", [("", 'kind="estimate"', used), ("", 'kind="bound"', bound)])
     family("katar_http_requests_total", "counter", "HTTP requests answered, by route and status code.",
            [("", f'route="{route}",code="{code}"', n) for (route, code), n in sorted(requests.items())])
     return "\n".join(lines) + "\n"
@@ -2541,8 +2555,12 @@ class Handler(BaseHTTPRequestHandler):
         if not buffered:
             return None
         end = buffered.find(b"\r\n\r\n", 0, limits.max_head_bytes)
-        if end > 0:  # the usual case: the whole head is already here, take it at once
-            lines = self.rfile.read(end + 4)[:end].split(b"\r\n")
+        if end > 0 and not buffered.startswith(b"\r\n"):  # usually the whole head is here already: take it at once
+            head = self.rfile.read(end + 4)[:end]
+            crlf = head.count(b"\r\n")
+            if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head:
+                raise BadRequest(BAD_FRAMING)
+            lines = head.split(b"\r\n")
         else:
             lines = self._read_head_lines(limits)
             if lines is None:
@@ -2571,10 +2589,12 @@ class Handler(BaseHTTPRequestHandler):
                     raise BadRequest(f"conflicting {name} headers")
             else:
                 headers[name] += ", " + value
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise BadRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
         return method, target, version, headers
 
     def _read_head_lines(self, limits: Limits) -> Optional[List[bytes]]:
-        """The head line by line, for heads that arrive in pieces or end lines with a bare LF."""
+        """The head line by line, for heads that arrive in pieces or begin with empty lines."""
         lines: List[bytes] = []
         used = 0
         while True:
@@ -2586,7 +2606,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestHeaderFieldsTooLarge(f"the headers are longer than {limits.max_head_bytes} bytes")
             if not line.endswith(b"\n"):
                 return None  # the client hung up in the middle of its head
-            line = line.rstrip(b"\r\n")
+            if not line.endswith(b"\r\n") or _BAD_HEAD_BYTE.search(line, 0, len(line) - 2):
+                raise BadRequest(BAD_FRAMING)
+            line = line[:-2]
             if not line:
                 if lines:
                     return lines
@@ -2607,12 +2629,17 @@ class Handler(BaseHTTPRequestHandler):
         access = self.server.access
         route = "unknown"
         try:
-            scope = access.ADMIN
-            if not access.open and _split_target(self.path)[0] not in OPEN_PATHS:
-                scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
-            route, params, self.query = self.match()
-            access.check(scope, route, params[0] if params else None)
-            status, payload = getattr(self, route)(*params)
+            path = _split_target(self.path)[0]
+            if access.open:
+                self.check_host()
+            if path not in OPEN_PATHS:
+                headers += self.check_origin()
+            if self.command == "OPTIONS" and headers and "access-control-request-method" in self.headers:
+                route, status, payload = "preflight", HTTPStatus.NO_CONTENT, None  # an allowed page's preflight
+                headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                            ("Access-Control-Allow-Headers", CORS_HEADERS), ("Access-Control-Max-Age", "600")]
+            else:
+                route, status, payload = self.route_request(access, path)
         except MethodNotAllowed as exc:
             status, payload = exc.status, exc.to_json()
             headers.append(("Allow", ", ".join(exc.allow)))
@@ -2622,6 +2649,10 @@ class Handler(BaseHTTPRequestHandler):
                 headers.append(("WWW-Authenticate", 'Bearer realm="katar_http"'))
             elif status == HTTPStatus.SERVICE_UNAVAILABLE:
                 headers.append(("Retry-After", "1"))
+        except MemoryError:  # what the memory bound did not foresee: the commit was undone, nothing changed
+            status, payload = HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is out of memory; nothing was "
+                                                                        "changed: retry later"}
+            headers.append(("Retry-After", "1"))
         except Exception:  # a bug: count it, log it, answer JSON, keep serving
             self.server.internal_errors += 1
             self.log_error("internal error on %s %s", self.command, _split_target(self.path)[0])
@@ -2635,6 +2666,51 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write('%s "%s %s" %d %d %.1fms\n' % (
                 self.address_string(), self.command, _split_target(self.path)[0], status, size,
                 (time.monotonic() - started) * 1000))
+
+    def route_request(self, access: Access, path: str) -> Tuple[str, int, Any]:
+        """Authenticate, route and run the request: (route, status, payload)."""
+        scope = access.ADMIN
+        if not access.open and path not in OPEN_PATHS:
+            scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
+        route, params, self.query = self.match()
+        access.check(scope, route, params[0] if params else None)
+        status, payload = getattr(self, route)(*params)
+        return route, status, payload
+
+    def check_host(self) -> None:
+        """Without a token, answer only requests addressed to this machine by an IP address, localhost, or a
+        name of --allow-host: a web page whose own name is made to point here (DNS rebinding) sends its own."""
+        host = self.headers.get("host", "").strip().lower()
+        if host.startswith("["):
+            host = host[1:].partition("]")[0]
+        elif host.count(":") == 1:
+            host = host.partition(":")[0]
+        host = host.rstrip(".") if host.endswith(".") and ":" not in host else host
+        if not host or host == "localhost" or host in self.server.allowed_hosts:
+            return
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise MisdirectedRequest(f"this server answers requests for an IP address or localhost; to use the "
+                                     f"name {host[:100]!r}, start it with --allow-host {host[:100]}") from None
+
+    def check_origin(self) -> List[Tuple[str, str]]:
+        """Keep browsers out of the data: a request sent by a page of another site (its Origin is not this
+        server's, or Sec-Fetch-Site says cross-site) is Forbidden, unless --allow-origin names that page's origin;
+        then returns the CORS headers that let it read the answer. curl and workers send neither header."""
+        origin = self.headers.get("origin")
+        if origin is not None:
+            origin = origin.strip().lower()
+            if origin in self.server.allowed_origins:
+                return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+            # This server's own page: the origin's host and port are the Host (its scheme may be a TLS proxy's).
+            if origin.partition("://")[2] != self.headers.get("host", "").strip().lower():
+                raise Forbidden(f"requests from the web page of {origin[:100]} are refused: a page may use this "
+                                f"server only if it is started with --allow-origin {origin[:100]}")
+        if self.headers.get("sec-fetch-site", "").strip().lower() in ("cross-site", "same-site"):
+            raise Forbidden("requests from the web pages of other sites are refused (Sec-Fetch-Site); allow a "
+                            "page's origin with --allow-origin")
+        return []
 
     def match(self) -> Tuple[str, List[str], Dict[str, List[str]]]:
         path, query = _split_target(self.path)
@@ -2718,7 +2794,7 @@ class Handler(BaseHTTPRequestHandler):
                              f"{self.server.limits.max_tasks} per request")
 
     def check_values(self, field: str, items: Any, key: str) -> None:
-        """Each item's `key` (data, result: what the server keeps) must nest no deeper than max_depth and stay
+        """Each item's `key` (data, result, error: what the server keeps) must nest no deeper than max_depth and stay
         under max_data bytes of JSON. Other fields are dropped unread, and a body smaller than max_data cannot hold
         a larger value, so the usual request costs next to nothing here."""
         if not isinstance(items, list):
@@ -2767,6 +2843,9 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, Text(PAGE, "text/html; charset=utf-8")
 
     def route_health(self) -> Reply:
+        trouble = self.server.broker.health()
+        if trouble is not None:  # a balancer in front may send the traffic elsewhere
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "reason": trouble, "version": __version__}
         return HTTPStatus.OK, {"status": "ok", "version": __version__}
 
     def route_queues(self) -> Reply:
@@ -2781,6 +2860,7 @@ class Handler(BaseHTTPRequestHandler):
         reports = body.get("tasks")
         self.check_count("tasks", reports)
         self.check_values("tasks", reports, "result")
+        self.check_values("tasks", reports, "error")
         max_tasks = body.get("max", 1)
         if isinstance(max_tasks, int) and not isinstance(max_tasks, bool) and max_tasks > self.server.limits.max_tasks:
             raise BadRequest(f"max must be at most {self.server.limits.max_tasks} on this server, got {max_tasks}")
@@ -2852,12 +2932,18 @@ class _HTTPServer(ThreadingHTTPServer):
     """A thread per connection, at most `limits.max_connections` of them, plus what the handler reads."""
 
     daemon_threads = True  # a stuck connection never keeps the process alive; close() drains them instead
+    # Connections the kernel completes before they are accepted (it caps this at net.core.somaxconn). socketserver's
+    # 5 makes a fleet of workers reconnecting at once wait seconds for dropped SYNs to be sent again.
+    request_queue_size = 1024
 
     def __init__(self, address: Tuple[str, int], broker: Broker, limits: Limits, access: Access,
-                 tls: Optional[ssl.SSLContext], quiet: bool) -> None:
+                 tls: Optional[ssl.SSLContext], quiet: bool, allow_origins: Iterable[str] = (),
+                 allow_hosts: Iterable[str] = ()) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.broker, self.limits, self.access, self.tls, self.quiet = broker, limits, access, tls, quiet
+        self.allowed_origins = frozenset(origin.strip().lower().rstrip("/") for origin in allow_origins)
+        self.allowed_hosts = frozenset(host.strip().lower().rstrip(".") for host in allow_hosts)
         self._connections: set = set()
         self._active = 0
         self._refusals: "collections.deque[socket.socket]" = collections.deque()
@@ -2977,12 +3063,16 @@ def tls_context(cert_file: str, key_file: Optional[str] = None) -> ssl.SSLContex
 
 class KatarServer:
     """A running HTTP(S) front for a broker. `serve()` starts one in a background thread; `close()` stops it,
-    answering waiting long polls first. `access` holds the tokens (none: open), `tls` an ssl.SSLContext."""
+    answering waiting long polls first. `access` holds the tokens (none: open), `tls` an ssl.SSLContext,
+    `allow_origins` the web pages (origins, like https://dash.example) that may use the API from a browser, and
+    `allow_hosts` the names besides localhost and IP addresses by which a server without a token may be reached."""
 
     def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = 3000, *, limits: Limits = Limits(),
-                 access: Optional[Access] = None, tls: Optional[ssl.SSLContext] = None, quiet: bool = True) -> None:
+                 access: Optional[Access] = None, tls: Optional[ssl.SSLContext] = None, quiet: bool = True,
+                 allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = ()) -> None:
         self.broker = broker
-        self.httpd = _HTTPServer((host, port), broker, limits, access or Access(), tls, quiet)
+        self.httpd = _HTTPServer((host, port), broker, limits, access or Access(), tls, quiet, allow_origins,
+                                 allow_hosts)
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
 
@@ -3377,6 +3467,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     group.add_argument("--insecure", action="store_true",
                        help="listen beyond this machine without any token (anyone who reaches it controls it)")
+    group.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web page origin (like https://dash.example) that may use the API from a browser; "
+                            "requests from other sites' pages are refused (403). Repeat for more")
+    group.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="without a token, requests must name this server by an IP address or localhost (so a "
+                            "web page cannot reach it by DNS rebinding, 421); allow another name. Repeat for more")
     group = parser.add_argument_group("limits (each answered with a JSON error, never a hang)")
     group.add_argument("--max-body", type=int, default=defaults.max_body, metavar="BYTES",
                        help="largest request body (413; default %(default)s)")
@@ -3399,8 +3495,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cut off a client whose request (head and body) takes longer (408; default %(default)s)")
     group.add_argument("--max-connections", type=int, default=defaults.max_connections, metavar="N",
                        help="connections served at once; more get a quick 503 (default %(default)s)")
+    group.add_argument("--max-memory", type=_memory_size, metavar="BYTES",
+                       help="bound on the estimate of what the queues hold (tasks, histories, keys, results); "
+                            "inserts beyond it are 503 while leases, reports and purges go on. Takes K, M, G "
+                            "suffixes; 0 is no bound (default: a quarter of the machine's memory, at most a third "
+                            "of ulimit -v: %s here)" % _format_size(default_max_memory()))
     parser.add_argument("--version", action="version", version="katar_http " + __version__)
     return parser
+
+
+def _memory_size(text: str) -> int:
+    """A --max-memory value: bytes, or with a K, M or G suffix (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes like 512M or 2G, got {text!r}")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+
+
+def _format_size(size: int) -> str:
+    return f"{size / (1 << 30):.1f}G" if size >= 1 << 30 else f"{size >> 20}M"
 
 
 def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[str]) -> None:
@@ -3596,7 +3709,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         if args.journal:
             journal = Journal(args.journal, fsync=args.fsync, fsync_interval=args.fsync_interval / 1000.0,
                               repair=args.repair_journal)
-        broker = Broker(journal=journal)
+        broker = Broker(journal=journal, max_memory=args.max_memory)
     except (JournalError, OSError) as exc:
         print(f"katar_http: {exc}", file=sys.stderr)
         return 1
@@ -3608,7 +3721,8 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
         return 2
     try:
         server = KatarServer(broker, args.host, args.port, limits=limits, access=access, tls=tls,
-                             quiet=args.quiet or args.log_level != "info")
+                             quiet=args.quiet or args.log_level != "info", allow_origins=args.allow_origin,
+                             allow_hosts=args.allow_host)
     except OSError as exc:
         print(f"katar_http: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         broker.close()

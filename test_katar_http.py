@@ -951,7 +951,7 @@ class HostileInputTest(GuardedStateTestCase):
 
     def test_a_chunked_body_is_411_and_a_non_json_type_is_415(self):
         host, port = self.server.host, self.server.port
-        answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                                           b"\r\n2\r\n{}\r\n0\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 411"), answer)
         status, payload, _ = self.call("POST", "/v1/queue/jobs", raw=b"<xml/>", headers={"Content-Type": "application/xml"})
@@ -961,7 +961,7 @@ class HostileInputTest(GuardedStateTestCase):
     def test_a_bad_content_length_or_a_short_body_is_400(self):
         host, port = self.server.host, self.server.port
         for head in (b"Content-Length: -5\r\n", b"Content-Length: ten\r\n", b"Content-Length: 50\r\n"):
-            answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n{}")
+            answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\n" + head + b"\r\n{}")
             self.assertTrue(answer.startswith(b"HTTP/1.1 400"), (head, answer))
             self.assertIn(b'{"error":', answer)
         self.assert_nothing_lost()
@@ -969,19 +969,19 @@ class HostileInputTest(GuardedStateTestCase):
     def test_a_client_that_stalls_mid_body_is_cut_off_with_408(self):
         self.set_limits(request_timeout=0.2)
         with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
-            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{")
             answer = connection.recv(65536)
         self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer)
         self.assert_nothing_lost()
 
     def test_garbage_request_lines_and_headers_get_json_errors(self):
         host, port = self.server.host, self.server.port
-        for request in (b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
-                        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
-                        b"GET //[/x HTTP/1.1\r\n\r\n", b"GET http://[::1/v1/queues HTTP/1.1\r\n\r\n",
-                        b"GET * HTTP/1.1\r\n\r\n", b"GET http://host HTTP/1.1\r\n\r\n",
-                        b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n",
-                        b"GET /healthz HTTP/1.1\r\nX\xe9: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nX(y): x\r\n\r\n"):
+        for request in (b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\nHost: localhost\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+                        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
+                        b"GET //[/x HTTP/1.1\r\nHost: localhost\r\n\r\n", b"GET http://[::1/v1/queues HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                        b"GET * HTTP/1.1\r\nHost: localhost\r\n\r\n", b"GET http://host HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Name: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nHost : x\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX\xe9: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX(y): x\r\n\r\n"):
             answer = raw_exchange(host, port, request)
             self.assertRegex(answer[:12], rb"HTTP/1\.[01] 4\d\d", request[:30])
             self.assertIn(b"application/json", answer)
@@ -992,7 +992,7 @@ class HostileInputTest(GuardedStateTestCase):
         # The server closes after a 414 with most of the request unread (here a megabyte more of it); a plain close
         # resets the connection, and the reset destroys the answer before the client reads it. A lingering close
         # reads the rest first.
-        request = b"GET /" + b"a" * 1000000 + b" HTTP/1.1\r\n\r\n"
+        request = b"GET /" + b"a" * 1000000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
         answers = collections.Counter()
         for _ in range(100):
             try:
@@ -1011,7 +1011,7 @@ class HostileInputTest(GuardedStateTestCase):
                                     ("HEAD", "/healthz", "GET"), ("BREW", "/v1/queues", "GET"),
                                     ("PUT", f"/v1/queue/jobs/tasks/{self.ids[0]}", "DELETE, GET, PATCH")):
             answer = raw_exchange(self.server.host, self.server.port,
-                                  f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                                  f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             self.assertTrue(answer.startswith(b"HTTP/1.1 405"), (method, answer))
             self.assertIn(f"Allow: {allow}".encode(), answer)
         self.assert_nothing_lost()
@@ -1953,7 +1953,7 @@ class TlsTest(unittest.TestCase):
         with urllib.request.urlopen(server.url + "/healthz", context=client, timeout=10) as response:
             self.assertEqual(json.load(response)["status"], "ok")
         # Plain HTTP to the HTTPS port gets nothing useful, and the server goes on serving.
-        answer = raw_exchange("127.0.0.1", server.port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        answer = raw_exchange("127.0.0.1", server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertFalse(answer.startswith(b"HTTP/1.1 200"))
         old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         old.load_verify_locations(pem)
@@ -2044,19 +2044,20 @@ class LimitsTest(GuardedStateTestCase):
 
     def test_too_many_or_too_large_headers_are_431_and_a_long_request_line_414(self):
         self.set_limits(max_headers=10, max_head_bytes=2048)
-        many = b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(11)) + b"\r\n"
-        large = b"GET /healthz HTTP/1.1\r\nX-Big: " + b"y" * 3000 + b"\r\n\r\n"
-        long_line = b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\n\r\n"
+        many = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(11)) + b"\r\n"
+        large = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"y" * 3000 + b"\r\n\r\n"
+        long_line = b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
         for request, code in ((many, b"431"), (large, b"431"), (long_line, b"414")):
             answer = self.raw(request)
             self.assertTrue(answer.startswith(b"HTTP/1.1 " + code), answer[:80])
             self.assertIn(b'{"error":', answer)
-        ok = self.raw(b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(10)) + b"\r\n")
+        ok = self.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(9))
+                      + b"\r\n")  # ten header lines, Host among them
         self.assertTrue(ok.startswith(b"HTTP/1.1 200"))
         self.assert_nothing_lost()
 
     def test_conflicting_content_lengths_are_400(self):
-        answer = self.raw(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}")
+        answer = self.raw(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
         self.assert_nothing_lost()
 
@@ -2070,7 +2071,7 @@ class LimitsTest(GuardedStateTestCase):
 
     def test_a_client_that_trickles_its_request_is_cut_off_at_the_request_timeout(self):
         self.set_limits(request_timeout=0.3, idle_timeout=5)
-        request = b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+        request = b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
         request += b'{"data": 99}\n'
         with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
             started, cut = time.monotonic(), False
@@ -2101,7 +2102,7 @@ class LimitsTest(GuardedStateTestCase):
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
         started = time.monotonic()
-        answer = self.raw(b"GET /healthz HTTP/1.1\r\n\r\n")
+        answer = self.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
         self.assertIn(b"Retry-After: 1", answer)
         self.assertIn(b"connection limit", answer)
@@ -2110,7 +2111,7 @@ class LimitsTest(GuardedStateTestCase):
         while self.server.httpd._active >= 3:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
-        self.assertTrue(self.raw(b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200"))  # a place again
+        self.assertTrue(self.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200"))  # a place again
         for connection in held:
             connection.close()
         while self.server.httpd._active:
@@ -2120,7 +2121,7 @@ class LimitsTest(GuardedStateTestCase):
 
     def test_expect_100_continue_is_answered_before_the_body(self):
         with socket.create_connection((self.server.host, self.server.port), timeout=5) as connection:
-            connection.sendall(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Type: application/json\r\n"
+            connection.sendall(b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                                b"Content-Length: 11\r\nExpect: 100-continue\r\n\r\n")
             self.assertEqual(connection.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
             connection.sendall(b'{"data": 3}')
@@ -2190,14 +2191,14 @@ def mutate(rng, data):
 # a 201, 411 or 413 on a handful of lucky draws.
 def fuzz_certain(rng, held_id):
     def post(path, body):
-        return f"POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+        return f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
     late_report = json.dumps({"tasks": [{"_id": held_id, "status": "done", "attempt": 99}], "max": 0})
     return rng.choice([
         post("/v1/queue/mail", '{"max": 0}'),              # nothing to report, nothing wanted: 204
         post("/v1/queue/held", late_report),               # a delivery the held task never had: 409
         post("/v1/queue/mail/tasks", '{"data": 1}'),       # 201
         post("/v1/queue/mail/tasks", '{"data": "' + "x" * 9000 + '"}'),  # over max_body: 413
-        b"POST /v1/queue/mail/tasks HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # 411
+        b"POST /v1/queue/mail/tasks HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # 411
     ])
 
 
@@ -2219,7 +2220,7 @@ def fuzz_request(rng, ids, held_id):
     method = rng.choice(FUZZ_METHODS)
     body = mutate(rng, fuzz_body(rng, ids, route)) if rng.random() < 0.8 else b""
     version = rng.choice(["HTTP/1.1"] * 12 + ["HTTP/1.0", "HTTP/2", "HTTP/1.1x", ""])
-    headers = [f"Host: fuzz"]
+    headers = ["Host: localhost"]
     headers.append("Content-Type: " + rng.choice(["application/json"] * 6 + ["text/plain", "application/xml",
                                                   "application/x-www-form-urlencoded", "", "multipart/form-data; b=1",
                                                   "application/vnd.x+json"]))
