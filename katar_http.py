@@ -460,6 +460,7 @@ class Queue:
         self.totals = {name: 0 for name in ("inserted", "leased", "done", "failed", "retried", "expired", "released",
                                             "cancelled", "lease_wait_ms")}
         self.memory = QUEUE_BYTES  # the estimate of what this queue holds: the sum of its tasks' `memory`
+        self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -1010,17 +1011,22 @@ class Queue:
     def _put_back(self, task: Task, state: Optional[Tuple[Any, ...]]) -> None:
         """Undo a failed commit's change to `task`: make it what `state` (Task.save) says, or remove it if it was
         new (state None). Heap entries it left behind are stale, and skipped as any stale entry is."""
-        if self._tasks.get(task.id) is task:
-            del self._tasks[task.id]
+        held = self._tasks.get(task.id) is task
+        if held:
             del self._by_status[task.status][task.id]
             if task.key is not None and self._keys.get(task.key) == task.id:
                 del self._keys[task.key]
+            if state is None:
+                del self._tasks[task.id]
         if state is None:
             return
         task.restore(state)
         self._finished.pop(task.id, None)
-        self._tasks[task.id] = task
+        if not held:
+            self._tasks[task.id] = task
+            self._out_of_order.add(None)
         self._by_status[task.status][task.id] = task
+        self._out_of_order.add(task.status)
         if task.key is not None:
             self._keys[task.key] = task.id
         if task.status == QUEUED:
@@ -1029,7 +1035,16 @@ class Queue:
             heapq.heappush(self._leases, (task.lease_until, task.id, task.attempt))
 
     def _put_back_totals(self, totals: Dict[str, int], memory: int) -> None:
+        """Undo, the last step for a queue: its totals and memory estimate, and the order of its tables (tasks in
+        the order they were made; each status in the order tasks entered it, as _apply_restore orders them). Only
+        tables that tasks were put back into are sorted again."""
         self.totals, self.memory = totals, memory
+        for status in self._out_of_order:
+            table = self._tasks if status is None else self._by_status[status]
+            ordered = sorted(table.items(), key=lambda item: (0 if status is None else item[1].updated_at, item[0]))
+            table.clear()
+            table.update(ordered)
+        self._out_of_order.clear()
 
     def _put_back_memo(self, task_id: str, memo: Tuple[str, int, Optional[str], Optional[str]]) -> None:
         self._finished[task_id] = memo

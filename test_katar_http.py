@@ -1303,7 +1303,9 @@ def broker_state(broker):
     return {queue.name: (queue.describe(), queue.tasks(limit=1000), queue.stats()) for queue in broker.queues()}
 
 
-class JournalTest(unittest.TestCase):
+class JournalTestCase(unittest.TestCase):
+    """A journal file in a temporary folder, and brokers opened on it with a fake clock."""
+
     def setUp(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
@@ -1343,6 +1345,8 @@ class JournalTest(unittest.TestCase):
         broker.queue("jobs", max_in_flight=4)
         return ids
 
+
+class JournalTest(JournalTestCase):
     def test_a_restart_replays_the_journal_to_the_same_state(self):
         broker = self.open()
         ids = self.churn(broker)
@@ -1511,8 +1515,8 @@ class JournalTest(unittest.TestCase):
                 reopened.close()
 
 
-class JournalOverHttpTest(ServerTestCase):
-    """Durability as a client sees it."""
+class JournalOverHttpTestCase(ServerTestCase):
+    """A server whose broker has a journal: durability as a client sees it."""
 
     def setUp(self):
         directory = tempfile.mkdtemp()
@@ -1532,6 +1536,17 @@ class JournalOverHttpTest(ServerTestCase):
         self.addCleanup(again.close)
         return broker_state(again)
 
+    def call_allowing_503(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null"), response.headers
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read()), error.headers
+
+
+class JournalOverHttpTest(JournalOverHttpTestCase):
     def test_a_change_is_acknowledged_only_after_its_fsync(self):
         in_fsync, release, responded, seen = threading.Event(), threading.Event(), threading.Event(), []
 
@@ -1656,14 +1671,400 @@ class JournalOverHttpTest(ServerTestCase):
         self.insert({"data": "after"})
         self.assertEqual([t["data"] for t in self.reopened_state()["jobs"][1]["tasks"]], ["before", "after"])
 
-    def call_allowing_503(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Acknowledged writes: compaction, all-or-nothing commits, time, memory, the journal's file
+# ---------------------------------------------------------------------------------------------------------------
+
+class CompactionRaceTest(JournalTestCase):
+    def test_records_appended_while_compaction_pauses_at_each_step_survive_a_restart(self):
+        for step in ("snapshot written", "tail written", "renamed"):
+            with self.subTest(step=step):
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
+                broker = self.open()
+                jobs = broker.queue("jobs", persistent=True)
+                first = [t["_id"] for t in jobs.insert([{"data": i} for i in range(5)])]
+                acknowledged, threads = [], []
+
+                def insert_while_paused(current, step=step):
+                    if current != step:
+                        return
+                    for n in range(3):  # each writer waits for durability in its own thread, as a request does
+                        before = broker._journal.ticket
+                        thread = threading.Thread(target=lambda n=n: acknowledged.append(
+                            jobs.insert({"data": f"{step} {n}"})["_id"]))
+                        thread.start()
+                        threads.append(thread)
+                        deadline = time.monotonic() + 10
+                        while broker._journal.ticket == before and time.monotonic() < deadline:
+                            time.sleep(0.001)  # until its record is appended
+                broker._journal.compaction_hook = insert_while_paused
+                broker.compact()
+                for thread in threads:
+                    thread.join(10)
+                self.assertEqual(len(acknowledged), 3)
+                before = broker_state(broker)
+                broker.close()
+                reopened = self.open()
+                self.assertEqual(broker_state(reopened), before)
+                self.assertEqual([t["_id"] for t in reopened.get("jobs").tasks()["tasks"]],
+                                 first + sorted(acknowledged))
+                reopened.close()
+
+    def test_a_failed_compaction_removes_its_file_and_waits_before_the_next(self):
+        original = K.COMPACT_MIN_RECORDS
+        K.COMPACT_MIN_RECORDS = 50
+        self.addCleanup(setattr, K, "COMPACT_MIN_RECORDS", original)
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        attempts = []
+
+        def full_disk(step):
+            attempts.append(step)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        broker._journal.compaction_hook = full_disk
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            for _ in range(200):
+                jobs.insert({"data": 1})
+                jobs.report([{"_id": jobs.lease()[0]["_id"], "status": "done"}])
+                if broker._compaction is not None:
+                    broker._compaction.join(10)
+        self.assertEqual(len(attempts), 1, "a failed compaction was retried at once")
+        self.assertIn("No space left", stderr.getvalue())
+        self.assertFalse(os.path.exists(self.path + ".compact"))
+        before = broker_state(broker)
+        broker.close()
+        self.assertEqual(broker_state(self.open()), before)
+
+    def test_a_commit_does_not_walk_the_queues(self):
+        broker = self.open()
+        for n in range(50):
+            broker.queue(f"q{n}")
+
+        class CountingDict(dict):
+            walks = 0
+
+            def values(self):
+                CountingDict.walks += 1
+                return super().values()
+        broker._queues = CountingDict(broker._queues)
+        jobs = broker.get("q0")
+        for _ in range(20):
+            jobs.insert({"data": 1})
+        self.assertEqual(CountingDict.walks, 0)
+
+
+class AllOrNothingTest(unittest.TestCase):
+    """A change that fails halfway is undone: memory (and the journal) are as before, and the caller is told."""
+
+    def brokers(self):
+        """A broker in memory only, and one with a journal (reopened at the end of each check)."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        yield "memory", K.Broker(clock=FakeClock(), random_source=random.Random(5)), None
+        path = os.path.join(directory, "tasks.journal")
+        yield "journal", K.Broker(clock=FakeClock(), random_source=random.Random(5), journal=path), path
+
+    def fail_on_call(self, owner, name, call):
+        """Make owner.name raise MemoryError on its `call`-th call (from now on)."""
+        real, calls = getattr(owner, name), [0]
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == call:
+                raise MemoryError("injected")
+            return real(*args, **kwargs)
+        setattr(owner, name, failing)
+        return lambda: setattr(owner, name, real)
+
+    def check_undone(self, broker, path, change, owner, name, call):
+        before, memory = broker_state(broker), broker.memory()
+        journal_bytes = read_file(path, "rb") if path else None
+        restore = self.fail_on_call(owner, name, call)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as stderr:
+                with self.assertRaises(K.Unavailable):
+                    change()
+        finally:
+            restore()
+        self.assertIn("undone", stderr.getvalue())
+        self.assertEqual(broker_state(broker), before)
+        self.assertEqual(broker.memory(), memory)
+        if path:
+            self.assertEqual(read_file(path, "rb"), journal_bytes)
+
+    def test_a_memory_error_halfway_through_a_batch_changes_nothing(self):
+        for mode, broker, path in self.brokers():
+            with self.subTest(mode=mode):
+                jobs = broker.queue("jobs", persistent=True, max_attempts=3)
+                ids = [t["_id"] for t in jobs.insert([{"data": i, "key": f"k{i}"} for i in range(30)])]
+                # An insert of 1,000 that fails at the 101st task, a lease of ten at the fourth, a report of ten
+                # at the fifth, a purge at the second task.
+                self.check_undone(broker, path, lambda: jobs.insert([{"data": i} for i in range(1000)]),
+                                  K.Queue, "_place", 101)
+                self.check_undone(broker, path, lambda: jobs.lease(max=10, worker="w"), K.Queue, "_move", 4)
+                leased = jobs.lease(max=10, worker="w")
+                reports = [{"_id": t["_id"], "status": "done", "result": {"n": t["data"]}} for t in leased[:5]] + [
+                    {"_id": t["_id"], "status": "failed", "error": "boom", "retry_after": 0} for t in leased[5:]]
+                self.check_undone(broker, path, lambda: jobs.report(reports), K.Queue, "_end_delivery", 5)
+                jobs.report(reports)  # the same reports, applied once the failure is gone
+                self.check_undone(broker, path, lambda: jobs.purge("done"), K.Queue, "_touch", 2)
+                self.assertEqual(jobs.purge("done"), 5)
+                self.assertEqual(len(jobs.lease(max=100)), 25)  # every other task is still leasable, once
+                self.assertEqual(jobs.insert({"data": "again", "key": "k7"})["_id"], ids[7])
+                if path:
+                    expected = broker_state(broker)
+                    broker.close()
+                    reopened = K.Broker(clock=FakeClock(), journal=path)
+                    self.addCleanup(reopened.close)
+                    self.assertEqual(broker_state(reopened), expected)
+                else:
+                    broker.close()
+
+    def test_a_failing_encoder_changes_nothing(self):
+        for mode, broker, path in self.brokers():
+            if not path:
+                continue
+            jobs = broker.queue("jobs")
+            jobs.insert({"data": 1})
+            before, journal_bytes = broker_state(broker), read_file(path, "rb")
+            original = K.journal_line
+            K.journal_line = lambda record: (_ for _ in ()).throw(ValueError("cannot encode"))
+            try:
+                with self.assertRaisesRegex(K.Unavailable, "nothing was changed"):
+                    jobs.insert({"data": 2})
+            finally:
+                K.journal_line = original
+            self.assertEqual(broker_state(broker), before)
+            self.assertEqual(read_file(path, "rb"), journal_bytes)
+            broker.close()
+
+    def test_a_memory_error_is_a_503_over_http_and_changes_nothing(self):
+        broker = K.Broker(clock=FakeClock())
+        broker.queue("jobs")
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        restore = self.fail_on_call(K.Queue, "_place", 3)
+        self.addCleanup(restore)
+        request = urllib.request.Request(server.url + "/v1/queue/jobs/tasks", method="POST",
+                                         data=json.dumps({"tasks": [{"data": n} for n in range(5)]}).encode())
+        with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=10)
+        self.assertEqual(caught.exception.code, 503)
+        self.assertEqual(caught.exception.headers["Retry-After"], "1")
+        self.assertIn("nothing was changed", json.loads(caught.exception.read())["error"])
+        self.assertEqual(broker.get("jobs").stats()["total"], 0)
+
+
+class ClockTest(unittest.TestCase):
+    def test_a_step_of_the_wall_clock_neither_expires_nor_stretches_a_lease(self):
+        for step in (3600, -3600):
+            with self.subTest(step=step):
+                clock = FakeClock()
+                broker = K.Broker(clock=clock)
+                jobs = broker.queue("jobs", lease=10000, max_attempts=1)
+                jobs.insert({"data": 1})
+                task_id = jobs.lease()[0]["_id"]
+                clock.step(step)
+                clock.advance(9999)
+                self.assertEqual(jobs.task(task_id)["status"], "in progress")
+                self.assertEqual(jobs.stats()["totals"]["expired"], 0)
+                clock.advance(1)
+                self.assertEqual(jobs.task(task_id)["status"], "failed")  # its one attempt ran out, on time
+
+    def test_delays_and_backoffs_run_on_the_monotonic_clock(self):
+        clock = FakeClock()
+        broker = K.Broker(clock=clock)
+        jobs = broker.queue("jobs")
+        jobs.insert({"data": "later", "delay": 5000})
+        clock.step(86400)  # a day of wall time: the delay has not passed
+        self.assertEqual(jobs.lease(), [])
+        clock.advance(5000)
+        self.assertEqual(jobs.lease()[0]["data"], "later")
+
+    def test_after_a_restart_time_never_runs_back_behind_the_journal(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path, clock = os.path.join(directory, "tasks.journal"), FakeClock()
+        broker = K.Broker(clock=clock, journal=path)
+        jobs = broker.queue("jobs", lease=10000)
+        jobs.insert([{"data": 1}, {"data": 2}])
+        task_id = jobs.lease()[0]["_id"]
+        leased_until = jobs.task(task_id)["lease_expires_at"]
+        broker.close()
+        clock.step(-3600)  # the machine comes back with its clock an hour behind
+        again = K.Broker(clock=clock, journal=path)
+        self.addCleanup(again.close)
+        jobs = again.get("jobs")
+        self.assertGreaterEqual(jobs.insert({"data": 3}) and jobs.tasks()["tasks"][-1]["created_at"],
+                                leased_until - 10000)
+        clock.advance(9999)
+        self.assertEqual(jobs.task(task_id)["status"], "in progress")  # not stretched by the hour either
+        clock.advance(1)
+        self.assertEqual(jobs.task(task_id)["status"], "queued")
+
+
+class MemoryBoundTest(ServerTestCase):
+    queue_options = {"persistent": True}
+
+    def setUp(self):
+        super().setUp()
+        self.broker.max_memory = self.broker.memory()[0] + 200 * (K.TASK_BYTES + 2000)
+
+    def test_inserts_past_the_bound_are_503_while_leases_reports_and_purges_go_on(self):
+        accepted, refused = [], None
+        for _ in range(100):
+            status, payload, headers = self.call_allowing(
+                "POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": "x" * 900} for _ in range(10)]})
+            if status == 503:
+                refused = (payload, headers)
+                break
+            accepted += [task["_id"] for task in payload["tasks"]]
+        self.assertIsNotNone(refused, "the bound never refused an insert")
+        self.assertIn("--max-memory", refused[0]["error"])
+        self.assertEqual(refused[1]["Retry-After"], "1")
+        self.assertGreater(len(accepted), 50)
+        self.assertEqual(self.counts()["queued"], len(accepted))  # nothing of the refused insert
+        status, leased = self.poll({"max": 20}, expect=200)
+        self.poll({"tasks": [{"_id": t["_id"], "status": "failed", "error": "e" * 500, "retry": False}
+                             for t in leased[:10]] + [{"_id": t["_id"], "status": "done"} for t in leased[10:]],
+                   "max": 0}, expect=204)
+        self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")[1]["purged"], len(accepted) - 20)
+        self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=done")[1]["purged"], 10)
+        self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=failed")[1]["purged"], 10)
+        self.insert({"data": "room again"})
+        self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
+        self.assertEqual(self.broker.memory()[0], K.QUEUE_BYTES)  # the estimate comes back to an empty queue's
+
+    def test_errors_are_bounded_by_max_data_and_history_keeps_their_start(self):
+        self.set_limits(max_data=4096)
+        task = self.lease_one()
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"tasks": [
+            {"_id": task["_id"], "status": "failed", "error": "e" * 5000}], "max": 0})
+        self.assertEqual(status, 413, payload)
+        self.assertIn("error", payload["error"])
+        self.assertEqual(self.task(task["_id"])["status"], "in progress")
+        self.poll({"tasks": [{"_id": task["_id"], "status": "failed", "error": "f" * 4000}], "max": 0}, expect=204)
+        detail = self.task(task["_id"])
+        self.assertEqual(detail["error"], "f" * 4000)
+        self.assertEqual(detail["history"][0]["error"], "f" * K.HISTORY_ERROR_LIMIT)
+
+    def lease_one(self, **body):
+        self.insert({"data": "one"})
+        return super().lease_one(**body)
+
+    def call_allowing(self, method, path, body):
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read() or b"null"), response.headers
+                return response.status, json.loads(response.read()), response.headers
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read()), error.headers
+
+
+class JournalFileTest(JournalTestCase):
+    def test_a_second_broker_through_a_symbolic_or_hard_link_is_refused(self):
+        self.open().queue("jobs")
+        for make in (os.symlink, os.link):
+            with self.subTest(link=make.__name__):
+                alias = os.path.join(os.path.dirname(self.path), "alias-" + make.__name__)
+                make(self.path, alias)
+                with self.assertRaisesRegex(K.JournalError, "in use by another katar_http server"):
+                    K.Broker(journal=alias)
+
+    def test_a_journal_deleted_or_replaced_under_the_server_is_refused_loudly(self):
+        for how in ("deleted", "replaced"):
+            with self.subTest(how=how):
+                if os.path.exists(self.path):
+                    os.unlink(self.path)
+                broker = self.open()
+                jobs = broker.queue("jobs")
+                jobs.insert({"data": "before"})
+                if how == "deleted":
+                    os.unlink(self.path)
+                else:
+                    other = self.path + ".other"
+                    with open(other, "w") as handle:
+                        handle.write("")
+                    os.replace(other, self.path)
+                stderr = io.StringIO()
+                with contextlib.redirect_stderr(stderr):
+                    with self.assertRaisesRegex(K.Unavailable, "deleted or replaced"):
+                        jobs.insert({"data": "lost"})
+                    with self.assertRaises(K.Unavailable):
+                        jobs.insert({"data": "lost again"})
+                self.assertIn("deleted or replaced", stderr.getvalue())
+                self.assertIn("deleted or replaced", broker.health())
+                self.assertEqual([t["data"] for t in jobs.tasks()["tasks"]], ["before"])
+                broker.close()
+
+    def test_a_damaged_record_is_told_from_a_torn_write_and_repair_says_what_it_dropped(self):
+        broker = self.open()
+        jobs = broker.queue("jobs", persistent=True)
+        ids = [jobs.insert({"data": n})["_id"] for n in range(4)]
+        broker.close()
+        lines = read_file(self.path, "rb").split(b"\n")
+        # A flipped digit in a task id keeps the line valid JSON: only its checksum tells.
+        damaged = lines[3].replace(ids[1][-1:].encode() + b'"', b'9"', 1)
+        self.assertNotEqual(damaged, lines[3])
+        json.loads(damaged.split(b" ", 1)[1])
+        lines[3] = damaged
+        with open(self.path, "wb") as handle:
+            handle.write(b"\n".join(lines))
+        with self.assertRaisesRegex(K.JournalError, "line 4 .*damaged.*checksum"):
+            K.Broker(journal=self.path)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            repaired = self.open(repair=True)
+        self.assertEqual([t["_id"] for t in repaired.get("jobs").tasks()["tasks"]], ids[:1])
+        self.assertRegex(stderr.getvalue(), r"set aside the 3 lines from it on .*1 unreadable.*2 insert")
+
+    def test_a_version_1_journal_still_loads_and_is_written_on_in_version_2(self):
+        lines = [{"op": "journal", "version": 1, "epoch": "0badcafe", "seq": 0},
+                 {"op": "queue", "q": "jobs", "options": {"persistent": True}},
+                 {"op": "insert", "q": "jobs", "at": 1_700_000_000_000,
+                  "tasks": [["0badcafe-000000000001", {"n": 1}, 0, "queued", "k1", 0]]}]
+        with open(self.path, "w") as handle:
+            handle.write("".join(json.dumps(line) + "\n" for line in lines))
+        broker = self.open()
+        jobs = broker.get("jobs")
+        self.assertEqual(jobs.insert({"data": 2, "key": "k1"})["_id"], "0badcafe-000000000001")
+        second = jobs.insert({"data": 2})["_id"]
+        before = broker_state(broker)
+        broker.close()
+        self.assertEqual(broker_state(self.open()), before)
+        self.assertEqual(second, "0badcafe-000000000002")
+        self.assertTrue(read_file(self.path, "rb").split(b"\n")[3][:8].isalnum())  # a checksummed line
+
+
+class HealthTest(JournalOverHttpTestCase):
+    def test_healthz_is_degraded_while_a_journal_write_hangs_and_ok_after(self):
+        original = K.STALL_SECONDS
+        K.STALL_SECONDS = 0.2
+        self.addCleanup(setattr, K, "STALL_SECONDS", original)
+        entered, release = threading.Event(), threading.Event()
+
+        def frozen_fsync(fd):
+            entered.set()
+            release.wait(20)
+            os.fsync(fd)
+        self.journal._fsync = frozen_fsync
+        writer = threading.Thread(target=lambda: self.insert({"data": "slow"}))
+        writer.start()
+        self.assertTrue(entered.wait(10))
+        deadline = time.monotonic() + 10
+        while self.broker.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, payload, _ = self.call_allowing_503("GET", "/healthz")
+        self.assertEqual(status, 503)
+        self.assertEqual(payload["status"], "degraded")
+        self.assertIn("pending", payload["reason"])
+        release.set()
+        writer.join(10)
+        self.assertEqual(self.call("GET", "/healthz")[0], 200)
 
 
 class CrashTest(unittest.TestCase):
