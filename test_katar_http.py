@@ -10,7 +10,9 @@ import json
 import os
 import random
 import re
+import resource
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -64,12 +66,13 @@ class ServerTestCase(unittest.TestCase):
 
     real_clock = False
     queue_options: dict = {}
+    server_options: dict = {}  # KatarServer keywords
 
     def setUp(self) -> None:
         self.clock = FakeClock()
         self.broker = K.Broker(clock=time if self.real_clock else self.clock, random_source=random.Random(7))
         self.jobs = self.broker.queue("jobs", **self.queue_options)
-        self.server = K.serve(self.broker, port=0, limits=K.Limits(max_wait=5000))
+        self.server = K.serve(self.broker, port=0, limits=K.Limits(max_wait=5000), **self.server_options)
         self.addCleanup(self.server.close)
         self.url = self.server.url
 
@@ -2527,6 +2530,373 @@ class LimitsTest(GuardedStateTestCase):
             self.assertEqual(connection.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
             connection.sendall(b'{"data": 3}')
             self.assertTrue(connection.recv(1000).startswith(b"HTTP/1.1 201"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One framing, browsers kept out, names checked, a backlog for a fleet
+# ---------------------------------------------------------------------------------------------------------------
+
+EVIL = "https://evil.example"
+DASH = "https://dash.example"
+
+
+def exchange(host, port, data, trickle=False, timeout=1.0):
+    """Send `data` at once, or trickled (a byte per send, TCP_NODELAY, a millisecond apart, until the server
+    answers), without half-closing; read until the server closes. Returns (answer, closed): closed is False when
+    the server still held the connection open `timeout` seconds after the last byte."""
+    with socket.create_connection((host, port), timeout=5) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if trickle:
+            for index in range(len(data)):
+                try:
+                    connection.sendall(data[index:index + 1])
+                except OSError:
+                    break
+                # The first pause lets the server's first read see one byte, not the whole head.
+                if select.select([connection], [], [], 0.01 if index == 0 else 0.001)[0]:
+                    break  # answered: the rest would not be read
+        else:
+            connection.sendall(data)
+        connection.settimeout(timeout)
+        chunks = []
+        try:
+            while True:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+        except socket.timeout:
+            return b"".join(chunks), False
+        except ConnectionResetError:
+            return b"".join(chunks), True
+
+
+class FramingTest(GuardedStateTestCase):
+    """A request head is lines ended by CRLF and nothing else: the one framing every server on the way agrees on."""
+
+    def setUp(self):
+        super().setUp()
+        self.host = b"127.0.0.1:%d" % self.server.port
+        self.next_request = b"GET /healthz HTTP/1.1\r\nHost: " + self.host + b"\r\n\r\n"  # must never be answered
+
+    def assert_one_400_then_closed(self, request):
+        for trickle in (False, True):
+            answer, closed = exchange(self.server.host, self.server.port, request + self.next_request, trickle)
+            how = (request, "trickled" if trickle else "at once", answer[:300])
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), how)
+            found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            self.assertIsNotNone(found, how)
+            length = int(found.group(1))
+            self.assertIn("error", json.loads(rest[:length]), how)
+            self.assertEqual(rest[length:], b"", how)  # one answer: nothing after the bad head was read as a request
+            self.assertTrue(closed, how)
+
+    def test_a_bare_lf_anywhere_in_the_head_is_400_and_closes_the_connection(self):
+        host = self.host
+        for request in (b"GET /healthz HTTP/1.1\nHost: " + host + b"\n\n",
+                        b"GET /healthz HTTP/1.1\nHost: " + host + b"\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\nX-A: b\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-A: b\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-A: b\nc\r\n\r\n"):
+            self.assert_one_400_then_closed(request)
+        self.assert_nothing_lost()
+
+    def test_a_bare_cr_anywhere_in_the_head_is_400_and_closes_the_connection(self):
+        host = self.host
+        for request in (b"GET /healthz\r HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\rX-A: b\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-A: b\rc\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-A: b\r\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-A\r: b\r\n\r\n"):
+            self.assert_one_400_then_closed(request)
+        self.assert_nothing_lost()
+
+    def test_a_nul_byte_anywhere_in_the_head_is_400_and_closes_the_connection(self):
+        host = self.host
+        for request in (b"GET /healthz?a=\x00 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\x00\r\nHost: " + host + b"\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-A: b\x00c\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\x00\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nX-\x00A: b\r\n\r\n",
+                        b"G\x00T /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"):
+            self.assert_one_400_then_closed(request)
+        self.assert_nothing_lost()
+
+    def test_a_request_smuggled_behind_a_bare_lf_header_is_never_run(self):
+        # One reader ends "Host: x\nContent-Length: N" at the LF and takes the body as a body; another reads one
+        # header "Host" and takes the body for the next request. Neither may happen: one 400, then the connection ends.
+        inner = b"DELETE /v1/queue/jobs/tasks?status=queued HTTP/1.1\r\nHost: " + self.host + b"\r\n\r\n"
+        for body in (inner, b'{"data": "smuggled"}'):
+            request = (b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nHost: " + self.host + b"\nContent-Length: %d\r\n"
+                       b"\r\n" % len(body)) + body
+            self.assert_one_400_then_closed(request)
+            self.assert_nothing_lost()
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/tasks")[1]["tasks"][1]["data"], "keep-2")
+
+    def test_leading_empty_lines_are_tolerated_but_let_no_bare_lf_through(self):
+        # RFC 9112 2.2: a server should ignore at least one empty line (CRLF) received before the request line.
+        good = b"GET /v1/queue/jobs/stats HTTP/1.1\r\nHost: " + self.host + b"\r\nConnection: close\r\n\r\n"
+        for trickle in (False, True):
+            for leading in (b"\r\n", b"\r\n\r\n\r\n"):
+                answer, closed = exchange(self.server.host, self.server.port, leading + good, trickle)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (leading, trickle, answer[:200]))
+                self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["counts"]["queued"], 1)
+                self.assertTrue(closed)
+        self.assert_one_400_then_closed(b"\r\n\r\nGET /healthz HTTP/1.1\nHost: " + self.host + b"\n\n")
+        self.assert_nothing_lost()
+
+
+class OriginTest(GuardedStateTestCase):
+    """A page in a browser may send requests anywhere; only the server's own page (and allowed origins) may use it."""
+
+    def setUp(self):
+        super().setUp()
+        self.own = "http://127.0.0.1:%d" % self.server.port  # urllib sends Host: 127.0.0.1:PORT
+        self.queued = next(task_id for task_id in self.ids if task_id != self.leased["_id"])
+
+    def data_calls(self):
+        """Every route that holds data or changes it, with a body that is valid for it."""
+        return [("GET", "/v1/queues", None), ("GET", "/metrics", None), ("GET", "/v1/queue/jobs", None),
+                ("POST", "/v1/queue/jobs", {"max": 1}), ("PUT", "/v1/queue/jobs", {"paused": True}),
+                ("PUT", "/v1/queue/made-by-evil", {}), ("GET", "/v1/queue/jobs/stats", None),
+                ("GET", "/v1/queue/jobs/tasks", None), ("POST", "/v1/queue/jobs/tasks", {"data": "evil"}),
+                ("DELETE", "/v1/queue/jobs/tasks?status=queued", None),
+                ("GET", f"/v1/queue/jobs/tasks/{self.queued}", None),
+                ("PATCH", f"/v1/queue/jobs/tasks/{self.queued}", {"status": "paused"}),
+                ("DELETE", f"/v1/queue/jobs/tasks/{self.queued}", None),
+                ("POST", "/v1/queue/jobs", {"tasks": [{"_id": self.leased["_id"], "status": "done"}]})]
+
+    def assert_untouched(self):
+        self.assert_nothing_lost()
+        self.assertEqual([queue.name for queue in self.broker.queues()], ["jobs"])
+        self.assertFalse(self.call("GET", "/v1/queue/jobs/stats")[1]["paused"])
+
+    def test_a_foreign_origin_is_403_on_every_data_route_and_changes_nothing(self):
+        for method, path, body in self.data_calls():
+            status, payload, _ = self.call(method, path, body, headers={"Origin": EVIL})
+            self.assertEqual(status, 403, (method, path, payload))
+        for path in ("/healthz", "/v1/openapi.json", "/", "/ui"):  # they hold no data
+            request = urllib.request.Request(self.url + path, headers={"Origin": EVIL})
+            with urllib.request.urlopen(request, timeout=5) as response:  # raises HTTPError unless 2xx
+                self.assertEqual(response.status, 200, path)
+        self.assert_untouched()
+
+    def test_a_text_plain_simple_post_from_a_foreign_page_is_403_and_changes_nothing(self):
+        # A form or fetch(..., {mode: "no-cors"}) sends these without a preflight: the browser asks nobody first.
+        for path, raw in (("/v1/queue/jobs/tasks", b'{"data": "csrf"}'), ("/v1/queue/jobs", b'{"max": 1000}')):
+            for headers in ({"Origin": EVIL}, {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"}):
+                status, payload, _ = self.call("POST", path, raw=raw,
+                                               headers=dict(headers, **{"Content-Type": "text/plain"}))
+                self.assertEqual(status, 403, (path, headers, payload))
+        self.assert_untouched()
+
+    def test_origin_null_and_near_misses_of_the_own_origin_are_403(self):
+        port = self.server.port
+        for origin in ("null", "http://127.0.0.1", "http://127.0.0.1:1",
+                       "http://127.0.0.1:%d.evil.example" % port, "http://evil.example:%d" % port):
+            status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "x"}, headers={"Origin": origin})
+            self.assertEqual(status, 403, (origin, payload))
+            self.assertEqual(self.call("GET", "/v1/queue/jobs/stats", headers={"Origin": origin})[0], 403, origin)
+        self.assert_untouched()
+
+    def test_the_servers_own_origin_is_served_compared_without_regard_to_case(self):
+        port = self.server.port
+        for headers in ({"Origin": self.own}, {"Origin": "HTTP://127.0.0.1:%d" % port},
+                        {"Host": "LocalHost:%d" % port, "Origin": "http://localhost:%d" % port},
+                        {"Host": "localhost:%d" % port, "Origin": "http://LOCALHOST:%d" % port}):
+            self.assertEqual(self.call("GET", "/v1/queue/jobs/stats", headers=headers)[0], 200, headers)
+            self.assertEqual(self.call("POST", "/v1/queue/jobs", {"max": 0}, headers=headers)[0], 204, headers)
+        # Behind a proxy that ends TLS, the page is https://HOST while this server speaks plain HTTP to the proxy.
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats", headers={"Origin": "https://127.0.0.1:%d" % port})[0],
+                         200)
+        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "mine"}, headers={"Origin": self.own})
+        self.assertEqual(status, 201, payload)
+        self.assertEqual(self.counts()["queued"], 2)
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"data": "not mine"},
+                                   headers={"Origin": EVIL})[0], 403)  # the own origin proves nothing for another
+        self.assertEqual(self.counts()["queued"], 2)
+
+    def test_sec_fetch_site_cross_site_is_403_while_same_origin_none_and_curl_are_served(self):
+        for method, path, body in self.data_calls():
+            status, payload, _ = self.call(method, path, body, headers={"Sec-Fetch-Site": "cross-site"})
+            self.assertEqual(status, 403, (method, path, payload))
+        self.assert_untouched()
+        for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {},
+                        {"Sec-Fetch-Site": "same-origin", "Origin": self.own}):
+            self.assertEqual(self.call("GET", "/v1/queue/jobs/stats", headers=headers)[0], 200, headers)
+        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "typed"},
+                                       headers={"Sec-Fetch-Site": "none"})
+        self.assertEqual(status, 201, payload)
+        self.assertEqual(self.counts()["queued"], 2)
+
+
+class AllowedOriginTest(GuardedStateTestCase):
+    server_options = {"allow_origins": [DASH]}
+
+    def test_an_allowed_origin_is_served_with_cors_headers_and_others_stay_403(self):
+        for headers in ({"Origin": DASH}, {"Origin": DASH, "Sec-Fetch-Site": "cross-site"}):
+            status, payload, response_headers = self.call("GET", "/v1/queue/jobs/stats", headers=headers)
+            self.assertEqual(status, 200, (headers, payload))
+            self.assertEqual(response_headers["Access-Control-Allow-Origin"], DASH)
+            self.assertIn("origin", [name.strip().lower() for name in response_headers.get("Vary", "").split(",")])
+        status, payload, response_headers = self.call("POST", "/v1/queue/jobs/tasks", {"data": "from the dash"},
+                                                      headers={"Origin": DASH})
+        self.assertEqual(status, 201, payload)
+        self.assertEqual(response_headers["Access-Control-Allow-Origin"], DASH)
+        self.call("DELETE", f"/v1/queue/jobs/tasks/{payload['tasks'][0]['_id']}")
+        for origin in (EVIL, "http://dash.example", "https://dash.example.evil.example", "https://evil.dash.example",
+                       "null"):
+            status, payload, response_headers = self.call("POST", "/v1/queue/jobs/tasks", {"data": "x"},
+                                                          headers={"Origin": origin})
+            self.assertEqual(status, 403, (origin, payload))
+            self.assertNotIn(response_headers["Access-Control-Allow-Origin"], ("*", origin))
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats",
+                                   headers={"Origin": "http://127.0.0.1:%d" % self.server.port})[0], 200)
+        self.assertEqual(self.counts()["cancelled"], 1)
+        self.call("DELETE", "/v1/queue/jobs/tasks?status=cancelled")
+        self.assert_nothing_lost()
+
+
+class HostTest(GuardedStateTestCase):
+    """Without a token, a name that is not this machine's is a page whose DNS was rebound to 127.0.0.1."""
+
+    FOREIGN = ("rebind.evil.example:{port}", "rebind.evil.example", "localhost.evil.example:{port}",
+               "127.0.0.1.nip.io:{port}", "localhostx:{port}", "EVIL.EXAMPLE")
+    OWN = ("127.0.0.1:{port}", "127.0.0.1", "localhost:{port}", "LOCALHOST", "LocalHost:{port}", "[::1]:{port}",
+           "[::1]", "192.0.2.10:{port}")
+
+    def every_route(self):
+        queued = next(task_id for task_id in self.ids if task_id != self.leased["_id"])
+        return [("GET", "/healthz", None), ("GET", "/v1/openapi.json", None), ("GET", "/", None), ("GET", "/ui", None),
+                ("GET", "/metrics", None), ("GET", "/v1/queues", None), ("GET", "/v1/queue/jobs", None),
+                ("POST", "/v1/queue/jobs", {"max": 1}), ("PUT", "/v1/queue/jobs", {"paused": True}),
+                ("GET", "/v1/queue/jobs/stats", None), ("GET", "/v1/queue/jobs/tasks", None),
+                ("POST", "/v1/queue/jobs/tasks", {"data": "rebound"}),
+                ("DELETE", "/v1/queue/jobs/tasks?status=queued", None), ("GET", f"/v1/queue/jobs/tasks/{queued}", None),
+                ("PATCH", f"/v1/queue/jobs/tasks/{queued}", {"status": "paused"}),
+                ("DELETE", f"/v1/queue/jobs/tasks/{queued}", None)]
+
+    def test_a_host_other_than_an_ip_literal_or_localhost_is_421_on_every_route(self):
+        port = self.server.port
+        for method, path, body in self.every_route():
+            status, payload, _ = self.call(method, path, body, headers={"Host": "rebind.evil.example:%d" % port})
+            self.assertEqual(status, 421, (method, path, payload))
+        for host in self.FOREIGN:
+            self.assertEqual(self.call("GET", "/healthz", headers={"Host": host.format(port=port)})[0], 421, host)
+        for host in self.OWN:
+            self.assertEqual(self.call("GET", "/v1/queue/jobs/stats", headers={"Host": host.format(port=port)})[0],
+                             200, host)
+        self.assert_nothing_lost()
+        self.assertFalse(self.call("GET", "/v1/queue/jobs/stats")[1]["paused"])
+
+    def test_with_a_token_any_host_is_served(self):
+        port = self.server.port
+        self.assertEqual(self.call("GET", "/v1/queues", headers={"Host": "queue.example.com:%d" % port})[0], 421)
+        self.server.httpd.access = K.Access(["admin-token"])
+        for host in self.FOREIGN + self.OWN:
+            status, payload, _ = self.call("GET", "/v1/queue/jobs/stats", headers={
+                "Host": host.format(port=port), "Authorization": "Bearer admin-token"})
+            self.assertEqual(status, 200, (host, payload))
+        self.assertEqual(self.call("GET", "/healthz", headers={"Host": "queue.example.com"})[0], 200)
+
+    def test_an_http_1_1_request_without_a_host_is_400(self):
+        for request in (b"GET /healthz HTTP/1.1\r\n\r\n", b"GET /v1/queue/jobs/stats HTTP/1.1\r\n\r\n",
+                        b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 15\r\n\r\n{\"data\": \"nh\"}\n",
+                        b"DELETE /v1/queue/jobs/tasks?status=queued HTTP/1.1\r\n\r\n"):
+            answer = self.raw(request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (request, answer[:200]))
+            self.assertIn(b'{"error":', answer)
+        self.assert_nothing_lost()
+
+
+class AllowedHostTest(GuardedStateTestCase):
+    server_options = {"allow_hosts": ["queue.internal"]}
+
+    def test_a_name_given_in_allow_hosts_is_served_and_other_names_stay_421(self):
+        port = self.server.port
+        for host in ("queue.internal:%d" % port, "queue.internal", "127.0.0.1:%d" % port, "localhost"):
+            status, payload, _ = self.call("POST", "/v1/queue/jobs", {"max": 0}, headers={"Host": host})
+            self.assertEqual(status, 204, (host, payload))
+        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "internal"},
+                                       headers={"Host": "queue.internal:%d" % port})
+        self.assertEqual(status, 201, payload)
+        self.call("DELETE", f"/v1/queue/jobs/tasks/{payload['tasks'][0]['_id']}")
+        for host in ("other.internal:%d" % port, "queue.internal.evil.example:%d" % port, "xqueue.internal",
+                     "internal:%d" % port):
+            status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "x"}, headers={"Host": host})
+            self.assertEqual(status, 421, (host, payload))
+        self.call("DELETE", "/v1/queue/jobs/tasks?status=cancelled")
+        self.assert_nothing_lost()
+
+
+class HardeningCommandLineTest(unittest.TestCase):
+
+    def test_allow_origin_and_allow_host_flags_repeat(self):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
+                                    "--queue", "jobs", "--allow-origin", DASH, "--allow-origin", "https://ops.example",
+                                    "--allow-host", "queue.internal", "--allow-host", "q2.internal"],
+                                   stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(stop_process, process)
+        port = int(wait_until_listening(self, process).rpartition(":")[2])
+
+        def get(headers):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                connection.request("GET", "/v1/queue/jobs/stats", headers=headers)
+                response = connection.getresponse()
+                return response.status, response.getheader("Access-Control-Allow-Origin"), response.read()
+            finally:
+                connection.close()
+
+        for origin in (DASH, "https://ops.example"):
+            status, allowed, body = get({"Host": "queue.internal:%d" % port, "Origin": origin})
+            self.assertEqual((status, allowed), (200, origin), body)
+        self.assertEqual(get({"Host": "q2.internal:%d" % port})[0], 200)
+        self.assertEqual(get({"Host": "other.internal:%d" % port})[0], 421)
+        self.assertEqual(get({"Host": "queue.internal:%d" % port, "Origin": EVIL})[0], 403)
+
+
+class BacklogTest(unittest.TestCase):
+
+    def test_a_burst_of_connections_completes_its_handshakes_before_any_is_accepted(self):
+        # A listen backlog of 5 (socketserver's default) drops the SYNs of a burst of workers starting together;
+        # each dropped one waits a second or more for its retry. The backlog is capped by net.core.somaxconn.
+        try:
+            with open("/proc/sys/net/core/somaxconn") as handle:
+                cap = int(handle.read())
+        except (OSError, ValueError):
+            cap = 128
+        count = min(300, cap, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+        server = K.KatarServer(K.Broker(), "127.0.0.1", 0)  # listening, but nobody accepts: not started
+        self.addCleanup(server.close)
+        clients = []
+
+        def close_clients():
+            for client in clients:
+                client.close()
+        self.addCleanup(close_clients)
+        selector = selectors.DefaultSelector()
+        self.addCleanup(selector.close)
+        for _ in range(count):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            clients.append(client)
+            client.setblocking(False)
+            self.assertIn(client.connect_ex((server.host, server.port)), (0, errno.EINPROGRESS))
+            selector.register(client, selectors.EVENT_WRITE)
+        connected, failed = 0, 0
+        deadline = time.monotonic() + 3  # a loopback handshake takes microseconds; a dropped SYN, a second or more
+        while connected + failed < count and time.monotonic() < deadline:
+            for key, _ in selector.select(deadline - time.monotonic()):
+                selector.unregister(key.fileobj)
+                if key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    connected += 1
+                else:
+                    failed += 1
+        self.assertEqual(connected, count, f"{connected} of {count} connections completed, {failed} were refused")
 
 
 # ---------------------------------------------------------------------------------------------------------------
