@@ -59,6 +59,7 @@ import http.client
 import io
 import ipaddress
 import json
+import operator
 import os
 import random
 import re
@@ -371,17 +372,18 @@ class Task:
         """What the apply functions may change, for `restore` to put back if a commit fails halfway. History
         entries other than the latest are never changed in place, so a shallow copy of the list keeps them."""
         history = self.history
-        return (self.status, self.updated_at, self.run_at, self.attempt, self.spent, self.worker, self.lease_until,
-                self.error, self.result, self.size, history, list(history), dict(history[-1]) if history else None)
+        if history:
+            return _CHANGING(self), list(history), dict(history[-1])
+        return _CHANGING(self), None, None
 
     def restore(self, state: Tuple[Any, ...]) -> None:
-        (self.status, self.updated_at, self.run_at, self.attempt, self.spent, self.worker, self.lease_until,
-         self.error, self.result, self.size, history, entries, latest) = state
+        values, entries, latest = state
+        for name, value in zip(_CHANGING_NAMES, values):
+            setattr(self, name, value)
         if entries:
-            history[:] = entries
-            history[-1].clear()
-            history[-1].update(latest)
-        self.history = history
+            self.history[:] = entries
+            self.history[-1].clear()
+            self.history[-1].update(latest)
 
     def latest(self) -> Optional[Dict[str, Any]]:
         """The history entry of the latest delivery, if it is still remembered."""
@@ -411,6 +413,12 @@ class Task:
             "history": [dict(entry) for entry in self.history],
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
+
+
+# What the apply functions change of a task (all but id, data, priority, key and created_at); read at once in C.
+_CHANGING_NAMES = ("status", "updated_at", "run_at", "attempt", "spent", "worker", "lease_until", "error", "result",
+                   "size", "history")
+_CHANGING = operator.attrgetter(*_CHANGING_NAMES)
 
 
 class _Waiter:
@@ -2340,9 +2348,13 @@ OPENAPI: Dict[str, Any] = {
     "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     "security": [{"bearer": []}],
     "paths": {
-        "/healthz": {"get": _operation("Liveness", {"200": _json_response("ok", _schema(
-            "object", required=["status"], properties={"status": _schema("string", enum=["ok"]),
-                                                       "version": _schema("string")}))})},
+        "/healthz": {"get": _operation("Health: 503 while changes cannot be made durable", {
+            "200": _json_response("ok", _schema("object", required=["status"], properties={
+                "status": _schema("string", enum=["ok"]), "version": _schema("string")})),
+            "503": _json_response("degraded: the journal fails, or a write or fsync has hung for over 5 s", _schema(
+                "object", required=["status", "reason"], properties={
+                    "status": _schema("string", enum=["degraded"]), "reason": _schema("string"),
+                    "version": _schema("string")}))})},
         "/metrics": {"get": _operation("Prometheus metrics", {"200": {"description": "text exposition"}})},
         "/v1/openapi.json": {"get": _operation("This document", {"200": _json_response("OpenAPI 3.1")})},
         "/": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
