@@ -18,10 +18,13 @@ operator routes (insert, list, inspect, wait for a result, cancel, pause, retry,
 Task statuses, in katar's words: paused, queued, in progress, done, failed, cancelled. A task is `in progress`
 while leased; `failed` is final (a dead letter): a failure that will be retried puts the task back to `queued`.
 
-Delivery is at least once: a task is handed out again when its lease runs out before a report arrives.
+Delivery is at least once: a task is handed out again when its lease runs out before a report arrives. Leases,
+delays and backoffs run on the monotonic clock: setting the wall clock neither expires nor stretches them.
 
-With --journal FILE every change is appended to FILE (JSON lines) and fsync'd before it is acknowledged, many
-requests sharing one fsync; a restart, even after kill -9 or a power cut, replays FILE to the same state.
+With --journal FILE every change is appended to FILE (checksummed JSON lines) and fsync'd before it is
+acknowledged, many requests sharing one fsync; a restart, even after kill -9 or a power cut, replays FILE to the
+same state. A change is all or nothing: if it fails halfway it is undone and answered 503. --max-memory bounds
+what the queues hold: inserts beyond it are 503 while workers go on draining.
 
 The same file is the client side: `python katar_http.py work URL QUEUE -- CMD` makes any program a worker,
 `put` inserts tasks, `stats` prints the queues' figures; `Client` does the same from Python. GET /metrics is
@@ -31,8 +34,9 @@ The file reads top to bottom as the architecture:
   1. constants and errors (each error carries its HTTP status);
   2. the queue core (Broker, Queue, Task): thread-safe behind one lock, knowing nothing of HTTP. Every change of
      state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and replays
-     them through the same function, so memory and disk cannot disagree;
-  3. the journal (Journal: append, group commit, compaction, recovery);
+     them through the same function, so memory and disk cannot disagree. A commit encodes its records first and
+     notes how to put back what applying them changes, so a failure halfway leaves nothing behind;
+  3. the journal (Journal: append, group commit, compaction, recovery; its lock is the file's own);
   4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, authenticate, call the core, serialise);
   5. the server object;
   6. the client and the worker runner (Client, Runner);
@@ -40,7 +44,8 @@ The file reads top to bottom as the architecture:
 
 Security: --token (admin) and --worker-token (lease and report on named queues only) guard every route but
 /healthz; --tls-cert serves HTTPS; every request is bounded (Limits). Without a token the server refuses to listen
-beyond 127.0.0.1.
+beyond 127.0.0.1 and answers only requests that name it by an IP address or localhost (DNS rebinding). Requests
+from other sites' web pages (Origin, Sec-Fetch-Site) are refused unless --allow-origin names them.
 """
 
 from __future__ import annotations
