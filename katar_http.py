@@ -132,6 +132,7 @@ QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 # twice its text.
 TASK_BYTES = 600             # a task, its index entries and its slot in the status and id tables
 HISTORY_ENTRY_BYTES = 500    # one remembered attempt
+MEMO_BYTES = 200             # one discarded task a non-persistent queue remembers (FINISHED_MEMORY of them at most)
 QUEUE_BYTES = 4096           # an empty queue
 MEMORY_SHARE = 4             # by default the queues may hold a quarter of the machine's memory...
 ADDRESS_SPACE_SHARE = 3      # ...and at most a third of the address space the process may have (ulimit -v)
@@ -984,6 +985,7 @@ class Queue:
         self.totals.update(rec["totals"])
         for task_id, status, attempt, outcome, key in rec["finished"]:
             self._finished[task_id] = (status, attempt, outcome, key)
+            self.memory += MEMO_BYTES + len(key or "")
             if key is not None:
                 self._keys.setdefault(key, task_id)
         # Each status lists its tasks in the order they entered it, which is the order of updated_at.
@@ -1130,9 +1132,11 @@ class Queue:
         del self._by_status[status][task.id]
         latest = task.latest()
         self._finished[task.id] = (status, task.attempt, latest["outcome"] if latest else None, task.key)
+        self.memory += MEMO_BYTES + len(task.key or "")
         undo = self._broker._undo
         while len(self._finished) > FINISHED_MEMORY:
             old_id, memo = self._finished.popitem(last=False)
+            self.memory -= MEMO_BYTES + len(memo[3] or "")
             if undo is not None:
                 undo.append((self._put_back_memo, old_id, memo))
             if memo[3] is not None and self._keys.get(memo[3]) == old_id:

@@ -2043,6 +2043,24 @@ class JournalFileTest(JournalTestCase):
         self.assertTrue(read_file(self.path, "rb").split(b"\n")[3][:8].isalnum())  # a checksummed line
 
 
+class MemoryEstimateTest(JournalTestCase):
+    def test_the_estimate_is_the_same_after_a_restart_and_after_a_compaction(self):
+        broker = self.open()
+        self.churn(broker)
+        keep = broker.get("keep")
+        keep.insert([{"data": {"nested": ["x" * 100] * 3}, "key": "k" * 200}])
+        task = keep.lease()[0]
+        keep.report([{"_id": task["_id"], "status": "done", "result": {"big": "r" * 5000}}])
+        estimate = broker.memory()[0]
+        self.assertGreater(estimate, 5000)
+        broker.close()
+        reopened = self.open()
+        self.assertEqual(reopened.memory()[0], estimate)
+        reopened.compact()
+        reopened.close()
+        self.assertEqual(self.open().memory()[0], estimate)
+
+
 class HealthTest(JournalOverHttpTestCase):
     def test_healthz_is_degraded_while_a_journal_write_hangs_and_ok_after(self):
         original = K.STALL_SECONDS
