@@ -1200,6 +1200,13 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
     return checked
 
 
+def _format_size(size: int) -> str:
+    """Bytes as a person reads them, as --max-memory takes them: 1.5G, 341M, 20K."""
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f}G"
+    return f"{size >> 20}M" if size >= 1 << 20 else f"{size >> 10}K"
+
+
 def default_max_memory() -> int:
     """The default of --max-memory: a quarter of the machine's memory, and no more than a third of the address
     space the process may have (ulimit -v), since the interpreter, threads and a compaction need the rest."""
@@ -1455,9 +1462,9 @@ class Broker:
     def _admit(self, size: int) -> None:
         """Lock held: refuse a change that would take the memory estimate past max_memory."""
         if self.max_memory and self._memory + size > self.max_memory:
-            raise Unavailable(f"the queues hold about {self._memory >> 20} MiB of the {self.max_memory >> 20} MiB "
-                              f"this server may use (--max-memory): inserts wait until workers drain tasks; retry "
-                              f"later")
+            raise Unavailable(f"the queues hold about {_format_size(self._memory)} of the "
+                              f"{_format_size(self.max_memory)} this server may use (--max-memory): inserts wait "
+                              f"until workers drain tasks; retry later")
 
     # -- the one place state changes ------------------------------------------------------------------------------
 
@@ -3002,7 +3009,12 @@ class _HTTPServer(ThreadingHTTPServer):
         if refuse:
             self._refuse(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread to be had (memory, ulimit -u, ulimit -v): refused like one too many
+            with self._connections_changed:
+                self._active -= 1
+            self._refuse(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -3016,13 +3028,15 @@ class _HTTPServer(ThreadingHTTPServer):
         or when the refuser is itself behind, the connection is just closed: nothing here may stall accepting."""
         with self._connections_changed:
             if self.tls is None and len(self._refusals) < 64:
-                self._refusals.append(request)
-                self._connections_changed.notify_all()
                 if self._refuser is None:
-                    self._refuser = threading.Thread(target=self._refuse_forever, name="katar_http refusals",
-                                                     daemon=True)
-                    self._refuser.start()
-                return
+                    refuser = threading.Thread(target=self._refuse_forever, name="katar_http refusals", daemon=True)
+                    with contextlib.suppress(RuntimeError):  # no thread to be had: the plain close below
+                        refuser.start()
+                        self._refuser = refuser
+                if self._refuser is not None:
+                    self._refusals.append(request)
+                    self._connections_changed.notify_all()
+                    return
         super().shutdown_request(request)  # a plain close: this is the accepting thread, which must not linger
 
     def _refuse_forever(self) -> None:
@@ -3546,10 +3560,6 @@ def _memory_size(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"expected bytes like 512M or 2G, got {text!r}")
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
-
-
-def _format_size(size: int) -> str:
-    return f"{size / (1 << 30):.1f}G" if size >= 1 << 30 else f"{size >> 20}M"
 
 
 def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[str]) -> None:
