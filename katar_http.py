@@ -1667,7 +1667,7 @@ class Journal:
     def __init__(self, path: str, fsync: str = "always", fsync_interval: float = 1.0, repair: bool = False) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
-        self.path = os.path.abspath(path)
+        self.path = os.path.realpath(path)  # through a symbolic link, compaction replaces the file, not the link
         self.fsync, self.fsync_interval, self.repair = fsync, fsync_interval, repair
         self._write, self._fsync = os.write, os.fsync
         self._fd: Optional[int] = None
@@ -2025,6 +2025,7 @@ class Journal:
                 self.compaction_hook("tail written")
                 os.replace(temporary, self.path)
                 renamed = True
+                _fsync_folder(self.path)  # before anything in the new file is acknowledged: a power cut keeps it
             finally:
                 with self._cond:
                     if renamed:  # the new file is the journal: write there from now on
@@ -2036,7 +2037,6 @@ class Journal:
                             self.records - records_then)
                     self._flushing = False
                     self._wake()
-            _fsync_folder(self.path)
             self.compaction_hook("renamed")
             self._compact_wait = COMPACT_RETRY[0]
         except OSError:

@@ -1978,6 +1978,20 @@ class JournalFileTest(JournalTestCase):
                 with self.assertRaisesRegex(K.JournalError, "in use by another katar_http server"):
                     K.Broker(journal=alias)
 
+    def test_a_journal_opened_through_a_symbolic_link_is_compacted_where_the_link_points(self):
+        link = os.path.join(os.path.dirname(self.path), "link.journal")
+        os.symlink(self.path, link)
+        broker = K.Broker(clock=self.clock, journal=link)
+        jobs = broker.queue("jobs")
+        jobs.insert([{"data": n} for n in range(3)])
+        broker.compact()
+        before = broker_state(broker)
+        broker.close()
+        self.assertTrue(os.path.islink(link))
+        again = K.Broker(clock=self.clock, journal=link)
+        self.addCleanup(again.close)
+        self.assertEqual(broker_state(again), before)
+
     def test_a_journal_deleted_or_replaced_under_the_server_is_refused_loudly(self):
         for how in ("deleted", "replaced"):
             with self.subTest(how=how):
