@@ -1,5 +1,9 @@
 """Tests for katar_http: a real server on port 0, real HTTP through urllib and http.client, a fake clock where
-time matters. Run: python3 -m unittest -v test_katar_http"""
+time matters. Run: python3 -m unittest -v test_katar_http
+
+Longer runs by hand: KATAR_SOAK_SECONDS (default 12) is the length of the compaction soak's load, KATAR_CRASH_ROUNDS
+(default 12) the number of kill -9 rounds aimed at compactions, e.g.
+    KATAR_SOAK_SECONDS=600 python3 -m unittest -v test_katar_http.CompactionSoakTest"""
 
 import collections
 import contextlib
@@ -2100,6 +2104,423 @@ class HealthTest(JournalOverHttpTestCase):
         release.set()
         writer.join(10)
         self.assertEqual(self.call("GET", "/healthz")[0], 200)
+
+
+# The server under test, run as `python -c COMPACTING_SERVER HERE JOURNAL QUEUES_JSON`: katar_http from HERE (the
+# folder of this file) on JOURNAL, the queues of QUEUES_JSON, and a thread that compacts the journal over and over,
+# as fast as it can. It prints "listening on URL" on stderr as the command line does; on SIGTERM it stops compacting,
+# closes the server and prints {"compactions": N, "failures": M} on stdout (N counts compactions that replaced the
+# file: the journal's inode changed).
+COMPACTING_SERVER = r"""
+import json, os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import katar_http as K
+
+path, queues = sys.argv[2], json.loads(sys.argv[3])
+try:
+    broker = K.Broker(journal=K.Journal(path))
+except (K.JournalError, OSError) as exc:  # as the command line words it
+    print("katar_http: %s" % (exc,), file=sys.stderr, flush=True)
+    sys.exit(1)
+for name, options in queues.items():
+    broker.queue(name, **options)
+server = K.serve(broker, port=0)
+stop = threading.Event()
+figures = {"compactions": 0, "failures": 0}
+
+def compact_forever():
+    while not stop.is_set():
+        before = os.stat(path).st_ino
+        try:
+            broker.compact()
+        except Exception as exc:
+            figures["failures"] += 1
+            if figures["failures"] <= 5:
+                print("compaction failed: %r" % (exc,), file=sys.stderr, flush=True)
+            stop.wait(0.01)
+            continue
+        if os.stat(path).st_ino != before:
+            figures["compactions"] += 1
+
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+compactor = threading.Thread(target=compact_forever, name="compact forever", daemon=True)
+compactor.start()
+print("katar_http %s listening on %s" % (K.__version__, server.url), file=sys.stderr, flush=True)
+stop.wait()
+compactor.join()
+server.close()
+print(json.dumps(figures), flush=True)
+"""
+
+# Two persistent queues (done tasks stay listed; c with a short lease, so that forgotten tasks come back soon) and
+# one that discards done tasks. Attempts are plentiful: no task becomes a dead letter by chance.
+COMPACTION_QUEUES = {
+    "a": {"persistent": True, "lease": 1000, "max_attempts": 1000},
+    "b": {"persistent": False, "lease": 1000, "max_attempts": 1000},
+    "c": {"persistent": True, "lease": 250, "max_attempts": 1000},
+}
+BACKLOG = 300  # producers wait while a queue holds this many tasks not yet acknowledged done
+
+
+class CompactingServer:
+    """COMPACTING_SERVER as a subprocess on `journal`. What it prints after its "listening on" line is read by
+    threads (into `output` and `errors`), so that a full pipe never stalls it."""
+
+    def __init__(self, test, journal):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", COMPACTING_SERVER, HERE, journal, json.dumps(COMPACTION_QUEUES)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        test.addCleanup(self.stop)
+        host_port = wait_until_listening(test, self.process).split("http://")[1]
+        self.host, self.port = host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
+        self.output, self.errors = [], []
+        self.readers = [threading.Thread(target=lambda stream=stream, lines=lines: lines.extend(stream), daemon=True)
+                        for stream, lines in ((self.process.stdout, self.output), (self.process.stderr, self.errors))]
+        for reader in self.readers:
+            reader.start()
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(30)
+
+    def terminate(self):
+        """SIGTERM; return the exit status and the figures the server printed (None if it printed none)."""
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(60)
+        for reader in self.readers:
+            reader.join(10)
+        figures = [json.loads(line) for line in self.output if line.startswith("{")]
+        return status, (figures[-1] if figures else None)
+
+    def stop(self):
+        stop_process(self.process)
+        for reader in self.readers if hasattr(self, "readers") else ():
+            reader.join(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def json_exchange(connection, method, path, body=None):
+    """One request on a keep-alive connection: (status, parsed JSON body or None)."""
+    data = None if body is None else json.dumps(body)
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+    response = connection.getresponse()
+    payload = response.read()
+    return response.status, (json.loads(payload) if payload else None)
+
+
+class AcknowledgedLoad:
+    """Producers and workers on every queue of COMPACTION_QUEUES, each on its own keep-alive connection, recording
+    what the server acknowledged: every id of an insert answered 201, every done report answered 2xx (with a logical
+    time), and every delivery of a task in answer to a request sent after its done was acknowledged (a violation).
+    One load goes on across restarts: start() it against each new server.
+
+    Workers lease 3 to 5 tasks at a time and report them on their next poll with the attempt they answer: most
+    done, some failed (retried at once), some forgotten (their lease runs out and they are delivered again)."""
+
+    def __init__(self, seed, persistent_rate=None):
+        self.lock = threading.Lock()
+        self.clock = 0            # logical time, counted under the lock
+        self.seeds = random.Random(seed)
+        self.persistent_rate = persistent_rate  # tasks per second per persistent queue, to bound long soaks
+        self.inserted = {}        # id -> queue
+        self.done_sent = set()    # ids a done report was sent for, answered or not
+        self.done_acked = {}      # id -> (queue, logical time of the answer)
+        self.violations = []      # (id, queue, attempt)
+        self.unexpected = []      # answers a server that is up should not give
+        self.broken = []          # connections that failed while the server was up
+        self.stopping = False     # set before the server is stopped or killed: from then on both are expected
+        self.open = collections.Counter()  # per queue: inserted and not acknowledged done, to pace the producers
+
+    def start(self, server, stop):
+        self.stopping, started = False, time.monotonic()
+        threads = []
+        for queue in COMPACTION_QUEUES:
+            for role in (self.produce, self.work, self.work):
+                thread = threading.Thread(target=role, args=(server, queue, stop, random.Random(self.seeds.random()),
+                                                             started), daemon=True)
+                thread.start()
+                threads.append(thread)
+        return threads
+
+    def produce(self, server, queue, stop, rng, started):
+        connection, made = http.client.HTTPConnection(server.host, server.port, timeout=60), 0
+        rate = self.persistent_rate if COMPACTION_QUEUES[queue]["persistent"] else None
+        try:
+            while not stop.is_set():
+                with self.lock:
+                    busy = self.open[queue] >= BACKLOG
+                if busy or (rate is not None and made >= 100 + rate * (time.monotonic() - started)):
+                    stop.wait(0.005)
+                    continue
+                batch = [{"data": {"n": rng.randrange(10 ** 6)}} for _ in range(rng.randint(1, 8))]
+                status, payload = json_exchange(connection, "POST", f"/v1/queue/{queue}/tasks", {"tasks": batch})
+                with self.lock:
+                    if status == 201:
+                        made += len(batch)
+                        self.open[queue] += len(batch)
+                        self.inserted.update((task["_id"], queue) for task in payload["tasks"])
+                    elif not self.stopping:
+                        self.unexpected.append(f"insert into {queue}: {status} {payload}")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if not self.stopping:
+                self.broken.append(f"producer of {queue}: {exc!r}")
+        finally:
+            connection.close()
+
+    def work(self, server, queue, stop, rng, started):
+        connection, reports = http.client.HTTPConnection(server.host, server.port, timeout=60), []
+        name = f"soak-{queue}-{rng.randrange(10 ** 6)}"
+        try:
+            while not stop.is_set():
+                with self.lock:
+                    self.clock += 1
+                    sent_at = self.clock
+                    self.done_sent.update(report["_id"] for report in reports if report["status"] == K.DONE)
+                status, payload = json_exchange(connection, "POST", f"/v1/queue/{queue}", {
+                    "tasks": reports, "max": rng.randint(3, 5), "wait": 100, "worker": name})
+                if status // 100 != 2:
+                    if status != 409 and not self.stopping:  # 409: a report on a delivery that went elsewhere
+                        with self.lock:
+                            self.unexpected.append(f"poll of {queue}: {status} {payload}")
+                    reports = []  # refused as a whole: those tasks are delivered again once their leases run out
+                    continue
+                tasks = payload["tasks"] if status == 200 else []
+                with self.lock:
+                    self.clock += 1
+                    acked_at = self.clock
+                    for report in reports:
+                        if report["status"] == K.DONE and report["_id"] not in self.done_acked:
+                            self.done_acked[report["_id"]] = (queue, acked_at)
+                            self.open[queue] -= 1
+                    for task in tasks:
+                        acked = self.done_acked.get(task["_id"])
+                        if acked is not None and acked[1] < sent_at:
+                            self.violations.append((task["_id"], queue, task["attempt"]))
+                reports = []
+                for task in tasks:
+                    roll = rng.random()
+                    if roll < 0.04:
+                        continue  # forgotten: its lease runs out and it is delivered again
+                    if roll < 0.08:
+                        reports.append({"_id": task["_id"], "status": K.FAILED, "error": "soak", "retry_after": 0,
+                                        "attempt": task["attempt"]})
+                    else:
+                        reports.append({"_id": task["_id"], "status": K.DONE, "result": task["data"],
+                                        "attempt": task["attempt"]})
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if not self.stopping:
+                self.broken.append(f"worker of {queue}: {exc!r}")
+        finally:
+            connection.close()
+
+
+class CompactionLoadTestCase(unittest.TestCase):
+    """What the compaction tests share: a journal in a fresh folder, the server, and the check after a restart."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.journal = os.path.join(directory, "tasks.journal")
+
+    def start_server(self):
+        """Start COMPACTING_SERVER on the journal; fails the test (with the server's words) if it refuses."""
+        return CompactingServer(self, self.journal)
+
+    def stop_load(self, stop, threads):
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+            self.assertFalse(thread.is_alive(), "a client thread hangs")
+
+    def listed_tasks(self, connection, queue):
+        """Every task of `queue`, paging through GET /v1/queue/<queue>/tasks: a list of (id, status)."""
+        tasks, after = [], ""
+        for _ in range(100000):
+            status, page = json_exchange(connection, "GET",
+                                         f"/v1/queue/{queue}/tasks?limit={K.MAX_LIST_LIMIT}{after}")
+            self.assertEqual(status, 200, page)
+            tasks.extend((task["_id"], task["status"]) for task in page["tasks"])
+            if page["next"] is None:
+                return tasks
+            after = "&after=" + page["next"]
+        self.fail(f"the listing of {queue} never ends")
+
+    def all_stats(self, connection):
+        stats = {}
+        for queue in COMPACTION_QUEUES:
+            status, stats[queue] = json_exchange(connection, "GET", f"/v1/queue/{queue}/stats")
+            self.assertEqual(status, 200, stats[queue])
+        return stats
+
+    def assert_nothing_acknowledged_lost(self, server, load, when):
+        """Every acknowledged insert is listed (or, in a queue that discards done tasks, was reported done), every
+        task acknowledged done is done (or discarded) and was never delivered again, ids are unique across the
+        listings, and each queue's stats agree with its listing."""
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        self.addCleanup(connection.close)
+        # Leases from before the restart may run out while we list: take a listing that two identical stats
+        # surround (with no client running, statuses only change by such expiries).
+        for _ in range(20):
+            before = self.all_stats(connection)
+            listings = {queue: self.listed_tasks(connection, queue) for queue in COMPACTION_QUEUES}
+            stats = self.all_stats(connection)
+            if all(before[queue]["counts"] == stats[queue]["counts"] for queue in COMPACTION_QUEUES):
+                break
+        else:
+            self.fail(f"{when}: the statuses kept changing while the tasks were listed")
+        problems = []
+
+        def problem(what, ids):
+            if ids:
+                ids = sorted(ids)
+                problems.append(f"{when}: {len(ids)} {what}, e.g. {ids[:5]}")
+
+        listed, every_id = {}, []
+        for queue, tasks in listings.items():
+            every_id.extend(task_id for task_id, _ in tasks)
+            listed.update((task_id, (queue, status)) for task_id, status in tasks)
+            counts = collections.Counter(status for _, status in tasks)
+            if stats[queue]["total"] != len(tasks) or sum(stats[queue]["counts"].values()) != len(tasks):
+                problems.append(f"{when}: queue {queue} lists {len(tasks)} tasks, its stats say "
+                                f"{stats[queue]['total']} ({stats[queue]['counts']})")
+            for status in K.STATUSES:
+                if stats[queue]["counts"].get(status, 0) != counts.get(status, 0):
+                    problems.append(f"{when}: queue {queue} lists {counts.get(status, 0)} tasks {status}, its stats "
+                                    f"say {stats[queue]['counts'].get(status, 0)}")
+        problem("ids listed more than once", {task_id for task_id, n in collections.Counter(every_id).items() if n > 1})
+        with load.lock:
+            inserted, done_sent, done_acked = dict(load.inserted), set(load.done_sent), dict(load.done_acked)
+            violations = list(load.violations)
+        problem("acknowledged inserts are missing", {
+            task_id for task_id, queue in inserted.items() if task_id not in listed
+            and (COMPACTION_QUEUES[queue]["persistent"] or task_id not in done_sent)})
+        problem("tasks are listed in another queue than the one they were inserted into", {
+            task_id for task_id, queue in inserted.items() if task_id in listed and listed[task_id][0] != queue})
+        # A persistent queue keeps a done task, listed as done; the other one discards it: listed, it came back.
+        problem("tasks acknowledged done are not done", {
+            task_id for task_id, (queue, _) in done_acked.items()
+            if (listed.get(task_id, (None, None))[1] != K.DONE if COMPACTION_QUEUES[queue]["persistent"]
+                else task_id in listed)})
+        problem("tasks acknowledged done were delivered again", {task_id for task_id, _, _ in violations})
+        if problems:
+            self.fail("\n".join(problems) + "\nserver stderr: " + "".join(server.errors[-20:]))
+        # The producers pace on the tasks not done; tasks whose done report a kill left unanswered would count as
+        # open for ever: start again from what the server holds.
+        with load.lock:
+            load.open = collections.Counter(queue for queue, tasks in listings.items()
+                                            for _, status in tasks if status not in (K.DONE, K.FAILED, K.CANCELLED))
+
+    def assert_the_load_got_going(self, load):
+        self.assertGreater(len(load.inserted), 300, "the load never got going")
+        self.assertGreater(len(load.done_acked), 150, "the workers never got going")
+        self.assertGreater(len({queue for queue, _ in load.done_acked.values()}), 2, "a queue saw no work")
+        self.assertEqual(load.unexpected[:10], [], "answers no server should give")
+
+
+class CompactionSoakTest(CompactionLoadTestCase):
+    """Writers on several queues while the journal is compacted over and over: nothing acknowledged is lost across a
+    clean restart, nor across a kill -9 after more of the same."""
+
+    seconds = float(os.environ.get("KATAR_SOAK_SECONDS", "12"))
+    persistent_tasks = 20000  # per persistent queue over the whole soak: a long soak inserts into them more slowly
+
+    def run_load(self, server, load, seconds, until=lambda: True):
+        """Run the load for `seconds` (and then until `until()`, for at most 30 s more); the server must stay up."""
+        stop = threading.Event()
+        threads = load.start(server, stop)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline or not until():
+            self.assertIsNone(server.process.poll(), "the server died: " + "".join(server.errors[-20:]))
+            self.assertLess(time.monotonic(), deadline + 30, "the load ran on without its condition")
+            stop.wait(0.05)
+        return stop, threads
+
+    def test_writers_on_several_queues_while_compaction_runs_lose_nothing_across_restarts(self):
+        load = AcknowledgedLoad(2026, persistent_rate=self.persistent_tasks / max(self.seconds, 1))
+        server = self.start_server()
+        stop, threads = self.run_load(server, load, self.seconds)
+        self.assertEqual(load.broken[:10], [], "the server is up: no connection may fail")
+        self.assertEqual(load.unexpected[:10], [], "answers no server should give")
+        # SIGTERM under load, so that the last compaction has writers racing it (stopped first, the writers would
+        # leave the compactions time to rewrite a journal that a racing one left short). What the server
+        # acknowledges until it closes must be kept; refusals (503) and broken connections are expected now.
+        load.stopping = True
+        status, figures = server.terminate()
+        self.stop_load(stop, threads)
+        self.assertEqual(status, 0, "".join(server.errors[-20:]))
+        self.assertIsNotNone(figures, "the server printed no figures")
+        self.assertGreater(figures["compactions"], 20, "compaction hardly ran")
+        self.assertEqual(figures["failures"], 0, "".join(server.errors[-20:]))
+        self.assert_the_load_got_going(load)
+
+        server = self.start_server()  # the restart must not be refused
+        self.assert_nothing_acknowledged_lost(server, load, "after a clean restart")
+
+        inode = os.stat(self.journal).st_ino  # load on until a compaction replaced the journal, then kill -9
+        stop, threads = self.run_load(server, load, min(2.0, max(1.0, self.seconds / 4)),
+                                      until=lambda: os.stat(self.journal).st_ino != inode)
+        load.stopping = True
+        server.kill()
+        self.stop_load(stop, threads)
+        server = self.start_server()
+        self.assert_nothing_acknowledged_lost(server, load, "after kill -9")
+        status, figures = server.terminate()
+        self.assertEqual(status, 0, "".join(server.errors[-20:]))
+
+
+class CompactionCrashTest(CompactionLoadTestCase):
+    """kill -9 in the middle of a compaction (mostly) or at any moment, under load, round after round: every restart
+    loads the journal and nothing acknowledged is lost or comes back."""
+
+    rounds = int(os.environ.get("KATAR_CRASH_ROUNDS", "12"))
+
+    def kill_inside_compaction(self, server, chance):
+        """Watch the temporary file of a compaction (JOURNAL.compact; a stale one left by an earlier kill is waited
+        out) and kill -9 at a random share of the time the latest whole compaction took, counted from the appearance
+        of the next one (if that one ends sooner, the next is aimed at instead). Returns whether the kill landed
+        inside a compaction: the temporary file is still there once the server is dead."""
+        compacting = self.journal + ".compact"
+        share = chance.uniform(0, 0.9)
+        gone, appeared, took = False, None, None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            exists, now = os.path.exists(compacting), time.perf_counter()
+            if not exists:
+                if appeared is not None:
+                    took = now - appeared  # a whole compaction, seen from its start to its end
+                gone, appeared = True, None
+            elif gone:
+                if appeared is None:
+                    appeared = now
+                elif took is not None and now >= appeared + share * took:
+                    server.kill()
+                    return os.path.exists(compacting)
+        server.kill()
+        return False
+
+    def test_kill_9_inside_compaction_loses_nothing(self):
+        load, chance = AcknowledgedLoad(1966), random.Random(1966)
+        inside = 0
+        for number in range(self.rounds):
+            server = self.start_server()  # a restart must never be refused
+            if number:
+                self.assert_nothing_acknowledged_lost(server, load, f"after kill -9 number {number}")
+            stop = threading.Event()
+            threads = load.start(server, stop)
+            stop.wait(chance.uniform(0.05, 0.4))  # stop is not set: the load runs for this long
+            load.stopping = True
+            if number % 4 != 3:
+                inside += self.kill_inside_compaction(server, chance)
+            else:
+                server.kill()  # and one round in four at whatever moment the load is at
+            self.stop_load(stop, threads)
+        server = self.start_server()
+        self.assert_nothing_acknowledged_lost(server, load, f"after kill -9 number {self.rounds}")
+        status, _ = server.terminate()
+        self.assertEqual(status, 0, "".join(server.errors[-20:]))
+        self.assert_the_load_got_going(load)
+        self.assertGreaterEqual(inside, self.rounds / 2, "too few kills landed inside a compaction")
 
 
 class CrashTest(unittest.TestCase):
