@@ -312,6 +312,11 @@ def _json_sized(field: str, value: Any) -> Tuple[Any, int]:
         raise BadRequest(f"{field} must be JSON: {exc}") from None
 
 
+def _options_bytes(options: Dict[str, Any]) -> int:
+    """The memory estimate of a queue without tasks: its tables, and its configuration (any JSON a user sends)."""
+    return QUEUE_BYTES + _value_bytes(options.get("configuration"))
+
+
 def _value_bytes(value: Any) -> int:
     """The memory estimate of a value that is already plain JSON (as _json_sized gives it)."""
     if value is None or isinstance(value, (bool, int, float)):
@@ -372,7 +377,9 @@ class Task:
     @property
     def memory(self) -> int:
         """The estimate of the bytes this task holds (what --max-memory bounds)."""
-        return TASK_BYTES + self.size + HISTORY_ENTRY_BYTES * len(self.history) + len(self.error or "")
+        history = self.history
+        errors = sum(len(entry["error"]) for entry in history if entry["error"]) if history else 0
+        return TASK_BYTES + self.size + HISTORY_ENTRY_BYTES * len(history) + errors + len(self.error or "")
 
     def save(self) -> Tuple[Any, ...]:
         """What the apply functions may change, for `restore` to put back if a commit fails halfway. History
@@ -457,6 +464,7 @@ class Queue:
         self._broker = broker
         self.options = dict(QUEUE_DEFAULTS, configuration={"interval": DEFAULT_INTERVAL_MS})
         self.options.update(options)
+        self.memory = _options_bytes(self.options)  # the estimate of what this queue holds, its tasks' `memory` too
         self._tasks: Dict[str, Task] = {}
         # Per status, the ids in the order they entered it: counts, the oldest queued task, purges, listings.
         # Plain dicts keep insertion order and cost less than OrderedDicts; the oldest queued task is the first one
@@ -473,11 +481,16 @@ class Queue:
         self._result_waiters: Dict[str, List[_Waiter]] = {}
         self.totals = {name: 0 for name in ("inserted", "leased", "done", "failed", "retried", "expired", "released",
                                             "cancelled", "lease_wait_ms")}
-        self.memory = QUEUE_BYTES  # the estimate of what this queue holds: the sum of its tasks' `memory`
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def _set_options(self, options: Dict[str, Any]) -> None:
+        """Apply merged options (a `queue` record)."""
+        self.memory -= _options_bytes(self.options)
+        self.options.update(options)
+        self.memory += _options_bytes(self.options)
 
     # -- public surface ------------------------------------------------------------------------------------------
 
@@ -558,10 +571,20 @@ class Queue:
             return self._wait_for_tasks(_Waiter(broker._lock, max, worker), wait_ms)
 
     def task(self, task_id: str, wait: float = 0) -> Dict[str, Any]:
-        """A task's full record; with `wait` ms, hold until it is done, failed or cancelled (or the time is up)."""
+        """A task's full record; with `wait` ms, hold until it is done, failed or cancelled (or the time is up).
+        What it answers is durable: a producer told "done" is never told otherwise after a crash."""
         wait_ms = _check_number("wait", wait, 0, 10 ** 9)
+        try:
+            return self._durable_task(task_id, wait_ms)
+        except Unavailable:
+            with self._broker._lock:  # the disk failed: answer what it holds, once memory is back to that
+                if not self._broker._on_disk():
+                    raise
+                return self._task_view(task_id)
+
+    def _durable_task(self, task_id: str, wait_ms: float) -> Dict[str, Any]:
         broker = self._broker
-        with broker._lock:
+        with broker._changing():
             self._tick(broker._now())
             task = self._tasks.get(task_id)
             if task is None or wait_ms <= 0 or task.status in FINAL_STATUSES or broker._closed:
@@ -743,7 +766,10 @@ class Queue:
         if report.get("retry", True) and spent < self.options["max_attempts"] and task.status != FAILED:
             delay = report.get("retry_after")
             retry_at = now + (delay if delay is not None else self._backoff(spent))
-        return dict(base, op="fail", outcome="failed", error=report["error"], retry_at=retry_at)
+        error = report["error"]
+        if self._broker._over_bound():  # reports always work; past the bound their errors keep only their start
+            error = error[:HISTORY_ERROR_LIMIT]
+        return dict(base, op="fail", outcome="failed", error=error, retry_at=retry_at)
 
     def _backoff(self, spent: int) -> int:
         """Exponential backoff with equal jitter: half the doubled delay, plus up to as much again at random."""
@@ -1285,11 +1311,10 @@ class Broker:
         options = _check_options(options)
         with self._changing():
             queue = self._queues.get(name)
-            if queue is None:
-                self._admit(QUEUE_BYTES)
             if queue is None or options:
                 merged = dict(queue.options) if queue is not None else {}
                 merged.update(options)
+                self._admit(_options_bytes(merged) - (_options_bytes(queue.options) if queue is not None else 0))
                 self._commit([{"op": "queue", "q": name, "options": merged}])
                 queue = self._queues[name]
                 queue._serve_waiters(self._now())  # a resumed queue or a raised cap may serve waiting polls
@@ -1363,6 +1388,11 @@ class Broker:
             return False
         return True
 
+    def _on_disk(self) -> bool:
+        """Lock held: whether memory holds what the journal holds (no failure, or memory rebuilt since)."""
+        journal = self._journal
+        return journal is None or journal.failed is None or journal.rolled_back
+
     def _rebuild(self, journal: "Journal") -> None:
         """Replace the state of every queue by what the journal's durable part builds; waiters stay where they
         are."""
@@ -1406,7 +1436,9 @@ class Broker:
             self._latest = at
 
     def _header(self) -> Dict[str, Any]:
-        return {"op": "journal", "version": JOURNAL_VERSION, "epoch": self._epoch, "seq": self._seq}
+        # `at`: a compacted journal holds no other record of the time, and time must not run back behind it.
+        return {"op": "journal", "version": JOURNAL_VERSION, "epoch": self._epoch, "seq": self._seq,
+                "at": self._now()}
 
     def _snapshot(self) -> List[Dict[str, Any]]:
         """The live state as records (lock held): what a compacted journal starts with."""
@@ -1459,9 +1491,12 @@ class Broker:
         """The estimate of the bytes the queues hold, and its bound (0: none)."""
         return self._memory, self.max_memory
 
+    def _over_bound(self) -> bool:
+        return bool(self.max_memory) and self._memory > self.max_memory
+
     def _admit(self, size: int) -> None:
         """Lock held: refuse a change that would take the memory estimate past max_memory."""
-        if self.max_memory and self._memory + size > self.max_memory:
+        if size > 0 and self.max_memory and self._memory + size > self.max_memory:
             raise Unavailable(f"the queues hold about {_format_size(self._memory)} of the "
                               f"{_format_size(self.max_memory)} this server may use (--max-memory): inserts wait "
                               f"until workers drain tasks; retry later")
@@ -1485,10 +1520,15 @@ class Broker:
             for record in records:
                 self._apply(record)
             if journal is not None:
-                journal.append(lines, len(records))
+                try:
+                    journal.append(lines, len(records))
+                except BaseException:
+                    journal.fail(OSError(errno.EIO, "a journal append failed halfway"))  # drops what it queued
+                    raise
         except Exception as exc:
-            self._revert(saved, exc)
-            raise Unavailable(f"the change failed ({type(exc).__name__}) and was undone; nothing was changed: "
+            undone = self._revert(saved, exc)
+            raise Unavailable(f"the change failed ({type(exc).__name__}) and "
+                              f"{'was undone; nothing was changed' if undone else 'memory is being rebuilt'}: "
                               f"retry later") from None
         finally:
             self._undo = None
@@ -1497,9 +1537,10 @@ class Broker:
         if journal is not None:
             self._maybe_compact()
 
-    def _revert(self, saved: Tuple[int, int], error: BaseException) -> None:
-        """Put back what a failed commit changed (lock held). Should that fail too, memory no longer matches the
-        journal: the journal is marked failed, so that memory is rebuilt from it before the next change."""
+    def _revert(self, saved: Tuple[int, int], error: BaseException) -> bool:
+        """Put back what a failed commit changed (lock held); whether that worked. Should it fail too, memory no
+        longer matches the journal: the journal is marked failed, so that memory is rebuilt from it before the next
+        change."""
         details = "".join(traceback.format_exception_only(type(error), error)).strip()
         try:
             for action, *args in reversed(self._undo or ()):
@@ -1511,8 +1552,9 @@ class Broker:
                      f"it; restart the server")
             else:
                 self._journal.fail(OSError(errno.EIO, f"a change could not be undone: {second!r}"))
-            return
+            return False
         warn(f"a change failed and was undone, nothing was changed: {details}")
+        return True
 
     def _apply(self, record: Dict[str, Any]) -> None:
         op = record["op"]
@@ -1540,16 +1582,18 @@ class Broker:
         if self._undo is not None:
             self._undo.append((self._put_back_queue, record["q"], None if queue is None else dict(queue.options)))
         if queue is None:
-            queue = self._queues[record["q"]] = Queue(self, record["q"], record["options"])
+            queue = self._queues[record["q"]] = Queue(self, record["q"], _check_options(record["options"]))
             self._memory += queue.memory
         else:
-            queue.options.update(record["options"])
+            memory = queue.memory
+            queue._set_options(record["options"])
+            self._memory += queue.memory - memory
 
     def _put_back_queue(self, name: str, options: Optional[Dict[str, Any]]) -> None:
         if options is None:
             del self._queues[name]
         else:
-            self._queues[name].options = options
+            self._queues[name]._set_options(options)
 
 
 def warn(message: str) -> None:
@@ -1571,6 +1615,7 @@ COMPACT_RATIO = 4            # compact when the journal holds this many times mo
 COMPACT_RETRY = (1.0, 300.0)  # seconds before a failed compaction is tried again: the first wait, and the cap
 STALL_SECONDS = 5.0          # a write or fsync pending this long makes the server report itself degraded
 READ_CHUNK = 1 << 20         # bytes read at a time when replaying: a journal is streamed, never read whole
+LINE_LIMIT = 1 << 30         # a longer line (a zero-filled tail, say) is damage, read past without being held
 
 
 def journal_line(record: Dict[str, Any]) -> bytes:
@@ -1596,25 +1641,30 @@ def _parse_line(line: bytes, checksummed: bool) -> Dict[str, Any]:
     return record
 
 
-def _lines(fd: int, end: Optional[int] = None) -> Iterator[Tuple[int, bytes]]:
-    """(offset, line) of each line of the open file `fd`, up to `end` bytes; the last may lack its newline. Read
-    a chunk at a time: memory holds one chunk and one line, whatever the size of the file."""
-    position, offset, rest = 0, 0, b""
+def _lines(fd: int, end: Optional[int] = None) -> Iterator[Tuple[int, int, Optional[bytes], bool]]:
+    """(offset, length, line, whole) of each line of the open file `fd`, up to `end` bytes; `whole` is false for a
+    last line without its newline. Read a chunk at a time: memory holds one chunk and one line, whatever the size
+    of the file. A line longer than LINE_LIMIT comes as None (it is damage: it is measured, not held)."""
+    position, offset = 0, 0
+    pieces: List[bytes] = []  # the start of a line that spans chunks
+    held = 0                  # its length so far
     while True:
         size = READ_CHUNK if end is None else min(READ_CHUNK, end - position)
         chunk = os.pread(fd, size, position) if size > 0 else b""
         if not chunk:
             break
         position += len(chunk)
-        rest += chunk
-        start, newline = 0, rest.find(b"\n")
+        start, newline = 0, chunk.find(b"\n")
         while newline >= 0:
-            yield offset, rest[start:newline + 1]
-            offset += newline + 1 - start
-            start, newline = newline + 1, rest.find(b"\n", newline + 1)
-        rest = rest[start:]
-    if rest:
-        yield offset, rest
+            length = held + newline + 1 - start
+            line = b"".join(pieces) + chunk[start:newline + 1] if held <= LINE_LIMIT else None
+            yield offset, length, line if length <= LINE_LIMIT else None, True
+            offset, pieces, held = offset + length, [], 0
+            start, newline = newline + 1, chunk.find(b"\n", newline + 1)
+        held += len(chunk) - start
+        pieces = [] if held > LINE_LIMIT else pieces + [chunk[start:]]
+    if held:
+        yield offset, held, b"".join(pieces) if held <= LINE_LIMIT else None, False
 
 
 def _lock_file(fd: int, path: str) -> None:
@@ -1723,13 +1773,16 @@ class Journal:
         if self.fsync == "interval":
             threading.Thread(target=self._sync_periodically, name="katar_http fsync", daemon=True).start()
 
-    def _names(self, fd: int) -> bool:
-        """Whether the journal's path still names the open file `fd` (not deleted, renamed away or replaced)."""
+    def _names(self, fd: int, size: Optional[int] = None, at_least: int = 0) -> bool:
+        """Whether the journal's path still names the open file `fd` (not deleted, renamed away or replaced), and
+        the file is `size` bytes long, or at least `at_least` (nobody truncated it, as a log rotation's copytruncate
+        does)."""
         try:
             here, there = os.stat(self.path), os.fstat(fd)
         except OSError:
             return False
-        return there.st_nlink > 0 and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+        return (there.st_nlink > 0 and (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+                and (there.st_size == size if size is not None else there.st_size >= at_least))
 
     def replay(self, apply: Callable[[Dict[str, Any]], None]) -> None:
         """Pass every record of the file to `apply`, in order, reading it line by line; cut off a torn last line.
@@ -1745,60 +1798,74 @@ class Journal:
         A damaged last line is a torn write, cut off with a warning. A damaged line with lines after it is damage:
         refused, or with `repair` set aside with the rest of the file."""
         assert self._fd is not None
-        checksummed, damaged, good, self.records = True, None, 0, 0
-        for number, (offset, line) in enumerate(_lines(self._fd, end), 1):
-            if damaged is not None:
-                return self._damaged(*damaged, repair)
+        checksummed, good, self.records = True, 0, 0
+        for number, (offset, length, line, whole) in enumerate(_lines(self._fd, end), 1):
+            if not whole:
+                self._torn(number, offset, length)  # the last line, cut short by a crash: never acknowledged
+                break
             try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("it is not a whole line")
+                if line is None:
+                    raise ValueError(f"it is {length} bytes long, more than any record")
                 if number == 1 and line[:1] == b"{":  # version 1 journals start with a bare header
                     record = _parse_line(line[:-1], False)
                     checksummed = not (record["op"] == "journal" and record.get("version") == 1)
                 else:
                     record = _parse_line(line[:-1], checksummed)
-            except ValueError as exc:
-                damaged = (number, offset, exc)
-                continue
+            except (ValueError, RecursionError) as exc:
+                return self._damaged(number, offset, exc, repair)
             try:
                 apply(record)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            except Exception as exc:  # a record that parses (its checksum holds) and still cannot be applied
                 raise JournalError(f"{self.path}: line {number} cannot be applied ({type(exc).__name__}: {exc}). "
                                    f"{REPAIR_HINT}", number) from None
             self.records += 1
-            good = offset + len(line)
-        if damaged is not None:
-            size = (end if end is not None else os.fstat(self._fd).st_size) - good
-            warn(f"{self.path}: cut off a torn last record at byte {good} ({size} bytes of an interrupted write: "
-                 f"{damaged[2]})")
+            good = offset + length
         return good
+
+    def _torn(self, number: int, offset: int, length: int) -> None:
+        """A last line without its newline: what a crash in the middle of a write leaves. It is cut off (by the
+        caller); its bytes are kept in FILE.torn-TIME."""
+        saved = self._save_from(offset, f"{self.path}.torn-{int(time.time())}")
+        warn(f"{self.path}: cut off a torn last line (line {number}, {length} bytes from byte {offset}: an "
+             f"interrupted write, never acknowledged); its bytes are in {saved}")
 
     def _damaged(self, number: int, offset: int, exc: Exception, repair: bool) -> int:
         if not repair:
-            raise JournalError(f"{self.path}: line {number} (byte {offset}) is damaged ({exc}), and records follow "
-                               f"it. {REPAIR_HINT}", number)
+            raise JournalError(f"{self.path}: line {number} (byte {offset}) is damaged ({exc}). {REPAIR_HINT}",
+                               number)
         self._set_aside(number, offset)
         return offset
+
+    def _save_from(self, offset: int, saved: str) -> str:
+        """Copy the file from `offset` to the end into `saved` (fsync'd); returns its name."""
+        assert self._fd is not None
+        with open(saved, "wb") as out:
+            position = offset
+            chunk = os.pread(self._fd, READ_CHUNK, position)
+            while chunk:
+                out.write(chunk)
+                position += len(chunk)
+                chunk = os.pread(self._fd, READ_CHUNK, position)
+            out.flush()
+            os.fsync(out.fileno())
+        return saved
 
     def _set_aside(self, number: int, offset: int) -> None:
         """Repair: copy the file from `offset` (line `number`) to FILE.corrupt-TIME, say exactly what that drops,
         and truncate the journal there."""
         assert self._fd is not None
-        saved = f"{self.path}.corrupt-{int(time.time())}"
+        saved = self._save_from(offset, f"{self.path}.corrupt-{int(time.time())}")
         dropped: Dict[str, int] = collections.Counter()
         lines = unreadable = 0
-        with open(saved, "wb") as out:
-            for _, line in _lines(self._fd):
-                lines += 1
-                if lines < number:
-                    continue
-                out.write(line)
-                try:
-                    dropped[_parse_line(line.rstrip(b"\n"), False)["op"]] += 1
-                except (ValueError, KeyError):
-                    unreadable += 1
-            out.flush()
-            os.fsync(out.fileno())
+        for count, (_, _, line, _) in enumerate(_lines(self._fd), 1):
+            if count < number:
+                continue
+            lines += 1
+            try:
+                dropped[_parse_line((line or b"").rstrip(b"\n"), False)["op"]] += 1
+            except (ValueError, KeyError, RecursionError):
+                unreadable += 1
+        lines += number - 1
         what = ", ".join(f"{count} {op}" for op, count in sorted(dropped.items()))
         warn(f"{self.path}: line {number} (byte {offset}) is damaged; kept the {number - 1} lines before it and "
              f"set aside the {lines - number + 1} lines from it on in {saved}: {unreadable} unreadable, and records "
@@ -1812,7 +1879,7 @@ class Journal:
         replays what remains."""
         assert self._fd is not None
         offset = 0
-        for count, (start, _) in enumerate(_lines(self._fd), 1):
+        for count, (start, _, _, _) in enumerate(_lines(self._fd), 1):
             if count == number:
                 offset = start
                 break
@@ -1865,12 +1932,16 @@ class Journal:
         size = 0
         try:
             batch = b"".join(pending)
+            if not self._names(self._fd, self._written):  # nothing is written to a file taken away
+                raise OSError(errno.ESTALE, self._taken_away())
             size = _write_all(self._fd, batch, self._write)
             if self.fsync == "always":
                 self._fsync(self._fd)
-            if not self._names(self._fd):
-                raise OSError(errno.ESTALE, f"{self.path} was deleted or replaced while the server ran: it no "
-                                            f"longer holds what is written; restart the server to write it anew")
+            if not self._names(self._fd, self._written + size):  # taken away while it was written
+                with contextlib.suppress(OSError):
+                    if os.fstat(self._fd).st_size >= self._written + size:
+                        os.ftruncate(self._fd, self._written)  # the open file keeps only what was acknowledged
+                raise OSError(errno.ESTALE, self._taken_away())
         except (OSError, MemoryError) as exc:
             error = exc if isinstance(exc, OSError) else OSError(errno.ENOMEM, "out of memory while writing")
         finally:
@@ -1939,6 +2010,11 @@ class Journal:
                     self._fail(error)
                 self._wake()
 
+    def _taken_away(self) -> str:
+        return (f"{self.path} was deleted, replaced or truncated while the server ran, so it no longer holds what "
+                f"is acknowledged: changes are refused until a restart. The server's open file still holds it all: "
+                f"before restarting, copy /proc/{os.getpid()}/fd/{self._fd} over {self.path} (Linux)")
+
     def _durable_bytes(self) -> int:
         return self._synced if self.fsync != "never" else self._written
 
@@ -1949,9 +2025,9 @@ class Journal:
         with self._cond:
             while self._flushing:
                 self._cond.wait()
-            if not self._names(self._fd):
-                raise OSError(errno.ESTALE, f"{self.path} was deleted or replaced while the server ran")
             keep = self._durable_bytes()
+            if not self._names(self._fd, at_least=keep):
+                raise OSError(errno.ESTALE, self._taken_away())
             self._lost_upto = self._appended
             self._pending = []
             os.ftruncate(self._fd, keep)
@@ -1968,11 +2044,16 @@ class Journal:
             while self._flushing:
                 self._cond.wait()
             size = self._durable_bytes()
+        if os.fstat(self._fd).st_size < size:  # truncated by another program: what memory came from is gone
+            raise OSError(errno.ESTALE, self._taken_away())
         self._scan(apply, size, False)
 
     def trouble(self) -> Optional[str]:
         """Why records cannot be made durable now, or None."""
         failed, since = self.failed, self._io_since
+        if failed is None and self._fd is not None and not self._closed and not self._names(
+                self._fd, at_least=self._written):
+            failed = OSError(errno.ESTALE, self._taken_away())
         if failed is not None:
             return f"the journal cannot be written: {failed}"
         if since is not None and time.monotonic() - since > STALL_SECONDS:
@@ -2016,26 +2097,33 @@ class Journal:
                 if self.failed is not None or self._generation != generation or self._closed:
                     # records in the snapshot or the tail may have been refused since: keep the old file
                     raise OSError(errno.EIO, f"the journal failed during compaction: {self.failed or 'closed'}")
-                self._flushing = True  # no other write until the new file is in place
+                self._flushing, self._io_since = True, time.monotonic()  # no other write until the new file is in
                 tail, self._compacting = self._compacting or [], None
                 upto, covered, records_then = self._appended, len(self._pending), self.records
+            folder_error: Optional[OSError] = None
             try:
                 size += _write_all(fd, b"".join(tail))
                 os.fsync(fd)
                 self.compaction_hook("tail written")
                 os.replace(temporary, self.path)
                 renamed = True
-                _fsync_folder(self.path)  # before anything in the new file is acknowledged: a power cut keeps it
+                try:
+                    _fsync_folder(self.path)  # before anything in the new file is acknowledged: a power cut keeps it
+                except OSError as exc:
+                    folder_error = exc
             finally:
                 with self._cond:
                     if renamed:  # the new file is the journal: write there from now on
                         self._fd, fd = fd, self._fd
                         self._written = self._synced = size
                         del self._pending[:covered]  # in the snapshot or the tail; what came later stays pending
-                        self._durable = max(self._durable, upto)
                         self.records = len(snapshot) + sum(chunk.count(b"\n") for chunk in tail) + (
                             self.records - records_then)
-                    self._flushing = False
+                        if folder_error is None:
+                            self._durable = max(self._durable, upto)
+                        else:
+                            self._fail(folder_error)
+                    self._flushing, self._io_since = False, None
                     self._wake()
             self.compaction_hook("renamed")
             self._compact_wait = COMPACT_RETRY[0]
@@ -2075,15 +2163,17 @@ def _write_all(fd: int, data: bytes, write: Callable[[int, Any], int] = os.write
 
 
 def _fsync_folder(path: str) -> None:
-    """Make a rename durable: fsync the folder that holds the file (a no-op where folders cannot be opened)."""
+    """Make a rename durable: fsync the folder that holds the file. OSError if the disk fails; a no-op where
+    folders cannot be opened or synced (EINVAL: the file system does not sync folders)."""
     try:
         fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
+            raise
     finally:
         os.close(fd)
 

@@ -1393,9 +1393,36 @@ class JournalTest(JournalTestCase):
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             again = self.open()
-        self.assertIn(f"torn last record at byte {size}", stderr.getvalue())
+        self.assertIn(f"cut off a torn last line (line 20, 44 bytes from byte {size}", stderr.getvalue())
         self.assertEqual(broker_state(again), before)
         self.assertEqual(os.path.getsize(self.path), size)
+        saved = [name for name in os.listdir(os.path.dirname(self.path)) if ".torn-" in name]
+        self.assertEqual(read_file(os.path.join(os.path.dirname(self.path), saved[0]), "rb"),
+                         b'{"op":"insert","q":"jobs","id":"torn-99","da')  # cut off, not thrown away
+
+    def test_a_damaged_last_line_is_refused_not_cut_and_a_long_zero_filled_tail_is_read_in_one_pass(self):
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        ids = [jobs.insert({"data": n})["_id"] for n in range(3)]
+        broker.close()
+        whole = read_file(self.path, "rb")
+        flipped = whole[:-3] + bytes([whole[-3] ^ 1]) + whole[-2:]  # a bit of the last record, its newline kept
+        with open(self.path, "wb") as handle:
+            handle.write(flipped)
+        with self.assertRaisesRegex(K.JournalError, "line 5 .*damaged"):
+            K.Broker(journal=self.path)  # an acknowledged record: not silently cut as a torn write would be
+        self.assertEqual(read_file(self.path, "rb"), flipped)
+        original = K.LINE_LIMIT
+        K.LINE_LIMIT = 1 << 20
+        self.addCleanup(setattr, K, "LINE_LIMIT", original)
+        with open(self.path, "wb") as handle:
+            handle.write(whole + b"\0" * (8 << 20))  # a tail of zeros eight times the longest line
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            again = self.open()
+        self.assertEqual([t["_id"] for t in again.get("jobs").tasks()["tasks"]], ids)
+        self.assertIn("cut off a torn last line", stderr.getvalue())
+        self.assertEqual(os.path.getsize(self.path), len(whole))
 
     def test_a_corrupt_middle_line_refuses_to_start_naming_it_and_repair_keeps_what_precedes_it(self):
         broker = self.open()
@@ -1629,6 +1656,28 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
         self.assertEqual(expected["jobs"][2]["total"], 3)
         self.assertEqual([t["data"] for t in expected["jobs"][1]["tasks"]], ["before", "queued", "after"])
         self.assertTrue(added)
+
+    def test_a_producer_waiting_for_a_result_is_never_told_done_before_the_disk_has_it(self):
+        task_id, = self.insert({"data": "work"})
+        leased = self.lease_one()
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(
+            self.call_allowing_503("GET", f"/v1/queue/jobs/tasks/{task_id}?wait=10000")))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not self.jobs.stats()["total"] or not self.broker.get("jobs")._result_waiters:
+            self.assertLess(time.monotonic(), deadline, "the producer never started waiting")
+            time.sleep(0.01)
+        self.journal._fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error"))
+        with contextlib.redirect_stderr(io.StringIO()):
+            status, _, _ = self.call_allowing_503("POST", "/v1/queue/jobs", {
+                "tasks": [{"_id": leased["_id"], "status": "done", "result": 42}], "max": 0})
+            waiter.join(15)
+        self.assertEqual(status, 503)
+        answer_status, answer, _ = answers[0]
+        self.assertTrue(answer_status == 503 or answer["status"] == "in progress", (answer_status, answer))
+        self.journal._fsync = os.fsync
+        self.assertEqual(self.task(task_id)["status"], "in progress")
 
     def test_a_write_that_fails_halfway_leaves_no_half_record(self):
         self.insert({"data": "before"})
@@ -1919,7 +1968,8 @@ class MemoryBoundTest(ServerTestCase):
 
     def setUp(self):
         super().setUp()
-        self.broker.max_memory = self.broker.memory()[0] + 200 * (K.TASK_BYTES + 2000)
+        self.empty = self.broker.memory()[0]
+        self.broker.max_memory = self.empty + 200 * (K.TASK_BYTES + 2000)
 
     def test_inserts_past_the_bound_are_503_while_leases_reports_and_purges_go_on(self):
         accepted, refused = [], None
@@ -1944,7 +1994,26 @@ class MemoryBoundTest(ServerTestCase):
         self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=failed")[1]["purged"], 10)
         self.insert({"data": "room again"})
         self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
-        self.assertEqual(self.broker.memory()[0], K.QUEUE_BYTES)  # the estimate comes back to an empty queue's
+        self.assertEqual(self.broker.memory()[0], self.empty)  # the estimate comes back to an empty queue's
+
+    def test_past_the_bound_failures_keep_the_start_of_their_errors_and_queues_stay_in_bounds(self):
+        ids = self.insert(*({"data": "x" * 1800} for _ in range(195)))
+        leased = self.poll({"max": 20}, expect=200)[1]
+        self.assertLess(self.broker.memory()[0], self.broker.max_memory)
+        self.poll({"tasks": [{"_id": t["_id"], "status": "failed", "error": "e" * 60000} for t in leased[:10]],
+                   "max": 0}, expect=204)  # accepted whole: the bound was not yet reached
+        self.assertGreater(self.broker.memory()[0], self.broker.max_memory)
+        self.poll({"tasks": [{"_id": t["_id"], "status": "failed", "error": "f" * 60000} for t in leased[10:]],
+                   "max": 0}, expect=204)  # past it, reports still work, their errors cut
+        self.assertEqual(self.task(leased[0]["_id"])["error"], "e" * 60000)
+        self.assertEqual(self.task(leased[10]["_id"])["error"], "f" * K.HISTORY_ERROR_LIMIT)
+        status, payload, _ = self.call_allowing("PUT", "/v1/queue/jobs", {"configuration": {"big": "c" * 50000}})
+        self.assertEqual(status, 503, payload)  # a configuration is memory too
+        status, payload, _ = self.call_allowing("PUT", "/v1/queue/more", {})
+        self.assertEqual(status, 503, payload)  # and so is a queue
+        self.assertEqual(self.call("PUT", "/v1/queue/jobs", {"paused": True})[0], 200)  # what adds nothing works
+        self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")[1]["purged"], len(ids))  # retried
+        self.assertEqual(self.call("PUT", "/v1/queue/jobs", {"configuration": {"big": "c" * 50000}})[0], 200)
 
     def test_errors_are_bounded_by_max_data_and_history_keeps_their_start(self):
         self.set_limits(max_data=4096)
@@ -1996,8 +2065,8 @@ class JournalFileTest(JournalTestCase):
         self.addCleanup(again.close)
         self.assertEqual(broker_state(again), before)
 
-    def test_a_journal_deleted_or_replaced_under_the_server_is_refused_loudly(self):
-        for how in ("deleted", "replaced"):
+    def test_a_journal_deleted_replaced_or_truncated_under_the_server_is_refused_loudly(self):
+        for how in ("deleted", "replaced", "truncated"):
             with self.subTest(how=how):
                 if os.path.exists(self.path):
                     os.unlink(self.path)
@@ -2006,21 +2075,34 @@ class JournalFileTest(JournalTestCase):
                 jobs.insert({"data": "before"})
                 if how == "deleted":
                     os.unlink(self.path)
-                else:
+                elif how == "replaced":
                     other = self.path + ".other"
                     with open(other, "w") as handle:
                         handle.write("")
                     os.replace(other, self.path)
+                else:
+                    os.truncate(self.path, 0)  # as a log rotation's copytruncate does
+                if how != "truncated":  # noticed before any change is tried
+                    self.assertIn("deleted, replaced or truncated", broker.health())
                 stderr = io.StringIO()
                 with contextlib.redirect_stderr(stderr):
-                    with self.assertRaisesRegex(K.Unavailable, "deleted or replaced"):
+                    with self.assertRaisesRegex(K.Unavailable, "deleted, replaced or truncated"):
                         jobs.insert({"data": "lost"})
                     with self.assertRaises(K.Unavailable):
                         jobs.insert({"data": "lost again"})
-                self.assertIn("deleted or replaced", stderr.getvalue())
-                self.assertIn("deleted or replaced", broker.health())
-                self.assertEqual([t["data"] for t in jobs.tasks()["tasks"]], ["before"])
-                broker.close()
+                self.assertIn("deleted, replaced or truncated", stderr.getvalue())
+                self.assertIn("deleted, replaced or truncated", broker.health())
+                if how != "truncated":  # (truncated, the file lost what memory would be rebuilt from)
+                    self.assertEqual([t["data"] for t in jobs.tasks()["tasks"]], ["before"])
+                if how == "deleted":  # the advice works: the open file holds what was acknowledged
+                    copy_from = re.search(r"copy (/proc/\d+/fd/\d+) over", stderr.getvalue()).group(1)
+                    shutil.copyfile(copy_from, self.path)
+                    broker.close()
+                    again = self.open()
+                    self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], ["before"])
+                    again.close()
+                else:
+                    broker.close()
 
     def test_a_damaged_record_is_told_from_a_torn_write_and_repair_says_what_it_dropped(self):
         broker = self.open()
