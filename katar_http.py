@@ -2219,13 +2219,27 @@ BAD_FRAMING = "a request head may not hold a bare LF, a bare CR or a NUL: end ea
 
 @functools.lru_cache(maxsize=256)
 def _split_target(target: str) -> Tuple[str, str]:
-    """The path and query of a request target (also of an absolute one, http://host/path). A target urlsplit
-    refuses (a broken IPv6 host, //[x) has no path."""
+    """The path and query of a request target: of the usual one (/path?query, where //x/y is a path too), and of an
+    absolute one (http://host/path). A target urlsplit refuses (a broken IPv6 host) has no path."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
     try:
         parts = urlsplit(target)
     except ValueError:
         return "", ""
     return parts.path, parts.query
+
+
+def _authority(target: str, host_header: str) -> str:
+    """The host (and port) a request is addressed to: that of an absolute target (RFC 9112 3.2.2: the Host header
+    is then ignored), or the Host header. Lowercase."""
+    if "://" in target[:10]:
+        try:
+            return urlsplit(target).netloc.lower()
+        except ValueError:
+            return ""
+    return host_header.strip().lower()
 
 
 @functools.lru_cache(maxsize=256)
@@ -2255,6 +2269,23 @@ class Limits(NamedTuple):
     idle_timeout: float = 60.0             # seconds a connection may wait between requests
     request_timeout: float = 30.0          # seconds from a request's first byte to the end of its body (408)
     max_connections: int = 256             # connections served at once; beyond, a quick 503 and close
+
+
+def _is_address(host: str) -> bool:
+    """Whether `host` is an IP address: as written (127.0.0.1, ::1) or in the older forms a browser or curl also
+    takes for one (127.1, 0x7f.0.0.1, 2130706433): DNS cannot rebind any of them."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        return False
+    try:
+        socket.inet_aton(host)
+        return True
+    except OSError:
+        return False
 
 
 def _digest(token: str) -> bytes:
@@ -2701,8 +2732,8 @@ class Handler(BaseHTTPRequestHandler):
         request_line = lines[0]
         if len(request_line) > limits.max_head_bytes - 4:
             raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
-        parts = request_line.decode("latin-1").split()
-        if len(parts) != 3 or not parts[0].isalpha():
+        parts = request_line.decode("latin-1").split(" ")  # RFC 9112 3: single spaces, no other whitespace
+        if len(parts) != 3 or not _HEADER_NAME.fullmatch(parts[0]):
             raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
         method, target, version = parts
         if version not in ("HTTP/1.1", "HTTP/1.0"):
@@ -2714,9 +2745,11 @@ class Handler(BaseHTTPRequestHandler):
             name, colon, value = line.decode("latin-1").partition(":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 raise BadRequest("a header line must be Name: value")
-            name, value = name.lower(), value.strip()
+            name, value = name.lower(), value.strip(" \t")  # RFC 9110 5.5: only spaces and tabs around a value
             if name not in headers:
                 headers[name] = value
+            elif name == "host":
+                raise BadRequest("a request has one Host header (RFC 9112 3.2)")
             elif name in SINGLE_HEADERS:
                 if headers[name] != value:
                     raise BadRequest(f"conflicting {name} headers")
@@ -2813,19 +2846,18 @@ class Handler(BaseHTTPRequestHandler):
     def check_host(self) -> None:
         """Without a token, answer only requests addressed to this machine by an IP address, localhost, or a
         name of --allow-host: a web page whose own name is made to point here (DNS rebinding) sends its own."""
-        host = self.headers.get("host", "").strip().lower()
-        if host.startswith("["):
-            host = host[1:].partition("]")[0]
-        elif host.count(":") == 1:
-            host = host.partition(":")[0]
-        host = host.rstrip(".") if host.endswith(".") and ":" not in host else host
-        if not host or host == "localhost" or host in self.server.allowed_hosts:
+        authority = _authority(self.path, self.headers.get("host", ""))
+        if authority.startswith("["):
+            host, _, port = authority[1:].partition("]")
+        else:
+            host, _, port = authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
+        host = host[:-1] if host.endswith(".") and ":" not in host else host
+        if port and not (port.startswith(":") and port[1:].isdigit()) and not port.isdigit():
+            host = authority  # anything but a port after the host: not a name this server has
+        if not host or host == "localhost" or host in self.server.allowed_hosts or _is_address(host):
             return
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise MisdirectedRequest(f"this server answers requests for an IP address or localhost; to use the "
-                                     f"name {host[:100]!r}, start it with --allow-host {host[:100]}") from None
+        raise MisdirectedRequest(f"this server answers requests for an IP address or localhost; to use the name "
+                                 f"{host[:100]!r}, start it with --allow-host {host[:100]}")
 
     def check_origin(self) -> List[Tuple[str, str]]:
         """Keep browsers out of the data: a request sent by a page of another site (its Origin is not this
@@ -2837,10 +2869,11 @@ class Handler(BaseHTTPRequestHandler):
             if origin in self.server.allowed_origins:
                 return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
             # This server's own page: the origin's host and port are the Host (its scheme may be a TLS proxy's).
-            if origin.partition("://")[2] != self.headers.get("host", "").strip().lower():
+            if origin.partition("://")[2] != _authority(self.path, self.headers.get("host", "")):
                 raise Forbidden(f"requests from the web page of {origin[:100]} are refused: a page may use this "
                                 f"server only if it is started with --allow-origin {origin[:100]}")
-        if self.headers.get("sec-fetch-site", "").strip().lower() in ("cross-site", "same-site"):
+        sites = {site.strip().lower() for site in self.headers.get("sec-fetch-site", "").split(",")}
+        if sites & {"cross-site", "same-site"}:
             raise Forbidden("requests from the web pages of other sites are refused (Sec-Fetch-Site); allow a "
                             "page's origin with --allow-origin")
         return []

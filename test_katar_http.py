@@ -3170,6 +3170,17 @@ class FramingTest(GuardedStateTestCase):
             self.assert_nothing_lost()
         self.assertEqual(self.call("GET", "/v1/queue/jobs/tasks")[1]["tasks"][1]["data"], "keep-2")
 
+    def test_a_request_line_is_split_on_single_spaces_and_values_lose_only_spaces_and_tabs(self):
+        host = self.host
+        for request in (b"GET\t/healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                        b"GET  /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                        b"G\xc9T /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                        b"GET /healthz\x0bHTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                        b"POST /v1/queue/jobs/tasks HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 2\xa0\r\n"
+                        b"\r\n{}"):
+            self.assert_one_400_then_closed(request)
+        self.assert_nothing_lost()
+
     def test_leading_empty_lines_are_tolerated_but_let_no_bare_lf_through(self):
         # RFC 9112 2.2: a server should ignore at least one empty line (CRLF) received before the request line.
         good = b"GET /v1/queue/jobs/stats HTTP/1.1\r\nHost: " + self.host + b"\r\nConnection: close\r\n\r\n"
@@ -3257,6 +3268,8 @@ class OriginTest(GuardedStateTestCase):
         for method, path, body in self.data_calls():
             status, payload, _ = self.call(method, path, body, headers={"Sec-Fetch-Site": "cross-site"})
             self.assertEqual(status, 403, (method, path, payload))
+        for value in ("same-site", "cross-site, same-origin", "same-origin, CROSS-SITE"):
+            self.assertEqual(self.call("GET", "/v1/queue/jobs/stats", headers={"Sec-Fetch-Site": value})[0], 403)
         self.assert_untouched()
         for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {},
                         {"Sec-Fetch-Site": "same-origin", "Origin": self.own}):
@@ -3325,6 +3338,22 @@ class HostTest(GuardedStateTestCase):
                              200, host)
         self.assert_nothing_lost()
         self.assertFalse(self.call("GET", "/v1/queue/jobs/stats")[1]["paused"])
+
+    def test_the_authority_of_an_absolute_target_is_the_one_checked_and_odd_hosts_are_read_strictly(self):
+        port = self.server.port
+        for request, code in (
+                (b"GET http://rebind.evil.example/v1/queues HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"421"),
+                (b"GET http://127.0.0.1:%d/v1/queues HTTP/1.1\r\nHost: rebind.evil.example\r\n\r\n" % port,
+                 b"200"),
+                (b"GET //rebind.evil.example/v1/queues HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"404"),
+                (b"GET /v1/queues HTTP/1.1\r\nHost: [::1]evil.example\r\n\r\n", b"421"),
+                (b"GET /v1/queues HTTP/1.1\r\nHost: localhost:evil\r\n\r\n", b"421"),
+                (b"GET /v1/queues HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", b"400"),
+                (b"GET /v1/queues HTTP/1.1\r\nHost: 127.1:%d\r\n\r\n" % port, b"200"),
+                (b"GET /v1/queues HTTP/1.1\r\nHost: 2130706433\r\n\r\n", b"200")):
+            answer = self.raw(request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + code), (request, answer[:200]))
+        self.assert_nothing_lost()
 
     def test_with_a_token_any_host_is_served(self):
         port = self.server.port
