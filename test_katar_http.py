@@ -2535,6 +2535,10 @@ class CompactionSoakTest(CompactionLoadTestCase):
         self.assertGreater(figures["compactions"], 20, "compaction hardly ran")
         self.assertEqual(figures["failures"], 0, "".join(server.errors[-20:]))
         self.assert_the_load_got_going(load)
+        if "KATAR_SOAK_SECONDS" in os.environ:  # a run by hand: its figures
+            print(f"\nsoak: {self.seconds:g} s of load, {figures['compactions']} compactions, "
+                  f"{len(load.inserted)} inserts and {len(load.done_acked)} done reports acknowledged",
+                  file=sys.stderr)
 
         server = self.start_server()  # the restart must not be refused
         self.assert_nothing_acknowledged_lost(server, load, "after a clean restart")
@@ -2603,6 +2607,9 @@ class CompactionCrashTest(CompactionLoadTestCase):
         self.assertEqual(status, 0, "".join(server.errors[-20:]))
         self.assert_the_load_got_going(load)
         self.assertGreaterEqual(inside, self.rounds / 2, "too few kills landed inside a compaction")
+        if "KATAR_CRASH_ROUNDS" in os.environ:  # a run by hand: its figures
+            print(f"\ncrash: {self.rounds} kill -9 rounds, {inside} inside a compaction, {len(load.inserted)} "
+                  f"inserts and {len(load.done_acked)} done reports acknowledged", file=sys.stderr)
 
 
 class CrashTest(unittest.TestCase):
