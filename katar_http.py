@@ -377,9 +377,10 @@ class Task:
     @property
     def memory(self) -> int:
         """The estimate of the bytes this task holds (what --max-memory bounds)."""
-        history = self.history
-        errors = sum(len(entry["error"]) for entry in history if entry["error"]) if history else 0
-        return TASK_BYTES + self.size + HISTORY_ENTRY_BYTES * len(history) + errors + len(self.error or "")
+        total = TASK_BYTES + self.size + (len(self.error) if self.error else 0)
+        for entry in self.history:  # a loop, not sum(): this runs twice per task per change
+            total += HISTORY_ENTRY_BYTES + (len(entry["error"]) if entry["error"] else 0)
+        return total
 
     def save(self) -> Tuple[Any, ...]:
         """What the apply functions may change, for `restore` to put back if a commit fails halfway. History
@@ -1042,7 +1043,7 @@ class Queue:
         bytes out of the memory estimate (_hold puts them back in once the change is made)."""
         undo = self._broker._undo
         if undo is not None:
-            undo.append((self._put_back, task, task.save()))
+            undo.append((Queue._put_back, self, task, task.save()))
         self.memory -= task.memory
         return task
 
@@ -2271,6 +2272,7 @@ class Limits(NamedTuple):
     max_connections: int = 256             # connections served at once; beyond, a quick 503 and close
 
 
+@functools.lru_cache(maxsize=256)  # each request asks, and a server is asked for by a few names only
 def _is_address(host: str) -> bool:
     """Whether `host` is an IP address: as written (127.0.0.1, ::1) or in the older forms a browser or curl also
     takes for one (127.1, 0x7f.0.0.1, 2130706433): DNS cannot rebind any of them."""
