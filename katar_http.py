@@ -1933,12 +1933,10 @@ class Journal:
         size = 0
         try:
             batch = b"".join(pending)
-            if not self._names(self._fd, self._written):  # nothing is written to a file taken away
-                raise OSError(errno.ESTALE, self._taken_away())
             size = _write_all(self._fd, batch, self._write)
             if self.fsync == "always":
                 self._fsync(self._fd)
-            if not self._names(self._fd, self._written + size):  # taken away while it was written
+            if not self._names(self._fd, self._written + size):  # taken away (before or while it was written)
                 with contextlib.suppress(OSError):
                     if os.fstat(self._fd).st_size >= self._written + size:
                         os.ftruncate(self._fd, self._written)  # the open file keeps only what was acknowledged
@@ -2874,8 +2872,8 @@ class Handler(BaseHTTPRequestHandler):
             if origin.partition("://")[2] != _authority(self.path, self.headers.get("host", "")):
                 raise Forbidden(f"requests from the web page of {origin[:100]} are refused: a page may use this "
                                 f"server only if it is started with --allow-origin {origin[:100]}")
-        sites = {site.strip().lower() for site in self.headers.get("sec-fetch-site", "").split(",")}
-        if sites & {"cross-site", "same-site"}:
+        fetch_site = self.headers.get("sec-fetch-site")
+        if fetch_site and {site.strip().lower() for site in fetch_site.split(",")} & {"cross-site", "same-site"}:
             raise Forbidden("requests from the web pages of other sites are refused (Sec-Fetch-Site); allow a "
                             "page's origin with --allow-origin")
         return []
