@@ -1709,8 +1709,14 @@ class Journal:
     from what the file holds.
 
     The lock is the file's own (flock on the open journal), so a second server reaching the same file through a
-    symbolic or hard link is refused. After each flush the journal checks that its path still names the file it
-    writes: a journal deleted or replaced under the server fails, loudly, for good (until a restart).
+    symbolic or hard link is refused. After each write the journal checks that its path still names the file it
+    writes, at the length it wrote: a journal deleted, replaced or truncated under the server fails, loudly, for
+    good (until a restart), and what the write put in the open file is taken out again.
+
+    Lines are read back a chunk at a time (replay, rebuild, repair). A last line without its newline is torn (a
+    crash mid-write; never acknowledged): cut off, its bytes kept in FILE.torn-TIME. Any other line that does not
+    parse or whose checksum fails is damage: the journal refuses to open, or with `repair` sets it and what follows
+    aside in FILE.corrupt-TIME.
 
     `_write` and `_fsync` are os.write and os.fsync, as attributes so that tests can make the disk fail.
     """
