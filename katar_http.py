@@ -600,7 +600,12 @@ class Queue:
                     waiting.remove(waiter)
                     if not waiting:
                         del self._result_waiters[task_id]
-            return waiter.result if waiter.result is not None else self._task_view(task_id)
+            if waiter.result is None:
+                return self._task_view(task_id)
+        view, ticket = waiter.result  # the task as it finished, and the journal ticket of that change
+        if ticket:
+            broker._sync(ticket)  # (not covered above if memory was rebuilt meanwhile: this view is older)
+        return view
 
     def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
         """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
@@ -781,13 +786,14 @@ class Queue:
 
     def _tick(self, now: int) -> None:
         """Move tasks whose delay has passed to the ready heap, and expire leases that ran out."""
+        writable = self._broker._writable()  # first: it may rebuild the tables bound below
         delayed, ready, tasks = self._delayed, self._ready, self._tasks
         while delayed and delayed[0][0] <= now:
             run_at, task_id = heapq.heappop(delayed)
             task = tasks.get(task_id)
             if task is not None and task.status == QUEUED and task.run_at == run_at:
                 heapq.heappush(ready, (-task.priority, task_id))
-        if not self._broker._writable():
+        if not writable:
             return  # the journal's disk fails: reads go on, expiries and hand-offs wait for it
         leases = self._leases
         while leases and leases[0][0] <= now:
@@ -1169,10 +1175,10 @@ class Queue:
             if memo[3] is not None and self._keys.get(memo[3]) == old_id:
                 del self._keys[memo[3]]  # the key's window closes when its task is forgotten
 
-    def _answer(self, task_id: str, view: Dict[str, Any]) -> None:
-        """Hand a finished task's view to those waiting for its result."""
+    def _answer(self, task_id: str, result: Tuple[Dict[str, Any], int]) -> None:
+        """Hand a finished task's view (and the journal ticket that makes it durable) to those waiting for it."""
         for waiter in self._result_waiters.pop(task_id, ()):
-            waiter.result = view
+            waiter.result = result
             waiter.cond.notify()
 
 
@@ -1285,6 +1291,7 @@ class Broker:
         self._undo: Optional[List[Tuple[Any, ...]]] = None   # during a live commit: how to put back its changes
         self._answers: List[Tuple[Any, ...]] = []            # result waiters to answer once the commit stands
         self._latest = 0   # the latest time a replayed record carries
+        self._rebuilt_upto = 0  # the journal's ticket when memory was last rebuilt from the disk
         self._journal: Optional[Journal] = None
         self._compaction: Optional[threading.Thread] = None
         if journal is not None:
@@ -1355,8 +1362,11 @@ class Broker:
         """Hold the lock for a change; on leaving, wait (without the lock) until what was committed is durable.
         This is what makes a 2xx mean "on disk": the caller answers only after this returns."""
         with self._lock:
+            self._writable()  # after a disk failure, memory is put back first: never in the middle of a change
             yield
             ticket = self._journal.ticket if self._journal is not None else 0
+            if ticket <= self._rebuilt_upto:
+                ticket = 0  # memory was rebuilt from the disk since: what it shows is there already
         if ticket:
             self._sync(ticket)
 
@@ -1380,7 +1390,7 @@ class Broker:
         if not journal.rolled_back:
             try:
                 self._rebuild(journal)
-                journal.rolled_back = True
+                journal.rolled_back, self._rebuilt_upto = True, journal.ticket
             except (OSError, MemoryError, JournalError):
                 return False
         try:
@@ -1390,9 +1400,10 @@ class Broker:
         return True
 
     def _on_disk(self) -> bool:
-        """Lock held: whether memory holds what the journal holds (no failure, or memory rebuilt since)."""
+        """Lock held: whether the journal failed and memory was rebuilt from what it holds since (so that what
+        memory shows is on disk, while nothing new is written)."""
         journal = self._journal
-        return journal is None or journal.failed is None or journal.rolled_back
+        return journal is not None and journal.failed is not None and journal.rolled_back
 
     def _rebuild(self, journal: "Journal") -> None:
         """Replace the state of every queue by what the journal's durable part builds; waiters stay where they
@@ -1509,7 +1520,8 @@ class Broker:
         changed first, the disk next; the request that made the change answers only once the disk has it (see
         _changing)."""
         journal = self._journal
-        if journal is not None and not self._writable():
+        # After a failure, memory is put back (by _writable) at the start of the next change, never in its middle.
+        if journal is not None and (journal.failed is not None or journal.closed):
             raise Unavailable(f"the journal cannot be written ({journal.failed or 'closed'}); nothing was changed")
         try:
             lines = journal.encode(records) if journal is not None else b""
@@ -1533,8 +1545,9 @@ class Broker:
                               f"retry later") from None
         finally:
             self._undo = None
+        ticket = journal.ticket if journal is not None else 0
         for answer, task_id, view in self._answers:
-            answer(task_id, view)
+            answer(task_id, (view, ticket))
         if journal is not None:
             self._maybe_compact()
 
@@ -1737,7 +1750,7 @@ class Journal:
         self._pending: List[bytes] = []    # encoded records not yet written
         self._appended = 0                 # tickets handed out (one per append)
         self._durable = 0                  # tickets whose records are written (and fsync'd, with "always")
-        self._lost_upto = 0                # tickets up to this one were lost to a disk failure
+        self._lost: List[Tuple[int, int]] = []  # (after, upto): tickets a failure lost, one range per failure
         self._flushing = False             # one thread writes at a time (a flush, an interval fsync, a compaction)
         self._io_since: Optional[float] = None  # monotonic time the write or fsync under way began
         self._written = 0                  # bytes of the file written
@@ -1832,7 +1845,7 @@ class Journal:
     def _torn(self, number: int, offset: int, length: int) -> None:
         """A last line without its newline: what a crash in the middle of a write leaves. It is cut off (by the
         caller); its bytes are kept in FILE.torn-TIME."""
-        saved = self._save_from(offset, f"{self.path}.torn-{int(time.time())}")
+        saved = self._save_from(offset, "torn")
         warn(f"{self.path}: cut off a torn last line (line {number}, {length} bytes from byte {offset}: an "
              f"interrupted write, never acknowledged); its bytes are in {saved}")
 
@@ -1843,10 +1856,19 @@ class Journal:
         self._set_aside(number, offset)
         return offset
 
-    def _save_from(self, offset: int, saved: str) -> str:
-        """Copy the file from `offset` to the end into `saved` (fsync'd); returns its name."""
+    def _save_from(self, offset: int, kind: str) -> str:
+        """Copy the file from `offset` to the end into a new file FILE.KIND-TIME (fsync'd; -2, -3... if that
+        exists: a set-aside file is never overwritten); returns its name."""
         assert self._fd is not None
-        with open(saved, "wb") as out:
+        saved, number = f"{self.path}.{kind}-{int(time.time())}", 1
+        while True:
+            try:
+                out = open(saved, "xb")
+                break
+            except FileExistsError:
+                number += 1
+                saved = f"{self.path}.{kind}-{int(time.time())}-{number}"
+        with out:
             position = offset
             chunk = os.pread(self._fd, READ_CHUNK, position)
             while chunk:
@@ -1861,7 +1883,7 @@ class Journal:
         """Repair: copy the file from `offset` (line `number`) to FILE.corrupt-TIME, say exactly what that drops,
         and truncate the journal there."""
         assert self._fd is not None
-        saved = self._save_from(offset, f"{self.path}.corrupt-{int(time.time())}")
+        saved = self._save_from(offset, "corrupt")
         dropped: Dict[str, int] = collections.Counter()
         lines = unreadable = 0
         for count, (_, _, line, _) in enumerate(_lines(self._fd), 1):
@@ -1917,9 +1939,14 @@ class Journal:
     def wait(self, ticket: int) -> None:
         """Return once the records up to `ticket` are durable; raise Unavailable if the disk lost them."""
         with self._cond:
-            while self._durable < ticket:
-                # After a failure nothing more is written until reset(): the file may end in half a batch.
-                if ticket <= self._lost_upto or self.failed is not None or self._closed:
+            while True:
+                # A ticket a failure lost stays lost, even once a reset lets later ones be written (a waiter woken
+                # by the failure may only get here after that reset). After a failure nothing more is written
+                # until reset(): the file may end in half a batch.
+                lost = self._lost and any(after < ticket <= upto for after, upto in self._lost)
+                if not lost and self._durable >= ticket:
+                    return
+                if lost or self.failed is not None or self._closed:
                     raise Unavailable(f"the journal could not be written ({self.failed or 'closed'}); "
                                       f"nothing was acknowledged: retry later")
                 if self._flushing:
@@ -1986,7 +2013,8 @@ class Journal:
         if self.failed is None:
             warn(f"the journal {self.path} failed: {error}. Changes are refused (503) until it can be written.")
         self.failed, self.rolled_back = error, False
-        self._lost_upto = self._appended
+        if self._appended > self._durable:
+            self._lost.append((self._durable, self._appended))
         self._pending = []
         self._generation += 1
 
@@ -2033,10 +2061,10 @@ class Journal:
             keep = self._durable_bytes()
             if not self._names(self._fd, at_least=keep):
                 raise OSError(errno.ESTALE, self._taken_away())
-            self._lost_upto = self._appended
             self._pending = []
             os.ftruncate(self._fd, keep)
             self._fsync(self._fd)
+            _fsync_folder(self.path)  # owed, if a compaction's could not be done
             self._written = self._synced = keep
             self._durable = self._appended
             self.failed = None
@@ -2055,10 +2083,11 @@ class Journal:
 
     def trouble(self) -> Optional[str]:
         """Why records cannot be made durable now, or None."""
-        failed, since = self.failed, self._io_since
-        if failed is None and self._fd is not None and not self._closed and not self._names(
-                self._fd, at_least=self._written):
-            failed = OSError(errno.ESTALE, self._taken_away())
+        with self._cond:  # not while a flush or a compaction holds the file (the path may name the new one)
+            failed, since = self.failed, self._io_since
+            if failed is None and not self._flushing and self._fd is not None and not self._closed and not \
+                    self._names(self._fd, at_least=self._written):
+                failed = OSError(errno.ESTALE, self._taken_away())
         if failed is not None:
             return f"the journal cannot be written: {failed}"
         if since is not None and time.monotonic() - since > STALL_SECONDS:
@@ -2087,7 +2116,7 @@ class Journal:
         leaves a journal that loads: the old one until the rename, the new one after. A failure removes the
         temporary file and holds off the next compaction (1 s, doubling up to 5 min)."""
         temporary = self.path + ".compact"
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)  # it becomes the journal
         renamed = False
         try:
             _lock_file(fd, temporary)  # the lock moves with the file: no moment without one
@@ -2130,6 +2159,8 @@ class Journal:
                             self._fail(folder_error)
                     self._flushing, self._io_since = False, None
                     self._wake()
+            if folder_error is not None:
+                raise folder_error
             self.compaction_hook("renamed")
             self._compact_wait = COMPACT_RETRY[0]
         except OSError:
@@ -2239,11 +2270,13 @@ def _split_target(target: str) -> Tuple[str, str]:
 def _authority(target: str, host_header: str) -> str:
     """The host (and port) a request is addressed to: that of an absolute target (RFC 9112 3.2.2: the Host header
     is then ignored), or the Host header. Lowercase."""
-    if "://" in target[:10]:
+    if not target.startswith("/"):  # as _split_target reads it
         try:
-            return urlsplit(target).netloc.lower()
+            netloc = urlsplit(target).netloc
         except ValueError:
-            return ""
+            netloc = ""
+        if netloc:
+            return netloc.lower()
     return host_header.strip().lower()
 
 

@@ -1794,6 +1794,123 @@ class CompactionRaceTest(JournalTestCase):
         broker.close()
         self.assertEqual(broker_state(self.open()), before)
 
+    def test_acknowledged_writes_survive_a_flaky_disk_and_compactions_and_refused_ones_stay_out(self):
+        broker = self.open()
+        journal, queues = broker._journal, [broker.queue(name, persistent=True) for name in ("a", "b")]
+        chance, stop, lock = random.Random(11), threading.Event(), threading.Lock()
+        acknowledged, refused = set(), set()
+
+        def flaky(fd):  # a disk that fails one fsync in thirty
+            with lock:
+                fails = chance.random() < 1 / 30
+            if fails:
+                raise OSError(errno.EIO, "Input/output error")
+            os.fsync(fd)
+        journal._fsync = flaky
+
+        def write(queue, number):
+            for n in range(10 ** 6):
+                if stop.is_set():
+                    return
+                data = f"{number}-{n}"
+                try:
+                    queue.insert({"data": data})
+                    with lock:
+                        acknowledged.add(data)
+                except K.Unavailable:
+                    with lock:
+                        refused.add(data)
+
+        def compact():
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    broker.compact()
+        threads = [threading.Thread(target=write, args=(queues[n % 2], n)) for n in range(4)]
+        threads.append(threading.Thread(target=compact))
+        with contextlib.redirect_stderr(io.StringIO()):
+            for thread in threads:
+                thread.start()
+            time.sleep(2)
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            journal._fsync = os.fsync
+            broker.close()
+        self.assertGreater(len(refused), 10, "the disk never failed")
+        self.assertGreater(len(acknowledged), 200)
+        reopened, kept = self.open(), set()
+        for queue in reopened.queues():
+            page = queue.tasks(limit=1000)
+            kept.update(task["data"] for task in page["tasks"])
+            while page["next"]:
+                page = queue.tasks(limit=1000, after=page["next"])
+                kept.update(task["data"] for task in page["tasks"])
+        self.assertEqual(acknowledged - kept, set(), "acknowledged inserts were lost")
+        self.assertEqual(refused & kept, set(), "refused inserts came back")
+
+    def test_after_a_compaction_a_failed_fsync_does_not_stop_the_journal_for_good(self):
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        jobs.insert({"data": "before"})
+        broker.compact()
+        journal = broker._journal
+        journal._fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error"))
+        with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(K.Unavailable):
+                jobs.insert({"data": "refused"})
+        journal._fsync = os.fsync
+        jobs.insert({"data": "after"})  # the compacted file appends at its end, even after the reset's truncate
+        self.assertIsNone(broker.health())
+        before = broker_state(broker)
+        self.assertEqual([t["data"] for t in before["jobs"][1]["tasks"]], ["before", "after"])
+        broker.close()
+        self.assertEqual(broker_state(self.open()), before)
+
+    def test_a_folder_fsync_that_fails_after_the_rename_is_owed_before_the_next_acknowledgement(self):
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        jobs.insert({"data": "before"})
+        original, calls = K._fsync_folder, []
+
+        def folder(path):
+            calls.append(len(calls) == 0)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+            original(path)
+        K._fsync_folder = folder
+        self.addCleanup(setattr, K, "_fsync_folder", original)
+        with contextlib.redirect_stderr(io.StringIO()):
+            with self.assertRaises(OSError):
+                broker.compact()
+            jobs.insert({"data": "after"})
+        self.assertEqual(len(calls), 2, "the next change was acknowledged without the folder's fsync")
+        before = broker_state(broker)
+        broker.close()
+        self.assertEqual(broker_state(self.open()), before)
+
+    def test_a_rebuild_at_a_tick_leaves_every_lease_able_to_run_out(self):
+        broker = self.open(fsync="interval", fsync_interval=0.05)
+        journal = broker._journal
+        jobs = broker.queue("jobs", lease=1000, backoff=1, max_backoff=1)
+        task_id = jobs.insert({"data": 1})["_id"]
+        jobs.lease()
+        synced = threading.Event()
+        journal._fsync = lambda fd: (os.fsync(fd), synced.set())
+        self.assertTrue(synced.wait(5))
+        journal._fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error"))
+        jobs.report([{"_id": task_id, "status": "failed", "error": "x", "retry_after": 0}])
+        self.clock.advance(10)
+        jobs.lease()  # attempt 2, written, never synced: the interval fsync fails
+        deadline = time.monotonic() + 5
+        while journal.failed is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        journal._fsync = os.fsync
+        self.clock.advance(5000)
+        with contextlib.redirect_stderr(io.StringIO()):
+            jobs.stats()  # the tick rebuilds memory (attempt 1, in progress), then expires its lease
+        self.assertEqual(jobs.task(task_id)["status"], "queued")
+        self.assertEqual(jobs.lease()[0]["_id"], task_id)
+
     def test_a_commit_does_not_walk_the_queues(self):
         broker = self.open()
         for n in range(50):
@@ -2124,6 +2241,23 @@ class JournalFileTest(JournalTestCase):
             repaired = self.open(repair=True)
         self.assertEqual([t["_id"] for t in repaired.get("jobs").tasks()["tasks"]], ids[:1])
         self.assertRegex(stderr.getvalue(), r"set aside the 3 lines from it on .*1 unreadable.*2 insert")
+
+    def test_two_repairs_in_one_second_keep_both_set_aside_files(self):
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        for n in range(3):
+            jobs.insert({"data": n})
+        broker.close()
+        folder = os.path.dirname(self.path)
+        for _ in range(2):
+            with open(self.path, "ab") as handle:
+                handle.write(b"garbage\n" + K.journal_line({"op": "queue", "q": "x", "options": {}}))
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.open(repair=True).close()
+        saved = sorted(name for name in os.listdir(folder) if ".corrupt-" in name)
+        self.assertEqual(len(saved), 2, saved)
+        for name in saved:
+            self.assertIn("garbage", read_file(os.path.join(folder, name)))
 
     def test_a_version_1_journal_still_loads_and_is_written_on_in_version_2(self):
         lines = [{"op": "journal", "version": 1, "epoch": "0badcafe", "seq": 0},
