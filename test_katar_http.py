@@ -958,8 +958,8 @@ class HostileInputTest(GuardedStateTestCase):
 
     def test_a_chunked_body_is_411_and_a_non_json_type_is_415(self):
         host, port = self.server.host, self.server.port
-        answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-                                          b"\r\n2\r\n{}\r\n0\r\n\r\n")
+        answer = raw_exchange(host, port, b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\n"
+                                          b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 411"), answer)
         status, payload, _ = self.call("POST", "/v1/queue/jobs", raw=b"<xml/>", headers={"Content-Type": "application/xml"})
         self.assertEqual(status, 415)
@@ -983,12 +983,13 @@ class HostileInputTest(GuardedStateTestCase):
 
     def test_garbage_request_lines_and_headers_get_json_errors(self):
         host, port = self.server.host, self.server.port
-        for request in (b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /x HTTP/1.1\r\nHost: localhost\r\n" + b"X: y\r\n" * 200 + b"\r\n",
-                        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
-                        b"GET //[/x HTTP/1.1\r\nHost: localhost\r\n\r\n", b"GET http://[::1/v1/queues HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                        b"GET * HTTP/1.1\r\nHost: localhost\r\n\r\n", b"GET http://host HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Name: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nHost : x\r\n\r\n",
-                        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX\xe9: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX(y): x\r\n\r\n"):
+        named = b" HTTP/1.1\r\nHost: localhost\r\n"
+        for request in (b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /x" + named + b"X: y\r\n" * 200 + b"\r\n",
+                        b"GET /" + b"a" * 70000 + named + b"\r\n", b"\x00\x01\x02\r\n\r\n",
+                        b"GET //[/x" + named + b"\r\n", b"GET http://[::1/v1/queues" + named + b"\r\n",
+                        b"GET *" + named + b"\r\n", b"GET http://host" + named + b"\r\n",
+                        b"GET /healthz" + named + b"Bad Name: x\r\n\r\n", b"GET /healthz" + named + b"Host : x\r\n\r\n",
+                        b"GET /healthz" + named + b"X\xe9: x\r\n\r\n", b"GET /healthz" + named + b"X(y): x\r\n\r\n"):
             answer = raw_exchange(host, port, request)
             self.assertRegex(answer[:12], rb"HTTP/1\.[01] 4\d\d", request[:30])
             self.assertIn(b"application/json", answer)
