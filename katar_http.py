@@ -1655,6 +1655,14 @@ def _parse_line(line: bytes, checksummed: bool) -> Dict[str, Any]:
     return record
 
 
+def _journal_start(line: bytes) -> bool:
+    """Whether a first line is (or, cut short by a crash, begins) a journal header, checksummed or not: another
+    file given as --journal is refused, never cut or set aside."""
+    body = line[9:] if re.match(rb"[0-9a-f]{8} ", line) else line
+    header = b'{"op":"journal"'
+    return body.startswith(header) or (len(body) < len(header) and header.startswith(body.rstrip(b"\n")))
+
+
 def _lines(fd: int, end: Optional[int] = None) -> Iterator[Tuple[int, int, Optional[bytes], bool]]:
     """(offset, length, line, whole) of each line of the open file `fd`, up to `end` bytes; `whole` is false for a
     last line without its newline. Read a chunk at a time: memory holds one chunk and one line, whatever the size
@@ -1820,6 +1828,9 @@ class Journal:
         assert self._fd is not None
         checksummed, good, self.records = True, 0, 0
         for number, (offset, length, line, whole) in enumerate(_lines(self._fd, end), 1):
+            if number == 1 and not _journal_start(line or b""):
+                raise JournalError(f"{self.path} is not a katar_http journal (its first line is not a journal "
+                                   f"header). Nothing was changed: give --journal a new file, or a journal")
             if not whole:
                 self._torn(number, offset, length)  # the last line, cut short by a crash: never acknowledged
                 break
@@ -3643,7 +3654,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("serving")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; any other needs a token)")
-    group.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000; 0 picks a free one)")
+    group.add_argument("--port", type=_port, default=3000, help="port to listen on (default 3000; 0 picks a free one)")
     group.add_argument("--queue", action="append", default=[], metavar="NAME[:INTERVAL]",
                        help="create a queue; INTERVAL is the poll interval in ms sent to workers (default 30000); "
                             "repeat for more queues")
@@ -3714,6 +3725,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "of ulimit -v: %s here)" % _format_size(default_max_memory()))
     parser.add_argument("--version", action="version", version="katar_http " + __version__)
     return parser
+
+
+def _port(text: str) -> int:
+    """A --port value: 0 to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535 (0 picks a free one), got {text!r}")
+    return int(text)
 
 
 def _memory_size(text: str) -> int:

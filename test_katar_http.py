@@ -1234,7 +1234,9 @@ class CommandLineTest(unittest.TestCase):
 
     def test_bad_arguments_are_refused_with_a_message(self):
         for args, needle in ((["--queue", "jobs:fast"], "milliseconds"), (["--queue", "bad name"], "queue name"),
-                             (["--config", "/nonexistent.json"], "No such file")):
+                             (["--config", "/nonexistent.json"], "No such file"),
+                             (["--port", "99999"], "a port is a number from 0 to 65535"),
+                             (["--max-memory", "lots"], "like 512M")):
             result = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", *args],
                                     capture_output=True, text=True, timeout=20)
             self.assertEqual(result.returncode, 2, args)
@@ -2243,6 +2245,17 @@ class JournalFileTest(JournalTestCase):
         self.assertEqual([t["_id"] for t in repaired.get("jobs").tasks()["tasks"]], ids[:1])
         self.assertRegex(stderr.getvalue(), r"set aside the 3 lines from it on .*1 unreadable.*2 insert")
 
+    def test_a_file_that_is_not_a_journal_is_refused_and_left_as_it_is_even_with_repair(self):
+        for content in (b'{"queues": {}}\n', b'{"a": 1}', b"name,count\n1,2\n", b"\x00" * 100):
+            with self.subTest(content=content[:20]):
+                with open(self.path, "wb") as handle:
+                    handle.write(content)
+                for repair in (False, True):
+                    with self.assertRaisesRegex(K.JournalError, "is not a katar_http journal"):
+                        K.Broker(journal=K.Journal(self.path, repair=repair))
+                self.assertEqual(read_file(self.path, "rb"), content)
+                self.assertEqual(os.listdir(os.path.dirname(self.path)), ["tasks.journal"])
+
     def test_two_repairs_in_one_second_keep_both_set_aside_files(self):
         broker = self.open()
         jobs = broker.queue("jobs")
@@ -2266,7 +2279,7 @@ class JournalFileTest(JournalTestCase):
                  {"op": "insert", "q": "jobs", "at": 1_700_000_000_000,
                   "tasks": [["0badcafe-000000000001", {"n": 1}, 0, "queued", "k1", 0]]}]
         with open(self.path, "w") as handle:
-            handle.write("".join(json.dumps(line) + "\n" for line in lines))
+            handle.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines))  # as v1 wrote
         broker = self.open()
         jobs = broker.get("jobs")
         self.assertEqual(jobs.insert({"data": 2, "key": "k1"})["_id"], "0badcafe-000000000001")
