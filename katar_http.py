@@ -299,13 +299,10 @@ def _json_value(field: str, value: Any) -> Any:
 
 def _json_sized(field: str, value: Any) -> Tuple[Any, int]:
     """`value` as plain JSON values, and an estimate of the bytes it holds in memory; BadRequest if not JSON."""
-    if value is None or isinstance(value, (bool, int)):
-        return value, 32
-    if isinstance(value, str):
-        return value, 49 + len(value)
-    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
-        return value, 32
-    try:
+    if value is None or isinstance(value, (bool, int, str)) or (
+            isinstance(value, float) and value == value and value not in (float("inf"), float("-inf"))):
+        return value, _value_bytes(value)
+    try:  # a container: copied through its JSON text (what a journal writes), whose length is its estimate
         text = json.dumps(value, default=_json_default, allow_nan=False)
         return json.loads(text), 64 + 2 * len(text)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -1049,7 +1046,7 @@ class Queue:
         bytes out of the memory estimate (_hold puts them back in once the change is made)."""
         undo = self._broker._undo
         if undo is not None:
-            undo.append((Queue._put_back, self, task, task.save()))
+            undo.append((self._put_back, task, task.save()))
         self.memory -= task.memory
         return task
 
