@@ -38,9 +38,10 @@ The file reads top to bottom as the architecture:
      notes how to put back what applying them changes, so a failure halfway leaves nothing behind;
   3. the journal (Journal: append, group commit, compaction, recovery; its lock is the file's own);
   4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, authenticate, call the core, serialise);
-  5. the server object;
-  6. the client and the worker runner (Client, Runner);
-  7. the command line.
+  5. large data: the API's description (OpenAPI 3.1, built from the bounds the server enforces) and the page;
+  6. the server object;
+  7. the client and the worker runner (Client, Runner);
+  8. the command line.
 
 Security: --token (admin) and --worker-token (lease and report on named queues only) guard every route but
 /healthz; --tls-cert serves HTTPS; every request is bounded (Limits). Without a token the server refuses to listen
@@ -54,6 +55,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import difflib
 import email.utils
 import errno
 import functools
@@ -114,19 +116,33 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "backoff": 1000,         # ms before the first retry; doubled for each later one
     "max_backoff": 300000,   # ms, the cap on that doubling
 }
+# A queue's figures since the server started (stats' `totals`).
+TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "lease_wait_ms")
 MAX_LEASE_BATCH = 10000      # upper bound of `max` on a poll (the HTTP layer has its own, lower, --max-tasks)
 MAX_REPORTS = 10000          # reports on one poll
 MAX_INSERT_BATCH = 10000     # tasks in one insert
 MAX_LIST_LIMIT = 1000        # tasks in one page of a listing
 MAX_DELAY_MS = 366 * 86400 * 1000
+# Bounds of the queue options, as (lowest, highest).
+QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
+                "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS)}
 MAX_PRIORITY = 10 ** 9
-MAX_TEXT = 65536             # characters in an error, worker id or key
+MAX_TEXT = 65536             # characters in an error
+MAX_KEY = 256                # characters in an insert key
+MAX_WORKER = 256             # characters in a worker's name
+MAX_WAIT_MS = 10 ** 9        # `wait` of a poll or of a result wait (the server cuts it to its --max-wait)
+MAX_INTERVAL_MS = 2 ** 31    # configuration.interval
+# The fields of a task as inserted; any other is refused (a misspelled field would otherwise be dropped unseen).
+TASK_FIELDS = ("data", "priority", "delay", "key", "status")
 HISTORY_LIMIT = 20           # attempts remembered per task
 HISTORY_ERROR_LIMIT = 1024   # characters of an error kept in each history entry (the task keeps the whole latest one)
 FINISHED_MEMORY = 10000      # ids of discarded tasks a non-persistent queue remembers, for idempotent reports
 DEFAULT_MAX_WAIT_MS = 30000  # the server's cap on `wait`
 DEFAULT_MAX_BODY = 1 << 20   # bytes in a request body
-QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+QUEUE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # as the API's description gives it (JSON Schema)
+QUEUE_NAME = re.compile(QUEUE_NAME_PATTERN[1:-1] + r"\Z")
+TASK_ID_PATTERN = "-[0-9]+$"  # what a task id ends with: its sequence number, which orders listings
+MAX_ATTEMPT = 2 ** 31        # the highest `attempt` a report may name
 # The memory estimate (--max-memory) of what the queues hold, in bytes. Measured on CPython 3.11 (bench --scale):
 # a queued task with small data costs about 490 bytes of RSS, a history entry about 450; parsed JSON takes up to
 # twice its text.
@@ -143,14 +159,16 @@ class KatarError(Exception):
 
     status = HTTPStatus.INTERNAL_SERVER_ERROR
 
-    def __init__(self, message: str, ids: Iterable[str] = ()) -> None:
+    def __init__(self, message: str, ids: Iterable[str] = (), **fields: Any) -> None:
         super().__init__(message)
         self.ids = list(ids)
+        self.fields = fields  # more for a program to act on: the queue named, the known ones, ...
 
     def to_json(self) -> Dict[str, Any]:
         body: Dict[str, Any] = {"error": str(self)}
         if self.ids:
             body["ids"] = self.ids
+        body.update(self.fields)
         return body
 
 
@@ -332,13 +350,11 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
                 raise BadRequest("configuration must be an object")
             value = _json_value("configuration", dict(value))
             value.setdefault("interval", DEFAULT_INTERVAL_MS)
-            _check_int("configuration.interval", value["interval"], 0, 2 ** 31)
+            _check_int("configuration.interval", value["interval"], 0, MAX_INTERVAL_MS)
         elif name in ("persistent", "paused"):
             _check_bool(name, value)
-        elif name == "max_attempts":
-            value = _check_int(name, value, 1, 10 ** 6)
-        elif name in QUEUE_DEFAULTS:
-            value = _check_int(name, value, 1 if name == "lease" else 0, MAX_DELAY_MS)
+        elif name in QUEUE_BOUNDS:
+            value = _check_int(name, value, *QUEUE_BOUNDS[name])
         else:
             raise BadRequest(f"unknown queue option {name!r}; options are configuration, {', '.join(QUEUE_DEFAULTS)}")
         checked[name] = value
@@ -477,8 +493,7 @@ class Queue:
             collections.OrderedDict()
         self._waiters: "collections.deque[_Waiter]" = collections.deque()  # long polls, first come first served
         self._result_waiters: Dict[str, List[_Waiter]] = {}
-        self.totals = {name: 0 for name in ("inserted", "leased", "done", "failed", "retried", "expired", "released",
-                                            "cancelled", "lease_wait_ms")}
+        self.totals = {name: 0 for name in TOTALS}
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
@@ -519,7 +534,8 @@ class Queue:
             raise BadRequest("tasks must be a task object or a non-empty list of them")
         if len(entries) > MAX_INSERT_BATCH:
             raise BadRequest(f"tasks holds {len(entries)} tasks; at most {MAX_INSERT_BATCH} per insert")
-        checked = [self._check_insert(index, entry) for index, entry in enumerate(entries)]
+        checked = [self._check_insert("task" if single else f"tasks[{index}]", entry)
+                   for index, entry in enumerate(entries)]
         broker = self._broker
         with broker._changing():
             now = broker._now()
@@ -548,14 +564,18 @@ class Queue:
         """Apply reports `{"_id", "status", "attempt"?, ...}`: all of them, or none if any is refused."""
         self.poll(reports, max=0)
 
-    def poll(self, reports: Iterable[Dict[str, Any]] = (), max: int = 1, wait: float = 0,
+    def poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
              worker: Optional[str] = None) -> List[Dict[str, Any]]:
-        """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms."""
-        max = _check_int("max", max, 0, MAX_LEASE_BATCH)
-        wait_ms = _check_number("wait", wait, 0, 10 ** 9)
-        if worker is not None:
-            worker = _check_text("worker", worker, 256)
+        """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms.
+        Without `max`, one task, as the original; but none when every report is a heartbeat: a worker that keeps
+        a lease alive is not asking for more work (a task leased then would sit unworked until its lease ran out)."""
         reports = _check_reports(reports)
+        if max is None:
+            max = 0 if reports and all(report["status"] == IN_PROGRESS for report in reports) else 1
+        max = _check_int("max", max, 0, MAX_LEASE_BATCH)
+        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
+        if worker is not None:
+            worker = _check_text("worker", worker, MAX_WORKER)
         broker = self._broker
         with broker._changing():
             now = broker._now()
@@ -571,7 +591,7 @@ class Queue:
     def task(self, task_id: str, wait: float = 0) -> Dict[str, Any]:
         """A task's full record; with `wait` ms, hold until it is done, failed or cancelled (or the time is up).
         What it answers is durable: a producer told "done" is never told otherwise after a crash."""
-        wait_ms = _check_number("wait", wait, 0, 10 ** 9)
+        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
         try:
             return self._durable_task(task_id, wait_ms)
         except Unavailable:
@@ -615,7 +635,12 @@ class Queue:
             self._tick(now)
             task = self._tasks.get(task_id)
             if task is None:
-                raise NotFound(f"task {task_id} not found in queue {self.name}", [task_id])
+                memo = self._finished.get(task_id)  # a non-persistent queue remembers how its tasks ended
+                if memo is None:
+                    raise NotFound(f"task {task_id} not found in queue {self.name}", [task_id])
+                if memo[0] != status:
+                    raise Conflict(f"task {task_id} is {memo[0]}; it cannot become {status}", [task_id])
+                return self._task_view(task_id)  # cancelled twice: as harmless as on a persistent queue
             if task.status != status:
                 if task.status not in allowed[status]:
                     raise Conflict(f"task {task_id} is {task.status}; it cannot become {status}", [task_id])
@@ -685,17 +710,21 @@ class Queue:
 
     # -- validation and planning (under the lock; no state changes) ---------------------------------------------
 
-    def _check_insert(self, index: int, entry: Any) -> Tuple[Any, int, int, Optional[str], str, int]:
-        where = f"tasks[{index}]" if index or not isinstance(entry, dict) else "task"
+    def _check_insert(self, where: str, entry: Any) -> Tuple[Any, int, int, Optional[str], str, int]:
         if not isinstance(entry, dict):
             raise BadRequest(f"{where} must be an object")
         try:
-            data, size = _json_sized("data", entry.get("data"))
+            unknown = [name for name in entry if name not in TASK_FIELDS]
+            if unknown:
+                raise BadRequest(f"unknown field {unknown[0][:100]!r}; a task's fields are {', '.join(TASK_FIELDS)}")
+            if "data" not in entry:
+                raise BadRequest('data is missing: a task carries data (any JSON; null for none), as {"data": ...}')
+            data, size = _json_sized("data", entry["data"])
             priority = _check_priority(entry.get("priority", 0))
             delay = _check_int("delay", entry.get("delay", 0), 0, MAX_DELAY_MS)
             key = entry.get("key")
-            if key is not None:
-                key = _check_text("key", key, 256)
+            if "key" in entry:
+                key = _check_text("key", key, MAX_KEY)
             status = entry.get("status", QUEUED)
             if status not in (QUEUED, PAUSED):
                 raise BadRequest(f"status of a new task must be queued or paused, got {status!r}")
@@ -1182,12 +1211,16 @@ class Queue:
 _OUTCOME = {DONE: "done", FAILED: "failed", QUEUED: "queued", IN_PROGRESS: None}
 
 
+_TASK_ID_END = re.compile(TASK_ID_PATTERN.replace("[0-9]+", "([0-9]+)")[:-1] + r"\Z")
+
+
 def _seq_of(task_id: Any) -> int:
     """The sequence number inside a task id ("<epoch>-<seq>"), which orders listings; BadRequest if malformed."""
-    try:
-        return int(str(task_id).rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise BadRequest(f"after must be a task id, got {task_id!r}") from None
+    found = _TASK_ID_END.search(task_id) if isinstance(task_id, str) else None
+    if found is None:
+        raise BadRequest(f"after must be a task id (as the `next` of a page), got {str(task_id)[:100]!r}")
+    return int(found.group(1))
+
 
 
 def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
@@ -1213,7 +1246,7 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
         item: Dict[str, Any] = {"_id": task_id, "status": status}
         try:
             if report.get("attempt") is not None:
-                item["attempt"] = _check_int("attempt", report["attempt"], 1, 2 ** 31)
+                item["attempt"] = _check_int("attempt", report["attempt"], 1, MAX_ATTEMPT)
             if status == FAILED:
                 if not isinstance(report.get("error"), str):
                     raise BadRequest("a failed report needs an error string")
@@ -1326,10 +1359,13 @@ class Broker:
             return queue
 
     def get(self, name: str) -> Queue:
-        """The queue `name`, or NotFound (the original's "Queue not found")."""
+        """The queue `name`, or NotFound. Its `error` is the original's words exactly ("Queue not found"), which
+        its workers may compare; the fields `queue` and `queues` name the queue asked for and those there are."""
         queue = self._queues.get(name)
         if queue is None:
-            raise NotFound("Queue not found")
+            with self._lock:  # another thread may be adding a queue
+                known = sorted(self._queues)[:MAX_LIST_LIMIT]
+            raise NotFound("Queue not found", queue=name, queues=known)
         return queue
 
     def __contains__(self, name: object) -> bool:
@@ -2226,23 +2262,34 @@ def _fsync_folder(path: str) -> None:
 # 4. The HTTP layer: parse, authenticate, call the core, serialise. No queue logic here.
 # ---------------------------------------------------------------------------------------------------------------
 
-QUEUE_SEGMENT = r"/v1/queue/([^/]+)"
-# One route table: path pattern -> {method: handler}. The matcher decides 404 against 405 (with Allow) from it.
-ROUTES: List[Tuple["re.Pattern[str]", Dict[str, str]]] = [
-    (re.compile(r"/healthz"), {"GET": "route_health"}),
-    (re.compile(r"/metrics"), {"GET": "route_metrics"}),
-    (re.compile(r"/v1/openapi\.json"), {"GET": "route_openapi"}),
-    (re.compile(r"/(?:ui)?"), {"GET": "route_page"}),
-    (re.compile(r"/v1/queues"), {"GET": "route_queues"}),
-    (re.compile(QUEUE_SEGMENT), {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
-    (re.compile(QUEUE_SEGMENT + r"/stats"), {"GET": "route_stats"}),
-    (re.compile(QUEUE_SEGMENT + r"/tasks"), {"GET": "route_list", "POST": "route_insert", "DELETE": "route_purge"}),
-    (re.compile(QUEUE_SEGMENT + r"/tasks/([^/]+)"),
-     {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
+# One route table: path template -> {method: handler}. The matcher decides 404 against 405 (with Allow) from it, a
+# 404 names the route closest to the path asked for, and the OpenAPI document describes exactly these templates.
+ROUTE_TABLE: List[Tuple[str, Dict[str, str]]] = [
+    ("/healthz", {"GET": "route_health"}),
+    ("/metrics", {"GET": "route_metrics"}),
+    ("/v1/openapi.json", {"GET": "route_openapi"}),
+    ("/", {"GET": "route_page"}),
+    ("/ui", {"GET": "route_page"}),
+    ("/v1/queues", {"GET": "route_queues"}),
+    ("/v1/queue/{queue}", {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
+    ("/v1/queue/{queue}/stats", {"GET": "route_stats"}),
+    ("/v1/queue/{queue}/tasks", {"GET": "route_list", "POST": "route_insert", "DELETE": "route_purge"}),
+    ("/v1/queue/{queue}/tasks/{id}", {"GET": "route_task", "PATCH": "route_patch_task", "DELETE": "route_cancel_task"}),
 ]
+
+
+def _route_pattern(template: str) -> "re.Pattern[str]":
+    """A template's regular expression: each {parameter} is one path segment, captured; the rest is literal."""
+    return re.compile("/".join("([^/]+)" if part.startswith("{") else re.escape(part) for part in template.split("/")))
+
+
+ROUTES = [(_route_pattern(template), methods) for template, methods in ROUTE_TABLE]
 OPEN_PATHS = ("/healthz", "/v1/openapi.json", "/", "/ui")  # answered without a token or an origin (no data)
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"  # what a page of an --allow-origin may send, after its preflight
 CORS_HEADERS = "authorization, content-type"
+# The fields of each request body; any other is a 400 that names it.
+POLL_FIELDS = ("tasks", "max", "wait", "worker")
+QUEUE_FIELDS = ("configuration",) + tuple(QUEUE_DEFAULTS)
 WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
 # curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
@@ -2297,8 +2344,25 @@ def _route(path: str) -> Tuple[Dict[str, str], Tuple[str, ...]]:
             try:
                 return methods, tuple(unquote(group, errors="strict") for group in found.groups())
             except UnicodeDecodeError:
-                raise NotFound(f"no route {path}: its escapes are not UTF-8") from None
-    raise NotFound(f"no route {path[:200]}")
+                raise NotFound(f"no route {path[:200]}: its escapes are not UTF-8") from None
+    closest = _closest_route(path[:200])
+    hint = f"; did you mean {closest}?" if closest else "."
+    raise NotFound(f"no route {path[:200]}{hint} Every route is described at GET /v1/openapi.json",
+                   **({"closest": closest} if closest else {}))
+
+
+def _closest_route(path: str) -> Optional[str]:
+    """The route most like `path`, its parameters taken from `path` where it has them: /v1/queues/jobs/tasks is
+    most like /v1/queue/jobs/tasks. None when nothing is close."""
+    candidates = []
+    for segments in (path.split("/"), ["", "v1"] + path.split("/")[1:]):  # also as if /v1 had been left out
+        for template, _ in ROUTE_TABLE:
+            parts = template.split("/")
+            candidates.append("/".join(
+                segments[index] if part.startswith("{") and index < len(segments) and segments[index] else part
+                for index, part in enumerate(parts)))
+    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.7)
+    return close[0] if close else None
 
 
 class Limits(NamedTuple):
@@ -2369,6 +2433,12 @@ class Access:
         if not matched:
             raise Unauthorized("the token is not valid")
         return found
+
+    def visible(self, scope: Optional[FrozenSet[str]], queues: List[str]) -> List[str]:
+        """The names among `queues` that `scope` may know of."""
+        if scope is self.ADMIN or "*" in scope:
+            return queues
+        return [name for name in queues if name in scope]
 
     def check(self, scope: Optional[FrozenSet[str]], route: str, queue: Optional[str]) -> None:
         """Forbidden unless `scope` may use `route` on `queue`."""
@@ -2456,209 +2526,6 @@ class _Reader(io.RawIOBase):
         if self.deadline is None and count:
             self.deadline = time.monotonic() + self.whole
         return count
-
-
-def _schema(kind: str, **more: Any) -> Dict[str, Any]:
-    return dict({"type": kind}, **more)
-
-
-_ID = _schema("string", description="a task id, like 5f0c2a9e-000000000042")
-_TASK_IN = _schema("object", properties={
-    "data": {"description": "any JSON"},
-    "priority": {"oneOf": [_schema("integer"), _schema("string", enum=list(PRIORITIES))]},
-    "delay": _schema("integer", minimum=0), "key": _schema("string", maxLength=256),
-    "status": _schema("string", enum=[QUEUED, PAUSED])})
-_REPORT = _schema("object", required=["_id", "status"], properties={
-    "_id": _ID, "status": _schema("string", enum=[DONE, FAILED, IN_PROGRESS, QUEUED]),
-    "attempt": _schema("integer", minimum=1), "error": _schema("string"), "result": {"description": "any JSON"},
-    "retry": _schema("boolean"), "retry_after": _schema("integer", minimum=0)})
-_LEASED = _schema("object", required=["_id", "data", "attempt"],
-                  properties={"_id": _ID, "data": {}, "attempt": _schema("integer")})
-_NULLABLE_INT = {"type": ["integer", "null"]}
-_HISTORY = _schema("object", properties={
-    "attempt": _schema("integer"), "worker": {"type": ["string", "null"]}, "leased_at": _schema("integer"),
-    "ended_at": _NULLABLE_INT, "outcome": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
-    "duration_ms": _NULLABLE_INT})
-_TASK_OUT = _schema("object", required=["_id", "queue", "status"], properties={
-    "_id": _ID, "queue": _schema("string"), "status": _schema("string", enum=list(STATUSES)), "data": {},
-    "priority": _schema("integer"), "key": {"type": ["string", "null"]}, "attempt": _schema("integer"),
-    "attempts_spent": _schema("integer"), "worker": {"type": ["string", "null"]}, "lease_expires_at": _NULLABLE_INT,
-    "run_at": _schema("integer"), "error": {"type": ["string", "null"]}, "result": {},
-    "history": _schema("array", items=_HISTORY), "created_at": _schema("integer"), "updated_at": _schema("integer"),
-    "discarded": _schema("boolean")})
-_STATS = _schema("object", required=["queue", "counts", "total", "totals"], properties={
-    "queue": _schema("string"), "counts": _schema("object", properties={s: _schema("integer") for s in STATUSES}),
-    "total": _schema("integer"), "oldest_queued": {"type": ["string", "null"]},
-    "oldest_queued_age_ms": _NULLABLE_INT, "waiting_workers": _schema("integer"), "paused": _schema("boolean"),
-    "totals": _schema("object", properties={name: _schema("integer") for name in (
-        "inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "lease_wait_ms")})})
-_QUEUE_OUT = _schema("object", required=["name", "configuration"], properties=dict(
-    {name: _schema("boolean" if isinstance(value, bool) else "integer") for name, value in QUEUE_DEFAULTS.items()},
-    name=_schema("string"), configuration=_schema("object")))
-_INSERTED = _schema("object", required=["tasks"], properties={"tasks": _schema("array", items=_schema(
-    "object", required=["_id", "status", "created"],
-    properties={"_id": _ID, "status": _schema("string"), "created": _schema("boolean")}))})
-_PAGE_OUT = _schema("object", required=["tasks", "next"], properties={
-    "tasks": _schema("array", items=_TASK_OUT), "next": {"type": ["string", "null"]}})
-_ERROR = {"description": "an error", "content": {"application/json": {"schema": _schema(
-    "object", required=["error"], properties={"error": _schema("string"), "ids": _schema("array", items=_ID)})}}}
-
-
-def _json_response(description: str, schema: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema or _schema("object")}}}
-
-
-def _operation(summary: str, responses: Dict[str, Any], body: Optional[Dict[str, Any]] = None,
-               example: Any = None, query: Iterable[Tuple[str, str]] = ()) -> Dict[str, Any]:
-    operation: Dict[str, Any] = {"summary": summary, "responses": dict(responses, default=_ERROR)}
-    if body is not None:
-        operation["requestBody"] = {"content": {"application/json": {"schema": body, "example": example}}}
-    if query:
-        operation["parameters"] = [{"name": name, "in": "query", "schema": _schema(kind)} for name, kind in query]
-    return operation
-
-
-_QUEUE_OPTIONS = _schema("object", properties=dict(
-    {name: _schema("boolean" if isinstance(value, bool) else "integer") for name, value in QUEUE_DEFAULTS.items()},
-    configuration=_schema("object", properties={"interval": _schema("integer", minimum=0)})))
-_POLL = _schema("object", properties={"tasks": _schema("array", items=_REPORT), "max": _schema("integer", minimum=0),
-                                      "wait": _schema("number", minimum=0), "worker": _schema("string")})
-# The API as it is: a test checks that every route of ROUTES is here and that the examples validate.
-OPENAPI: Dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "katar_http", "version": __version__,
-             "description": "A task-queue server for polling workers. Send Authorization: Bearer <token> when the "
-                            "server has tokens."},
-    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-    "security": [{"bearer": []}],
-    "paths": {
-        "/healthz": {"get": _operation("Health: 503 while changes cannot be made durable", {
-            "200": _json_response("ok", _schema("object", required=["status"], properties={
-                "status": _schema("string", enum=["ok"]), "version": _schema("string")})),
-            "503": _json_response("degraded: the journal fails, or a write or fsync has hung for over 5 s", _schema(
-                "object", required=["status", "reason"], properties={
-                    "status": _schema("string", enum=["degraded"]), "reason": _schema("string"),
-                    "version": _schema("string")}))})},
-        "/metrics": {"get": _operation("Prometheus metrics", {"200": {"description": "text exposition"}})},
-        "/v1/openapi.json": {"get": _operation("This document", {"200": _json_response("OpenAPI 3.1")})},
-        "/": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
-        "/ui": {"get": _operation("The operator's page", {"200": {"description": "HTML"}})},
-        "/v1/queues": {"get": _operation("Every queue's stats", {"200": _json_response("stats", _schema(
-            "object", required=["queues"], properties={"queues": _schema("array", items=_STATS)}))})},
-        "/v1/queue/{queue}": {
-            "get": _operation("The queue's configuration", {"200": _json_response("configuration", _schema(
-                "object", required=["configuration"], properties={"configuration": _schema("object")}))}),
-            "post": _operation("Report tasks, then lease the next ones", {
-                "200": _json_response("leased tasks", _schema("object", properties={
-                    "tasks": _schema("array", items=_LEASED)})), "204": {"description": "no task available"}},
-                body=_POLL, example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1,
-                                     "wait": 20000}),
-            "put": _operation("Create or reconfigure the queue", {"200": _json_response("changed", _QUEUE_OUT),
-                                                                    "201": _json_response("created", _QUEUE_OUT)},
-                              body=_QUEUE_OPTIONS, example={"lease": 30000, "configuration": {"interval": 1000}})},
-        "/v1/queue/{queue}/stats": {"get": _operation("The queue's figures", {"200": _json_response("stats", _STATS)})},
-        "/v1/queue/{queue}/tasks": {
-            "get": _operation("A page of tasks", {"200": _json_response("tasks and the next cursor", _PAGE_OUT)},
-                              query=[("status", "string"), ("limit", "integer"), ("after", "string")]),
-            "post": _operation("Insert one task, or a list", {"201": _json_response("created", _INSERTED),
-                                                              "200": _json_response("nothing new (keys)", _INSERTED)},
-                               body={"anyOf": [_TASK_IN, _schema("object", required=["tasks"], properties={
-                                   "tasks": _schema("array", items=_TASK_IN)})]},
-                               example={"tasks": [{"data": {"n": 1}, "priority": "high"}]}),
-            "delete": _operation("Purge the tasks of one status", {"200": _json_response("how many", _schema(
-                "object", required=["purged"], properties={"purged": _schema("integer")}))},
-                                 query=[("status", "string")])},
-        "/v1/queue/{queue}/tasks/{id}": {
-            "get": _operation("One task; with wait, hold until it finishes",
-                              {"200": _json_response("the task", _TASK_OUT)},
-                              query=[("wait", "number")]),
-            "patch": _operation("Pause, resume, retry or cancel", {"200": _json_response("the task", _TASK_OUT)},
-                                body=_schema("object", required=["status"], properties={
-                                    "status": _schema("string", enum=[PAUSED, QUEUED, CANCELLED])}),
-                                example={"status": "queued"}),
-            "delete": _operation("Cancel a queued or paused task, or a dead letter",
-                                 {"200": _json_response("the task", _TASK_OUT)})},
-    },
-}
-
-
-# The operator's page: self-contained (no external assets), data only through the JSON routes, and built with
-# textContent, never innerHTML: task errors are written by clients.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>katar_http</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}table{border-collapse:collapse}
-td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}
-.dead{margin:.5em 0 1.5em;font-size:13px}.dead td{text-align:left}.error{color:#a00}button{margin-left:.3em}
-#status{color:#666}
-</style></head><body>
-<h1>katar_http</h1>
-<p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
-<button id="save">Use</button> <span id="status"></span></p>
-<table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
-<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead>
-<tbody></tbody></table>
-<div id="letters"></div>
-<script>
-"use strict";
-const statuses = ["queued", "in progress", "paused", "done", "failed", "cancelled"];
-const tokenInput = document.getElementById("token");
-tokenInput.value = sessionStorage.getItem("katar_token") || "";
-document.getElementById("save").onclick = () => { sessionStorage.setItem("katar_token", tokenInput.value); refresh(); };
-function call(method, path, body) {
-  const headers = {"Content-Type": "application/json"};
-  const token = sessionStorage.getItem("katar_token");
-  if (token) headers["Authorization"] = "Bearer " + token;
-  return fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)}).then(async r => {
-    const payload = r.status === 204 ? null : await r.json();
-    if (!r.ok) throw new Error(r.status + " " + (payload && payload.error));
-    return payload;
-  });
-}
-function cell(row, text, tag) {
-  const c = document.createElement(tag || "td"); c.textContent = text; row.appendChild(c); return c;
-}
-function button(parent, label, action) {
-  const b = document.createElement("button"); b.textContent = label;
-  b.onclick = () => action().then(refresh, e => show(e.message)); parent.appendChild(b);
-}
-function show(text) { document.getElementById("status").textContent = text; }
-const q = name => encodeURIComponent(name);
-async function refresh() {
-  try {
-    const {queues} = await call("GET", "/v1/queues");
-    const body = document.querySelector("#queues tbody"); body.textContent = "";
-    const letters = document.getElementById("letters"); letters.textContent = "";
-    for (const s of queues) {
-      const row = document.createElement("tr"); body.appendChild(row);
-      cell(row, s.queue + (s.paused ? " (paused)" : ""));
-      for (const status of statuses) cell(row, s.counts[status]);
-      cell(row, s.waiting_workers);
-      cell(row, s.oldest_queued === null ? "-"
-                : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
-      button(cell(row, ""), s.paused ? "Resume" : "Pause",
-             () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
-      if (!s.counts.failed) continue;
-      const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=failed&limit=20");
-      const title = document.createElement("h2");
-      title.textContent = "Dead letters of " + s.queue; letters.appendChild(title);
-      const table = document.createElement("table"); table.className = "dead"; letters.appendChild(table);
-      for (const t of tasks) {
-        const r = document.createElement("tr"); table.appendChild(r);
-        cell(r, t._id); cell(r, "attempt " + t.attempt); cell(r, t.error).className = "error";
-        const actions = cell(r, "");
-        const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
-        button(actions, "Retry", () => call("PATCH", path, {status: "queued"}));
-        button(actions, "Cancel", () => call("DELETE", path));
-      }
-    }
-    show("updated " + new Date().toLocaleTimeString());
-  } catch (e) { show(e.message); }
-}
-refresh(); setInterval(refresh, 2000);
-</script></body></html>
-"""
 
 
 class Text(str):
@@ -2887,7 +2754,12 @@ class Handler(BaseHTTPRequestHandler):
             scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
         route, params, self.query = self.match()
         access.check(scope, route, params[0] if params else None)
-        status, payload = getattr(self, route)(*params)
+        try:
+            status, payload = getattr(self, route)(*params)
+        except NotFound as exc:
+            if "queues" in exc.fields:  # a worker token learns only of its own queues
+                exc.fields["queues"] = access.visible(scope, exc.fields["queues"])
+            raise
         return route, status, payload
 
     def check_host(self) -> None:
@@ -3001,6 +2873,18 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
         return body
 
+    @staticmethod
+    def check_fields(what: str, body: Dict[str, Any], known: Tuple[str, ...],
+                     nullable: Tuple[str, ...] = ()) -> None:
+        """Refuse a field the body may not hold (a misspelled one would otherwise be ignored, silently), and null
+        where a value is expected (leave a field out for its default)."""
+        for name, value in body.items():
+            if name not in known:
+                raise BadRequest(f"unknown field {name[:100]!r} in {what}; its fields are {', '.join(known)}",
+                                 field=name[:100])
+            if value is None and name not in nullable:
+                raise BadRequest(f"{name} is null; leave it out for its default, or send a value", field=name)
+
     def check_count(self, field: str, items: Any) -> None:
         if isinstance(items, list) and len(items) > self.server.limits.max_tasks:
             raise BadRequest(f"{field} holds {len(items)} items; this server takes at most "
@@ -3033,15 +2917,20 @@ class Handler(BaseHTTPRequestHandler):
         if text is None:
             return default
         try:
-            return float(text) if "." in text else int(text)
+            return int(text)
         except ValueError:
-            raise BadRequest(f"{name} must be a number, got {text[:40]!r}") from None
+            pass
+        try:
+            value = float(text)  # 2.5, 1e3
+        except ValueError:
+            value = float("nan")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise BadRequest(f"{name} must be a number, got {text[:40]!r}")
+        return value
 
-    def capped_wait(self, wait: Any) -> Any:
+    def capped_wait(self, wait: Any) -> float:
         """`wait` beyond the server's limit is cut to it (not refused), as a proxy cuts a long poll."""
-        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > self.server.limits.max_wait:
-            return self.server.limits.max_wait
-        return wait
+        return min(_check_number("wait", wait, 0, MAX_WAIT_MS), self.server.limits.max_wait)
 
     # -- routes: each returns (status, payload) ------------------------------------------------------------------
 
@@ -3050,7 +2939,7 @@ class Handler(BaseHTTPRequestHandler):
                                    "text/plain; version=0.0.4; charset=utf-8")
 
     def route_openapi(self) -> Reply:
-        return HTTPStatus.OK, OPENAPI
+        return HTTPStatus.OK, openapi_document(self.server.limits)
 
     def route_page(self) -> Reply:
         return HTTPStatus.OK, Text(PAGE, "text/html; charset=utf-8")
@@ -3070,23 +2959,24 @@ class Handler(BaseHTTPRequestHandler):
     def route_poll(self, name: str) -> Reply:
         queue = self.server.broker.get(name)
         body = self.read_object()
-        reports = body.get("tasks")
+        self.check_fields("a poll", body, POLL_FIELDS)
+        reports = body.get("tasks", [])
         self.check_count("tasks", reports)
         self.check_values("tasks", reports, "result")
         self.check_values("tasks", reports, "error")
-        max_tasks = body.get("max", 1)
+        max_tasks = body.get("max")
         if isinstance(max_tasks, int) and not isinstance(max_tasks, bool) and max_tasks > self.server.limits.max_tasks:
             raise BadRequest(f"max must be at most {self.server.limits.max_tasks} on this server, got {max_tasks}")
-        leased = queue.poll([] if reports is None else reports, max=max_tasks,
-                            wait=self.capped_wait(body.get("wait", 0)), worker=body.get("worker"))
+        leased = queue.poll(reports, max=max_tasks, wait=self.capped_wait(body.get("wait", 0)),
+                            worker=body.get("worker"))
         return (HTTPStatus.OK, {"tasks": leased}) if leased else (HTTPStatus.NO_CONTENT, None)
 
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
+        self.check_fields("a queue's options", body, QUEUE_FIELDS)
         self.check_values("queue", [body], "configuration")
-        options = {key: value for key, value in body.items() if key in QUEUE_DEFAULTS or key == "configuration"}
         existed = name in self.server.broker
-        queue = self.server.broker.queue(name, **options)
+        queue = self.server.broker.queue(name, **body)
         return (HTTPStatus.OK if existed else HTTPStatus.CREATED), queue.describe()
 
     def route_stats(self, name: str) -> Reply:
@@ -3095,15 +2985,17 @@ class Handler(BaseHTTPRequestHandler):
     def route_insert(self, name: str) -> Reply:
         queue = self.server.broker.get(name)
         body = self.read_object()
+        if not body:
+            raise BadRequest('an insert needs a body: one task {"data": ...} or a list {"tasks": [{"data": ...}]}')
         if "tasks" in body:
-            if "data" in body:
-                raise BadRequest("send one task (data, ...) or a list (tasks), not both")
+            self.check_fields("an insert of a list", body, ("tasks",))
             if not isinstance(body["tasks"], list):
                 raise BadRequest("tasks must be a list of task objects")
             self.check_count("tasks", body["tasks"])
             self.check_values("tasks", body["tasks"], "data")
             results = queue.insert(body["tasks"])
         else:
+            self.check_fields("a task", body, TASK_FIELDS + ("tasks",), nullable=("data",))
             self.check_values("task", [body], "data")
             results = [queue.insert(body)]
         created = any(result["created"] for result in results)
@@ -3128,6 +3020,7 @@ class Handler(BaseHTTPRequestHandler):
     def route_patch_task(self, name: str, task_id: str) -> Reply:
         queue = self.server.broker.get(name)
         body = self.read_object()
+        self.check_fields("a change of status", body, ("status",))
         return HTTPStatus.OK, queue.set_status(task_id, body.get("status"))
 
     def route_cancel_task(self, name: str, task_id: str) -> Reply:
@@ -3135,7 +3028,324 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. The server object
+# 5. Large data: the API's description (OpenAPI 3.1) and the operator's page. Both are served as they are; the
+#    description is built from the same bounds the core and the handler enforce, for the server's own Limits.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _schema(kind: Any, **more: Any) -> Dict[str, Any]:
+    return dict({"type": kind}, **more)
+
+
+def _ref(name: str) -> Dict[str, str]:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _integer(low: int, high: int, **more: Any) -> Dict[str, Any]:
+    return _schema("integer", minimum=low, maximum=high, **more)
+
+
+def _object(properties: Dict[str, Any], required: Iterable[str] = (), closed: bool = True,
+            **more: Any) -> Dict[str, Any]:
+    """An object schema; `closed` (no other properties) where the server refuses unknown fields."""
+    schema = _schema("object", properties=properties, **more)
+    if required:
+        schema["required"] = list(required)
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _json(description: str, schema: Dict[str, Any]) -> Dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _text(description: str, media: str) -> Dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": _schema("string")}}}
+
+
+def _api_schemas(limits: "Limits") -> Dict[str, Any]:
+    """The shared schemas, named as a generated client names its types."""
+    any_json = {"description": "any JSON value"}
+    nullable_int = _schema(["integer", "null"])
+    nullable_text = _schema(["string", "null"])
+    queue_options = {name: _schema("boolean") if isinstance(value, bool) else
+                     _integer(*QUEUE_BOUNDS[name]) for name, value in QUEUE_DEFAULTS.items()}
+    return {
+        "TaskId": _schema("string", minLength=1, example="5f0c2a9e-000000000042",
+                          description="a task id: the server's random prefix, then a sequence number"),
+        "Configuration": _object(
+            {"interval": _integer(0, MAX_INTERVAL_MS, description="ms between polls, for a worker that does not "
+                                                                  "long-poll")},
+            required=["interval"], closed=False,
+            description="what workers receive: `interval`, and any other keys the operator set"),
+        "ConfigurationReply": _object({"configuration": _ref("Configuration")}, required=["configuration"]),
+        "Report": _object({
+            "_id": _ref("TaskId"),
+            "status": _schema("string", enum=[DONE, FAILED, IN_PROGRESS, QUEUED],
+                              description="done; failed (needs `error`); in progress: a heartbeat that extends "
+                                          "the lease; queued: hand the task back unworked"),
+            "attempt": _schema(["integer", "null"], minimum=1, maximum=MAX_ATTEMPT,
+                               description="the delivery this report answers (fencing); null or absent: the latest"),
+            "error": _schema("string", maxLength=MAX_TEXT, description="why it failed (with status failed)"),
+            "result": dict(any_json, description="what it produced (with status done)"),
+            "retry": _schema("boolean", description="false: a dead letter at once (with status failed)"),
+            "retry_after": _schema(["integer", "null"], minimum=0, maximum=MAX_DELAY_MS,
+                                   description="ms before the retry (with status failed)")},
+            required=["_id", "status"], closed=False,
+            **{"if": {"properties": {"status": {"const": FAILED}}, "required": ["status"]},
+               "then": {"required": ["error"]}}),
+        "PollRequest": _object({
+            "tasks": _schema("array", items=_ref("Report"), maxItems=limits.max_tasks,
+                             description="reports to apply first: all of them, or none"),
+            "max": _integer(0, limits.max_tasks, description="lease up to this many tasks (default 1, but 0 "
+                                                             "when every report is a heartbeat)"),
+            "wait": _schema("number", minimum=0, maximum=MAX_WAIT_MS,
+                            description=f"ms to wait for a task when none is ready (long poll; the server cuts it "
+                                        f"to {limits.max_wait} ms)"),
+            "worker": _schema("string", maxLength=MAX_WORKER, description="a name for the worker, kept in history")}),
+        "LeasedTask": _object({"_id": _ref("TaskId"), "data": any_json, "attempt": _integer(1, MAX_ATTEMPT)},
+                              required=["_id", "data", "attempt"], closed=False),
+        "Leased": _object({"tasks": _schema("array", items=_ref("LeasedTask"), minItems=1)}, required=["tasks"]),
+        "TaskInput": _object({
+            "data": dict(any_json, description="the task's data, handed to the worker as it is (null for none)"),
+            "priority": {"oneOf": [_integer(-MAX_PRIORITY, MAX_PRIORITY),
+                                   _schema("string", enum=list(PRIORITIES))],
+                         "description": "higher first; high is 10, normal 0, low -10"},
+            "delay": _integer(0, MAX_DELAY_MS, description="ms before it may be leased"),
+            "key": _schema("string", maxLength=MAX_KEY, description="an insert with a key the queue holds or "
+                                                                    "remembers creates nothing"),
+            "status": _schema("string", enum=[QUEUED, PAUSED])}, required=["data"]),
+        "Insert": {"oneOf": [_ref("TaskInput"), _ref("TaskList")]},
+        "TaskList": _object({"tasks": _schema("array", items=_ref("TaskInput"), minItems=1,
+                                              maxItems=min(limits.max_tasks, MAX_INSERT_BATCH))},
+                            required=["tasks"]),
+        "Inserted": _object({"tasks": _schema("array", items=_object({
+            "_id": _ref("TaskId"), "status": _schema("string", enum=list(STATUSES)),
+            "created": _schema("boolean", description="false: a task with this key existed, and is the one named")},
+            required=["_id", "status", "created"]))}, required=["tasks"]),
+        "HistoryEntry": _object({
+            "attempt": _schema("integer"), "worker": nullable_text, "leased_at": _schema("integer"),
+            "ended_at": nullable_int, "outcome": _schema(["string", "null"], enum=[
+                "done", "failed", "expired", "released", "cancelled", "stopped", None]),
+            "error": nullable_text, "duration_ms": nullable_int}, closed=False),
+        "Task": _object({
+            "_id": _ref("TaskId"), "queue": _schema("string"), "status": _schema("string", enum=list(STATUSES)),
+            "data": any_json, "priority": _schema("integer"), "key": nullable_text, "attempt": _schema("integer"),
+            "attempts_spent": _schema("integer"), "worker": nullable_text, "lease_expires_at": nullable_int,
+            "run_at": _schema("integer"), "error": nullable_text, "result": any_json,
+            "history": _schema("array", items=_ref("HistoryEntry")), "created_at": _schema("integer"),
+            "updated_at": _schema("integer"),
+            "discarded": _schema("boolean", description="true: the queue is not persistent, and dropped the task "
+                                                        "when it ended; only its status and attempt are left")},
+            required=["_id", "queue", "status", "attempt"], closed=False,
+            description="times are ms since the epoch"),
+        "TaskPage": _object({"tasks": _schema("array", items=_ref("Task")), "next": nullable_text},
+                            required=["tasks", "next"]),
+        "Stats": _object({
+            "queue": _schema("string"),
+            "counts": _object({status: _schema("integer") for status in STATUSES}, required=STATUSES),
+            "total": _schema("integer"), "oldest_queued": nullable_text, "oldest_queued_age_ms": nullable_int,
+            "waiting_workers": _schema("integer"), "paused": _schema("boolean"),
+            "totals": _object({name: _schema("integer") for name in TOTALS}, required=TOTALS, closed=False)},
+            required=["queue", "counts", "total", "oldest_queued", "oldest_queued_age_ms", "waiting_workers",
+                      "paused", "totals"], closed=False),
+        "QueueList": _object({"queues": _schema("array", items=_ref("Stats"))}, required=["queues"]),
+        "ConfigurationInput": _object(
+            {"interval": _integer(0, MAX_INTERVAL_MS, description=f"default {DEFAULT_INTERVAL_MS}")}, closed=False,
+            description="what workers will receive: `interval`, and any other keys"),
+        "QueueOptions": _object(dict(queue_options, configuration=_ref("ConfigurationInput"))),
+        "Queue": _object(dict(queue_options, name=_schema("string"), configuration=_ref("Configuration")),
+                         required=["name", "configuration"] + list(QUEUE_DEFAULTS), closed=False),
+        "StatusChange": _object({"status": _schema("string", enum=[PAUSED, QUEUED, CANCELLED])}, required=["status"]),
+        "Purged": _object({"purged": _schema("integer")}, required=["purged"]),
+        "Health": _object({"status": _schema("string", enum=["ok", "degraded"]), "version": _schema("string"),
+                           "reason": _schema("string", description="with degraded: what fails")},
+                          required=["status", "version"]),
+        "Error": _object({
+            "error": _schema("string"), "ids": _schema("array", items=_ref("TaskId"), description="the tasks "
+                                                                                                 "to blame"),
+            "queue": _schema("string", description="with Queue not found: the queue asked for"),
+            "queues": _schema("array", items=_schema("string"), description="with Queue not found: those there are"),
+            "field": _schema("string", description="the field to blame"),
+            "closest": _schema("string", description="with a path no route has: the route most like it")},
+            required=["error"], closed=False),
+    }
+
+
+def _operation(operation_id: str, summary: str, responses: Dict[str, Any], body: Optional[str] = None,
+               example: Any = None, query: Iterable[Dict[str, Any]] = (), path: Iterable[str] = (),
+               open_route: bool = False) -> Dict[str, Any]:
+    operation: Dict[str, Any] = {"operationId": operation_id, "summary": summary,
+                                 "responses": dict(responses, default=_json("an error", _ref("Error")))}
+    parameters = [dict(PATH_PARAMETERS[name], name=name, **{"in": "path"}, required=True) for name in path]
+    parameters += [dict(parameter, **{"in": "query"}) for parameter in query]
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": _ref(body), "example": example}}}
+    if open_route:
+        operation["security"] = []  # no token needed, even on a server that has tokens
+    return operation
+
+
+PATH_PARAMETERS = {
+    "queue": {"schema": _schema("string", pattern=QUEUE_NAME_PATTERN), "description": "the queue's name"},
+    "id": {"schema": _schema("string", minLength=1), "description": "the task's id"},
+}
+
+
+@functools.lru_cache(maxsize=4)
+def openapi_document(limits: "Limits") -> Dict[str, Any]:
+    """The API as this server serves it (its Limits give the bounds of batches). A test checks that every route is
+    here with its parameters, that every bound the server enforces is, and that examples and answers fit."""
+    queue, task = ("queue",), ("queue", "id")
+    page = _text("the operator's page", "text/html")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "katar_http", "version": __version__,
+                 "description": "A task-queue server for polling workers. Send Authorization: Bearer <token> when "
+                                "the server has tokens; a worker token may only read the configuration of, lease "
+                                "from and report to its queues."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                       "schemas": _api_schemas(limits)},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": _operation("health", "Health: 503 while changes cannot be made durable", {
+                "200": _json("ok", _ref("Health")),
+                "503": _json("degraded: the journal fails, or a write or fsync has hung for over 5 s", _ref("Health"))},
+                open_route=True)},
+            "/metrics": {"get": _operation("metrics", "Prometheus metrics", {
+                "200": _text("the Prometheus text exposition (version 0.0.4)", "text/plain")})},
+            "/v1/openapi.json": {"get": _operation("openapi", "This document", {
+                "200": _json("OpenAPI 3.1", _schema("object"))}, open_route=True)},
+            "/": {"get": _operation("page", "The operator's page", {"200": page}, open_route=True)},
+            "/ui": {"get": _operation("pageUi", "The operator's page", {"200": page}, open_route=True)},
+            "/v1/queues": {"get": _operation("listQueues", "Every queue's stats", {
+                "200": _json("stats", _ref("QueueList"))})},
+            "/v1/queue/{queue}": {
+                "get": _operation("getConfiguration", "The queue's configuration, for its workers", {
+                    "200": _json("configuration", _ref("ConfigurationReply"))}, path=queue),
+                "post": _operation("poll", "Report tasks, then lease the next ones", {
+                    "200": _json("leased tasks", _ref("Leased")),
+                    "204": {"description": "no task to hand out (the reports, if any, were applied)"}},
+                    body="PollRequest", path=queue,
+                    example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1, "wait": 20000}),
+                "put": _operation("putQueue", "Create or reconfigure the queue", {
+                    "200": _json("changed", _ref("Queue")), "201": _json("created", _ref("Queue"))},
+                    body="QueueOptions", path=queue, example={"lease": 30000, "configuration": {"interval": 1000}})},
+            "/v1/queue/{queue}/stats": {"get": _operation("queueStats", "The queue's figures", {
+                "200": _json("stats", _ref("Stats"))}, path=queue)},
+            "/v1/queue/{queue}/tasks": {
+                "get": _operation("listTasks", "A page of tasks, oldest first", {
+                    "200": _json("tasks and the cursor of the next page", _ref("TaskPage"))}, path=queue, query=[
+                        {"name": "status", "schema": _schema("string", enum=list(STATUSES))},
+                        {"name": "limit", "schema": _integer(1, MAX_LIST_LIMIT, default=100)},
+                        {"name": "after", "schema": _schema("string", pattern=TASK_ID_PATTERN),
+                         "description": "the `next` of the page before"}]),
+                "post": _operation("insertTasks", "Insert one task, or a list", {
+                    "201": _json("created", _ref("Inserted")),
+                    "200": _json("nothing new: every key was known", _ref("Inserted"))},
+                    body="Insert", path=queue, example={"tasks": [{"data": {"n": 1}, "priority": "high"}]}),
+                "delete": _operation("purgeTasks", "Delete every task of one status", {
+                    "200": _json("how many", _ref("Purged"))}, path=queue, query=[
+                        {"name": "status", "required": True,
+                         "schema": _schema("string", enum=[s for s in STATUSES if s != IN_PROGRESS])}])},
+            "/v1/queue/{queue}/tasks/{id}": {
+                "get": _operation("getTask", "One task; with wait, hold until it ends", {
+                    "200": _json("the task", _ref("Task"))}, path=task, query=[
+                        {"name": "wait", "schema": _schema("number", minimum=0, maximum=MAX_WAIT_MS),
+                         "description": "ms to wait for the task to be done, failed or cancelled"}]),
+                "patch": _operation("changeTaskStatus", "Pause, resume, retry or cancel", {
+                    "200": _json("the task", _ref("Task"))}, body="StatusChange", path=task,
+                    example={"status": "queued"}),
+                "delete": _operation("cancelTask", "Cancel a queued or paused task, or a dead letter", {
+                    "200": _json("the task", _ref("Task"))}, path=task)},
+        },
+    }
+
+
+# The operator's page: self-contained (no external assets), data only through the JSON routes, and built with
+# textContent, never innerHTML: task errors are written by clients.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>katar_http</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}table{border-collapse:collapse}
+td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}
+.dead{margin:.5em 0 1.5em;font-size:13px}.dead td{text-align:left}.error{color:#a00}button{margin-left:.3em}
+#status{color:#666}
+</style></head><body>
+<h1>katar_http</h1>
+<p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
+<button id="save">Use</button> <span id="status"></span></p>
+<table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
+<th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead>
+<tbody></tbody></table>
+<div id="letters"></div>
+<script>
+"use strict";
+const statuses = ["queued", "in progress", "paused", "done", "failed", "cancelled"];
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("katar_token") || "";
+document.getElementById("save").onclick = () => { sessionStorage.setItem("katar_token", tokenInput.value); refresh(); };
+function call(method, path, body) {
+  const headers = {"Content-Type": "application/json"};
+  const token = sessionStorage.getItem("katar_token");
+  if (token) headers["Authorization"] = "Bearer " + token;
+  return fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)}).then(async r => {
+    const payload = r.status === 204 ? null : await r.json();
+    if (!r.ok) throw new Error(r.status + " " + (payload && payload.error));
+    return payload;
+  });
+}
+function cell(row, text, tag) {
+  const c = document.createElement(tag || "td"); c.textContent = text; row.appendChild(c); return c;
+}
+function button(parent, label, action) {
+  const b = document.createElement("button"); b.textContent = label;
+  b.onclick = () => action().then(refresh, e => show(e.message)); parent.appendChild(b);
+}
+function show(text) { document.getElementById("status").textContent = text; }
+const q = name => encodeURIComponent(name);
+async function refresh() {
+  try {
+    const {queues} = await call("GET", "/v1/queues");
+    const body = document.querySelector("#queues tbody"); body.textContent = "";
+    const letters = document.getElementById("letters"); letters.textContent = "";
+    for (const s of queues) {
+      const row = document.createElement("tr"); body.appendChild(row);
+      cell(row, s.queue + (s.paused ? " (paused)" : ""));
+      for (const status of statuses) cell(row, s.counts[status]);
+      cell(row, s.waiting_workers);
+      cell(row, s.oldest_queued === null ? "-"
+                : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
+      button(cell(row, ""), s.paused ? "Resume" : "Pause",
+             () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
+      if (!s.counts.failed) continue;
+      const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=failed&limit=20");
+      const title = document.createElement("h2");
+      title.textContent = "Dead letters of " + s.queue; letters.appendChild(title);
+      const table = document.createElement("table"); table.className = "dead"; letters.appendChild(table);
+      for (const t of tasks) {
+        const r = document.createElement("tr"); table.appendChild(r);
+        cell(r, t._id); cell(r, "attempt " + t.attempt); cell(r, t.error).className = "error";
+        const actions = cell(r, "");
+        const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
+        button(actions, "Retry", () => call("PATCH", path, {status: "queued"}));
+        button(actions, "Cancel", () => call("DELETE", path));
+      }
+    }
+    show("updated " + new Date().toLocaleTimeString());
+  } catch (e) { show(e.message); }
+}
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. The server object
 # ---------------------------------------------------------------------------------------------------------------
 
 REFUSAL = json.dumps({"error": "the server is at its connection limit; retry later"}).encode()
@@ -3337,7 +3547,7 @@ def serve(broker: Broker, port: int = 3000, host: str = "127.0.0.1", **options: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. The client and the worker runner: any program becomes a worker
+# 7. The client and the worker runner: any program becomes a worker
 # ---------------------------------------------------------------------------------------------------------------
 
 _ERRORS_BY_STATUS = {error.status: error for error in (
@@ -3625,7 +3835,7 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. The command line
+# 8. The command line
 # ---------------------------------------------------------------------------------------------------------------
 
 EXAMPLES = """\

@@ -31,6 +31,7 @@ import traceback
 import unittest
 import urllib.error
 import urllib.request
+from urllib.parse import quote
 import warnings
 
 import katar_http as K
@@ -137,8 +138,9 @@ class OriginalProtocolTest(ServerTestCase):
     queue_options = {"persistent": False}
 
     def test_get_unknown_queue_is_404_queue_not_found(self):
+        # The original's words exactly (its workers may compare them), then the queue asked for and those there are.
         status, payload, _ = self.call("GET", "/v1/queue/boom")
-        self.assertEqual((status, payload), (404, {"error": "Queue not found"}))
+        self.assertEqual((status, payload), (404, {"error": "Queue not found", "queue": "boom", "queues": ["jobs"]}))
 
     def test_default_configuration_when_none_was_set(self):
         status, payload, _ = self.call("GET", "/v1/queue/jobs")
@@ -167,7 +169,7 @@ class OriginalProtocolTest(ServerTestCase):
 
     def test_post_to_unknown_queue_is_404(self):
         status, payload, _ = self.call("POST", "/v1/queue/boom", {})
-        self.assertEqual((status, payload), (404, {"error": "Queue not found"}))
+        self.assertEqual((status, payload["error"], payload["queue"]), (404, "Queue not found", "boom"))
 
     def test_empty_queue_is_204_without_body(self):
         status, payload, headers = self.call("POST", "/v1/queue/jobs", {})
@@ -756,7 +758,7 @@ class OperatorRoutesTest(ServerTestCase):
                  ({"data": 1, "delay": -1}, "delay"), ({"data": 1, "delay": "soon"}, "delay"),
                  ({"data": 1, "key": 5}, "key"), ({"data": 1, "status": "done"}, "status"),
                  ({"tasks": [{"data": 1}, "oops"]}, "tasks[1]"), ({"tasks": []}, "tasks"),
-                 ({"tasks": {"data": 1}}, "tasks"), ({"tasks": [{"data": 1}], "data": 2}, "not both"),
+                 ({"tasks": {"data": 1}}, "tasks"), ({"tasks": [{"data": 1}], "data": 2}, "'data'"),
                  ({"tasks": [{"data": 1}] * (K.MAX_INSERT_BATCH + 1)}, "at most")]
         for body, field in cases:
             status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", body)
@@ -822,7 +824,10 @@ class OperatorRoutesTest(ServerTestCase):
 
     def test_put_creates_then_reconfigures_a_queue(self):
         body = {"configuration": {"interval": 500, "model": "x"}, "lease": 2000, "max_attempts": 2,
-                "persistent": True, "max_in_flight": 3, "future_option": 1}
+                "persistent": True, "max_in_flight": 3}
+        status, payload, _ = self.call("PUT", "/v1/queue/images", dict(body, future_option=1))
+        self.assertEqual((status, payload["field"]), (400, "future_option"))  # a misspelling is not dropped unseen
+        self.assertNotIn("images", self.server.broker)
         status, payload, _ = self.call("PUT", "/v1/queue/images", body)
         self.assertEqual((status, payload["lease"], payload["max_attempts"]), (201, 2000, 2))
         self.assertEqual(self.call("GET", "/v1/queue/images")[1], {"configuration": {"interval": 500, "model": "x"}})
@@ -905,6 +910,107 @@ def read_to_end(connection):
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+class FirstHourTest(ServerTestCase):
+    """The traps a newcomer fell into, and the messages that must say what to do."""
+
+    def test_a_heartbeat_alone_leases_nothing_unless_it_asks_with_max(self):
+        first, second = self.insert({"data": 1}, {"data": 2})
+        leased = self.lease_one()
+        heartbeat = {"tasks": [{"_id": leased["_id"], "status": "in progress"}]}  # as the statuses table shows
+        self.poll(heartbeat, expect=204)
+        self.assertEqual(self.counts()["queued"], 1)  # the other task was not leased behind the worker's back
+        status, tasks = self.poll(dict(heartbeat, max=1), expect=200)  # asked for: leased
+        self.assertEqual([task["_id"] for task in tasks], [second])
+        self.poll({"tasks": [{"_id": first, "status": "done"}]}, expect=204)  # a done report still asks for one
+        self.insert({"data": 3})
+        self.assertEqual(self.poll({"tasks": [{"_id": second, "status": "done"}]}, expect=200)[1][0]["data"], 3)
+
+    def test_an_insert_without_a_body_or_without_data_is_400(self):
+        for raw in (b"", b"{}", b"  "):
+            status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", raw=raw,
+                                           headers={"Content-Type": "application/json"})
+            self.assertEqual(status, 400, raw)
+            self.assertIn('"data"', payload["error"])
+        for body in ({"priority": 1}, {"tasks": [{"data": 1}, {"priority": 1}]}):
+            status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("data is missing", payload["error"])
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"data": None})[0], 201)  # null, when meant
+        self.assertEqual(self.counts()["queued"], 1)
+
+    def test_unknown_top_level_fields_are_400_naming_the_field_and_the_known_ones(self):
+        task_id = self.insert({"data": 1})[0]
+        cases = [("POST", "/v1/queue/jobs", {"task": [{"_id": task_id, "status": "done"}]}, "task",
+                  "tasks, max, wait, worker"),
+                 ("POST", "/v1/queue/jobs/tasks", {"data": 2, "priorty": 5}, "priorty", "priority"),
+                 ("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": 2}], "delay": 5}, "delay", "tasks"),
+                 ("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": 2, "dely": 5}]}, "dely", "delay"),
+                 ("PATCH", f"/v1/queue/jobs/tasks/{task_id}", {"status": "paused", "why": "x"}, "why", "status"),
+                 ("PUT", "/v1/queue/jobs", {"leese": 5000}, "leese", "lease")]
+        for method, path, body, field, known in cases:
+            status, payload, _ = self.call(method, path, body)
+            self.assertEqual(status, 400, body)
+            self.assertIn(f"unknown field '{field}'", payload["error"])
+            self.assertIn(known, payload["error"])
+        self.assertEqual(self.task(task_id)["status"], "queued")  # nothing changed
+        self.assertEqual(self.counts()["queued"], 1)
+        self.assertEqual(self.jobs.describe()["lease"], K.QUEUE_DEFAULTS["lease"])
+        # A report may carry more than the server reads: original workers send what they like there.
+        leased = self.lease_one()
+        self.poll({"tasks": [{"_id": leased["_id"], "status": "done", "took": 5}]}, expect=204)
+
+    def test_null_where_a_value_is_expected_is_400(self):
+        for method, path, body in (("POST", "/v1/queue/jobs", {"tasks": None}),
+                                   ("POST", "/v1/queue/jobs", {"max": None}),
+                                   ("POST", "/v1/queue/jobs", {"worker": None}),
+                                   ("POST", "/v1/queue/jobs/tasks", {"data": 1, "key": None}),
+                                   ("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": 1, "key": None}]}),
+                                   ("POST", "/v1/queue/jobs/tasks", {"tasks": None}),
+                                   ("PUT", "/v1/queue/jobs", {"lease": None})):
+            status, payload, _ = self.call(method, path, body)
+            self.assertEqual(status, 400, body)
+        self.assertEqual(self.counts()["queued"], 0)
+
+    def test_queue_not_found_names_the_queue_and_those_a_token_may_know_of(self):
+        self.broker.queue("mail")
+        status, payload, _ = self.call("GET", "/v1/queue/jbos")
+        self.assertEqual((status, payload), (404, {"error": "Queue not found", "queue": "jbos",
+                                                   "queues": ["jobs", "mail"]}))
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs", "gone"]})
+        status, payload, _ = self.call("GET", "/v1/queue/gone", headers={"Authorization": "Bearer " + WORKER})
+        self.assertEqual((status, payload["queue"], payload["queues"]), (404, "gone", ["jobs"]))  # not mail
+
+    def test_a_path_no_route_has_names_the_closest_route(self):
+        for path, closest in (("/v1/queues/jobs/tasks", "/v1/queue/jobs/tasks"), ("/queue/jobs", "/v1/queue/jobs"),
+                              ("/v1/queue/jobs/task", "/v1/queue/jobs/tasks"), ("/health", "/healthz")):
+            status, payload, _ = self.call("GET", path)
+            self.assertEqual((status, payload["closest"]), (404, closest))
+            self.assertIn(f"did you mean {closest}?", payload["error"])
+            self.assertIn("/v1/openapi.json", payload["error"])
+        status, payload, _ = self.call("GET", "/favicon.ico")
+        self.assertEqual(status, 404)
+        self.assertNotIn("closest", payload)
+        self.assertIn("/v1/openapi.json", payload["error"])
+
+    def test_cancelling_twice_is_harmless_on_every_queue(self):
+        for persistent in (False, True):
+            self.broker.queue("jobs", persistent=persistent)
+            task_id = self.insert({"data": 1})[0]
+            first = self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
+            second = self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
+            self.assertEqual((first[0], second[0]), (200, 200), persistent)
+            self.assertEqual((first[1]["status"], second[1]["status"]), ("cancelled", "cancelled"))
+            self.assertEqual(self.call("PATCH", f"/v1/queue/jobs/tasks/{task_id}", {"status": "cancelled"})[0], 200)
+            self.assertEqual(self.call("PATCH", f"/v1/queue/jobs/tasks/{task_id}", {"status": "queued"})[0], 409)
+        # A task a non-persistent queue dropped when it was done cannot be cancelled: 409, not 404.
+        self.broker.queue("jobs", persistent=False)
+        task_id = self.insert({"data": 1})[0]
+        self.poll({"tasks": [{"_id": self.lease_one()["_id"], "status": "done"}]}, expect=204)
+        status, payload, _ = self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
+        self.assertEqual((status, payload["ids"]), (409, [task_id]))
+        self.assertIn("is done", payload["error"])
 
 
 class GuardedStateTestCase(ServerTestCase):
@@ -3946,49 +4052,77 @@ class MetricsTest(ServerTestCase):
         self.assertEqual(self.call("GET", "/metrics")[0], 401)
 
 
-def schema_errors(value, schema, where="body"):
-    """The ways `value` breaks `schema` (the JSON Schema subset the OpenAPI document uses)."""
-    errors = []
+def schema_errors(value, schema, where="body", root=None):
+    """The ways `value` breaks `schema`: the JSON Schema subset the OpenAPI document uses, $ref resolved in `root`
+    (the document), so that a test needs nothing installed."""
+    root = root if root is not None else {}
+    if "$ref" in schema:
+        return schema_errors(value, resolve(root, schema), where, root)
     for combinator, fits in (("oneOf", lambda n: n == 1), ("anyOf", lambda n: n >= 1)):
         if combinator in schema:
-            matches = sum(1 for option in schema[combinator] if not schema_errors(value, option, where))
-            return [] if fits(matches) else [f"{where} does not fit {combinator}"]
-    kind = schema.get("type")
+            matches = sum(1 for option in schema[combinator] if not schema_errors(value, option, where, root))
+            if not fits(matches):
+                return [f"{where} does not fit {combinator}"]
     kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "number": (int, float), "integer": int,
              "null": type(None)}
-    if isinstance(kind, list):  # ["string", "null"]
-        fits = [k for k in kind if isinstance(value, kinds[k]) and not (k in ("integer", "number") and
-                                                                          isinstance(value, bool))]
-        return [] if fits else [f"{where} is none of {kind}"]
-    if kind and (not isinstance(value, kinds[kind]) or (kind in ("integer", "number") and isinstance(value, bool))):
-        return [f"{where} is not {kind}"]
+    kind = schema.get("type")
+    if kind is not None:
+        allowed = kind if isinstance(kind, list) else [kind]
+        if not any(isinstance(value, kinds[k]) and not (k in ("integer", "number") and isinstance(value, bool))
+                   for k in allowed):
+            return [f"{where} is none of {allowed}"]
+    errors = []
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where} is not {schema['const']!r}")
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{where} is not one of {schema['enum']}")
-    if "minimum" in schema and value < schema["minimum"]:
-        errors.append(f"{where} is below {schema['minimum']}")
-    if kind == "object":
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{where} is below {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{where} is above {schema['maximum']}")
+    if isinstance(value, str):
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            errors.append(f"{where} has a length out of bounds")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{where} does not match {schema['pattern']}")
+    if isinstance(value, dict):
         errors += [f"{where}.{name} is missing" for name in schema.get("required", ()) if name not in value]
-        for name, sub in schema.get("properties", {}).items():
-            if name in value:
-                errors += schema_errors(value[name], sub, f"{where}.{name}")
-    if kind == "array":
+        properties = schema.get("properties", {})
+        for name, item in value.items():
+            if name in properties:
+                errors += schema_errors(item, properties[name], f"{where}.{name}", root)
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}.{name} is not allowed")
+        if "if" in schema and not schema_errors(value, schema["if"], where, root):
+            errors += schema_errors(value, schema["then"], where, root)
+    if isinstance(value, list):
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            errors.append(f"{where} has a number of items out of bounds")
         for index, item in enumerate(value):
-            errors += schema_errors(item, schema.get("items", {}), f"{where}[{index}]")
+            errors += schema_errors(item, schema.get("items", {}), f"{where}[{index}]", root)
     return errors
 
 
+def resolve(document, schema):
+    """The schema a {"$ref": "#/components/schemas/Name"} names (any other schema as it is)."""
+    while "$ref" in schema:
+        node = document
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
 class DescriptionTest(ServerTestCase):
-    def test_the_openapi_document_lists_every_served_route_and_its_examples_validate(self):
-        status, document, _ = self.call("GET", "/v1/openapi.json")
+    def document(self):
+        status, document, headers = self.call("GET", "/v1/openapi.json")
         self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
-        served = set()
-        for pattern, methods in K.ROUTES:
-            template = pattern.pattern.replace("\\", "").replace("(?:ui)?", "")
-            groups = iter(["{queue}", "{id}"])
-            template = re.sub(r"\(\[\^/\]\+\)", lambda _: next(groups), template)
-            for path in ([template, "/ui"] if template == "/" else [template]):
-                for method in methods:
-                    served.add((path, method.lower()))
+        return document
+
+    def test_the_openapi_document_lists_every_served_route_and_its_examples_validate(self):
+        document = self.document()
+        served = {(template, method.lower()) for template, methods in K.ROUTE_TABLE for method in methods}
         described = {(path, method) for path, item in document["paths"].items() for method in item}
         self.assertEqual(served, described)
         checked = 0
@@ -3997,18 +4131,22 @@ class DescriptionTest(ServerTestCase):
                 self.assertIn("default", operation["responses"])
                 content = operation.get("requestBody", {}).get("content", {}).get("application/json")
                 if content:
-                    self.assertEqual(schema_errors(content["example"], content["schema"]), [], (path, method))
-                    self.assertNotEqual(schema_errors({"tasks": "x", "max": "1"}, content["schema"]) if method == "post"
-                                        and path == "/v1/queue/{queue}" else ["skip"], [])
+                    self.assertTrue(operation["requestBody"]["required"])
+                    self.assertEqual(schema_errors(content["example"], content["schema"], root=document), [],
+                                     (path, method))
                     checked += 1
-        self.assertGreaterEqual(checked, 4)
+        self.assertEqual(checked, 4)
+        poll = {"$ref": "#/components/schemas/PollRequest"}
+        for bad in ({"tasks": "x"}, {"max": "1"}, {"task": []}, {"tasks": [{"_id": "a", "status": "failed"}]},
+                    {"wait": -1}, {"tasks": None}):
+            self.assertNotEqual(schema_errors(bad, poll, root=document), [], bad)
         # Real responses fit the schemas the document gives them.
         def fits(method, path, template, code, body=None):
             status, payload, _ = self.call(method, path, body)
             self.assertEqual(status, code, (path, payload))
             schema = document["paths"][template][method.lower()]["responses"][str(code)]["content"][
                 "application/json"]["schema"]
-            self.assertEqual(schema_errors(payload, schema), [], (method, path))
+            self.assertEqual(schema_errors(payload, schema, root=document), [], (method, path))
             return payload
         inserted = fits("POST", "/v1/queue/jobs/tasks", "/v1/queue/{queue}/tasks", 201, {"data": 5, "key": "kk"})
         fits("POST", "/v1/queue/jobs/tasks", "/v1/queue/{queue}/tasks", 200, {"data": 5, "key": "kk"})
@@ -4023,14 +4161,129 @@ class DescriptionTest(ServerTestCase):
         fits("GET", "/healthz", "/healthz", 200)
         fits("DELETE", f"/v1/queue/jobs/tasks/{first}", "/v1/queue/{queue}/tasks/{id}", 200)
         fits("DELETE", "/v1/queue/jobs/tasks?status=cancelled", "/v1/queue/{queue}/tasks", 200)
+        self.jobs.insert({"data": {"n": 1}})
+        leased = fits("POST", "/v1/queue/jobs", "/v1/queue/{queue}", 200, {"max": 1})
+        fits("POST", "/v1/queue/jobs/tasks", "/v1/queue/{queue}/tasks", 201, {"tasks": [{"data": None}]})
+        errors = {"$ref": "#/components/schemas/Error"}
+        for path in ("/v1/queue/nope", "/v1/queues/jobs"):
+            self.assertEqual(schema_errors(self.call("GET", path)[1], errors, root=document), [])
         # The examples are real requests: sent to the server, they are accepted.
-        self.jobs.insert({"data": 1})
-        leased = self.lease_one()
-        self.assertIn(self.call("POST", "/v1/queue/jobs", {"tasks": [{"_id": leased["_id"], "status": "done"}],
-                                                           "max": 1, "wait": 0})[0], (200, 204))
+        self.assertIn(self.call("POST", "/v1/queue/jobs", {"tasks": [{"_id": leased["tasks"][0]["_id"],
+                                                                      "status": "done"}], "max": 1, "wait": 0})[0],
+                      (200, 204))
         self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks",
                                    document["paths"]["/v1/queue/{queue}/tasks"]["post"]["requestBody"]["content"]
                                    ["application/json"]["example"])[0], 201)
+
+    def test_every_path_parameter_is_declared_and_every_operation_is_named(self):
+        document = self.document()
+        names = set()
+        for path, item in document["paths"].items():
+            in_template = set(re.findall(r"\{(\w+)\}", path))
+            for method, operation in item.items():
+                declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+                self.assertEqual(declared, in_template, (path, method))
+                self.assertTrue(all(p["required"] for p in operation.get("parameters", []) if p["in"] == "path"))
+                self.assertRegex(operation["operationId"], r"^[a-z][A-Za-z]+$")
+                names.add(operation["operationId"])
+                # The routes a server with tokens answers without one say so; the others inherit the bearer.
+                self.assertEqual(operation.get("security") == [], path in K.OPEN_PATHS, path)
+        self.assertEqual(len(names), sum(len(item) for item in document["paths"].values()))
+        self.assertEqual(document["security"], [{"bearer": []}])
+        # Every $ref resolves; every shared schema is used.
+        text = json.dumps(document)
+        refs = set(re.findall(r'"#/components/schemas/(\w+)"', text))
+        self.assertEqual(refs, set(document["components"]["schemas"]))
+        # The configuration a worker reads has a typed interval and room for the operator's own keys.
+        configuration = document["components"]["schemas"]["Configuration"]
+        self.assertEqual((configuration["required"], configuration["properties"]["interval"]["type"]),
+                         (["interval"], "integer"))
+        self.assertNotEqual(configuration.get("additionalProperties"), False)
+        # Text routes declare what they send, so generated clients do not parse them as JSON.
+        for path, media in (("/metrics", "text/plain"), ("/", "text/html"), ("/ui", "text/html")):
+            content = document["paths"][path]["get"]["responses"]["200"]["content"]
+            self.assertEqual(list(content), [media])
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                self.assertTrue(response.headers["Content-Type"].startswith(media))
+
+    def test_every_bound_the_server_enforces_is_in_the_document(self):
+        """Each bound is probed on the server, just inside and just outside, and looked up in the document."""
+        self.set_limits(max_data=300000, max_tasks=50)
+        document = self.document()
+        schemas = document["components"]["schemas"]
+        self.broker.queue("scratch")
+
+        def query_schema(template, method, name):
+            return next(p for p in document["paths"][template][method]["parameters"] if p["name"] == name)["schema"]
+
+        def body(method, path, make):
+            return lambda value: self.call(method, path, make(value))[0]
+
+        def query(path):
+            return lambda value: self.call("GET" if "wait" in path or "limit" in path else "DELETE",
+                                           path.format(value=value))[0]
+        unknown_report = lambda **fields: {"tasks": [dict({"_id": "none-1", "status": "in progress"}, **fields)]}
+        failed_report = lambda **fields: {"tasks": [dict({"_id": "none-1", "status": "failed", "error": "x"},
+                                                         **fields)]}
+        limits = self.server.httpd.limits
+        # (the field's schema in the document, lowest, highest, probe: value -> status, the statuses of success)
+        bounds = [
+            (schemas["PollRequest"]["properties"]["max"], 0, limits.max_tasks,
+             body("POST", "/v1/queue/scratch", lambda v: {"max": v}), (204,)),
+            (schemas["PollRequest"]["properties"]["wait"], 0, K.MAX_WAIT_MS,
+             body("POST", "/v1/queue/scratch", lambda v: {"max": 0, "wait": v}), (204,)),
+            (schemas["PollRequest"]["properties"]["tasks"], 0, limits.max_tasks,
+             body("POST", "/v1/queue/scratch", lambda v: {"tasks": [{"_id": f"none-{i}", "status": "done"}
+                                                                     for i in range(v)], "max": 0}), (204, 404)),
+            (schemas["PollRequest"]["properties"]["worker"], 0, K.MAX_WORKER,
+             body("POST", "/v1/queue/scratch", lambda v: {"max": 0, "worker": "w" * v}), (204,)),
+            (schemas["Report"]["properties"]["attempt"], 1, K.MAX_ATTEMPT,
+             body("POST", "/v1/queue/scratch", lambda v: unknown_report(attempt=v)), (404,)),
+            (schemas["Report"]["properties"]["retry_after"], 0, K.MAX_DELAY_MS,
+             body("POST", "/v1/queue/scratch", lambda v: failed_report(retry_after=v)), (404,)),
+            (schemas["Report"]["properties"]["error"], 0, K.MAX_TEXT,
+             body("POST", "/v1/queue/scratch", lambda v: failed_report(error="e" * v)), (404,)),
+            (schemas["TaskInput"]["properties"]["priority"]["oneOf"][0], -K.MAX_PRIORITY, K.MAX_PRIORITY,
+             body("POST", "/v1/queue/scratch/tasks", lambda v: {"data": 1, "priority": v}), (201,)),
+            (schemas["TaskInput"]["properties"]["delay"], 0, K.MAX_DELAY_MS,
+             body("POST", "/v1/queue/scratch/tasks", lambda v: {"data": 1, "delay": v}), (201,)),
+            (schemas["TaskInput"]["properties"]["key"], 0, K.MAX_KEY,
+             body("POST", "/v1/queue/scratch/tasks", lambda v: {"data": 1, "key": "k" * v}), (200, 201)),
+            (schemas["TaskList"]["properties"]["tasks"], 1, limits.max_tasks,
+             body("POST", "/v1/queue/scratch/tasks", lambda v: {"tasks": [{"data": i} for i in range(v)]}),
+             (201,)),
+            (schemas["ConfigurationInput"]["properties"]["interval"], 0, K.MAX_INTERVAL_MS,
+             body("PUT", "/v1/queue/scratch", lambda v: {"configuration": {"interval": v}}), (200,)),
+            (query_schema("/v1/queue/{queue}/tasks", "get", "limit"), 1, K.MAX_LIST_LIMIT,
+             query("/v1/queue/scratch/tasks?limit={value}"), (200,)),
+            (query_schema("/v1/queue/{queue}/tasks/{id}", "get", "wait"), 0, K.MAX_WAIT_MS,
+             query("/v1/queue/scratch/tasks/none-1?wait={value}"), (404,)),
+        ] + [(schemas["QueueOptions"]["properties"][name], low, high,
+              body("PUT", "/v1/queue/scratch", lambda v, name=name: {name: v, "paused": True}), (200,))
+             for name, (low, high) in K.QUEUE_BOUNDS.items()]
+        for schema, low, high, probe, ok in bounds:
+            lowest = next((schema[key] for key in ("minimum", "minLength", "minItems") if key in schema), 0)
+            highest = next((schema[key] for key in ("maximum", "maxLength", "maxItems") if key in schema), None)
+            self.assertEqual((lowest, highest), (low, high), schema)
+            below = [(low - 1, (400,))] if "minimum" in schema or low > 0 else []  # no string is shorter than ""
+            for value, expected in [(low, ok), (high, ok), (high + 1, (400,))] + below:
+                self.assertIn(probe(value), expected, (schema, value))
+        # Enumerations: the values the document lists are taken, one more is refused.
+        purge = query_schema("/v1/queue/{queue}/tasks", "delete", "status")
+        for status in purge["enum"]:
+            self.assertEqual(self.call("DELETE", f"/v1/queue/scratch/tasks?status={quote(status)}")[0], 200)
+        self.assertEqual(self.call("DELETE", "/v1/queue/scratch/tasks?status=in%20progress")[0], 409)
+        self.assertEqual(self.call("DELETE", "/v1/queue/scratch/tasks")[0], 400)
+        self.assertEqual(query_schema("/v1/queue/{queue}/tasks", "get", "status")["enum"], list(K.STATUSES))
+        self.assertEqual(self.call("GET", "/v1/queue/scratch/tasks?status=finished")[0], 400)
+        after = query_schema("/v1/queue/{queue}/tasks", "get", "after")["pattern"]
+        for cursor, code in (("abc-12", 200), ("abc", 400), ("abc-1x", 400), ("abc-+1", 400)):
+            self.assertEqual(bool(re.search(after, cursor)), code == 200, cursor)
+            self.assertEqual(self.call("GET", f"/v1/queue/scratch/tasks?after={quote(cursor)}")[0], code, cursor)
+        pattern = K.PATH_PARAMETERS["queue"]["schema"]["pattern"]
+        for name, code in (("q" * 128, 201), ("q" * 129, 400), ("-q", 400), ("a.b_c-1", 201)):
+            self.assertEqual(bool(re.search(pattern, name)), code == 201, name)
+            self.assertEqual(self.call("PUT", f"/v1/queue/{name}", {})[0], code, name)
 
     def test_the_page_is_served_self_contained_and_acts_through_the_json_routes(self):
         self.server.httpd.access = K.Access([ADMIN])
