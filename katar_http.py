@@ -70,6 +70,7 @@ import operator
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -3663,11 +3664,11 @@ class Runner:
                  timeout: Optional[float] = None, wait: int = 5000, heartbeat: float = 10.0, grace: float = 30.0,
                  worker: Optional[str] = None, max_output: int = 65536,
                  log: Callable[[str], None] = lambda line: print("katar_http work: " + line, file=sys.stderr,
-                                                                  flush=True)) -> None:
+                                                                  flush=True), quiet: bool = False) -> None:
         self.client, self.queue, self.command, self.concurrency = client, queue, command, concurrency
         self.timeout, self.wait, self.heartbeat, self.grace = timeout, wait, heartbeat, grace
         self.worker = worker or "%s:%d" % (socket.gethostname(), os.getpid())
-        self.max_output, self.log = max_output, log
+        self.max_output, self.log, self.quiet = max_output, log, quiet
         self.stopping = threading.Event()
         self._changed = threading.Condition()
         self._running: Dict[str, subprocess.Popen] = {}
@@ -3685,6 +3686,10 @@ class Runner:
         if configuration is None:
             return 0 if self.stopping.is_set() else 1
         interval = configuration.get("interval", DEFAULT_INTERVAL_MS) / 1000.0
+        if not self.quiet:
+            command = " ".join(shlex.quote(part) for part in self.command).replace("\n", "\\n")
+            self.log(f"working on {self.queue} at {self.client.url}, {self.concurrency} at a time, as {self.worker}: "
+                     f"{command[:200]}")
         threads: List[threading.Thread] = []
         while not self.stopping.is_set():
             with self._changed:
@@ -3711,6 +3716,8 @@ class Runner:
             if not tasks and not self.wait:
                 self.stopping.wait(interval)
         self._finish(threads)
+        if not self.quiet:
+            self.log("stopped")
         return 0
 
     def _finish(self, threads: List[threading.Thread]) -> None:
@@ -3730,6 +3737,7 @@ class Runner:
         task_id, attempt = task["_id"], task["attempt"]
         environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=self.queue, KATAR_ATTEMPT=str(attempt))
         report: Dict[str, Any] = {"_id": task_id, "attempt": attempt}
+        started = time.monotonic()
         try:
             # A session of its own: a ^C meant for the worker does not kill the task, which may finish.
             process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -3744,6 +3752,11 @@ class Runner:
             heart.start()
             report.update(self._outcome(process, task))
             beating.set()
+        if not self.quiet:  # one line per task: what ran, how it ended, how long it took
+            why = " (%s)" % report["error"].splitlines()[0][:200] if report["status"] == FAILED and report[
+                "error"].strip() else ""
+            self.log("%s attempt %d %s%s in %d ms" % (task_id, attempt, report["status"], why,
+                                                      (time.monotonic() - started) * 1000))
         self._report([report])
         with self._changed:
             self._running.pop(task_id, None)
@@ -4040,6 +4053,8 @@ def build_tool_parser(tool: str) -> argparse.ArgumentParser:
                         help="on SIGTERM or SIGINT, how long running tasks may still take (default %(default)s)")
     parser.add_argument("--worker", help="the id recorded on leased tasks (default host:pid)")
     parser.add_argument("--max-output", type=int, default=65536, metavar="BYTES", help="cap on the result from stdout")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no line per task on stderr (id, attempt, outcome, ms); problems are still logged")
     parser.epilog = "The command follows --: katar_http.py work URL QUEUE [options] -- CMD [ARGS...]"
     return parser
 
@@ -4077,7 +4092,7 @@ def run_worker(client: Client, args: argparse.Namespace) -> int:
         return 2
     runner = Runner(client, args.queue, command, concurrency=max(1, args.concurrency), timeout=args.timeout,
                     wait=args.wait, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,
-                    max_output=args.max_output)
+                    max_output=args.max_output, quiet=args.quiet)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: runner.stop())
     return runner.run()
@@ -4089,7 +4104,8 @@ def run_put(client: Client, args: argparse.Namespace) -> int:
     try:
         tasks = [{"data": json.loads(text), "priority": priority, "delay": args.delay} for text in texts]
     except ValueError as exc:
-        print(f"katar_http put: the data is not JSON: {exc}", file=sys.stderr)
+        print(f"katar_http put: the data is not JSON ({exc}); text is JSON with quotes: put URL QUEUE '\"hello\"'",
+              file=sys.stderr)
         return 2
     if args.key:
         if len(tasks) != 1:

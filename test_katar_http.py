@@ -4367,6 +4367,23 @@ class ToolsTest(unittest.TestCase):
         self.assertEqual(done["result"], {"double": 40, "id": ok, "attempt": "1", "queue": "jobs"})
         self.assertEqual((failed["status"], failed["error"]), ("failed", "exit 3: it broke"))
 
+    def test_work_logs_one_line_per_task_and_quiet_silences_it(self):
+        script = "import sys; data = sys.stdin.read()\nif 'fail' in data: sys.stderr.write('it broke\\n'); sys.exit(3)"
+        for quiet in ((), ("--quiet",)):
+            ok, bad = [task["_id"] for task in self.jobs.insert([{"data": 1}, {"data": "fail"}])]
+            worker = self.start_worker(*quiet, "--", sys.executable, "-c", script)
+            self.assertEqual([self.jobs.task(i, wait=20000)["status"] for i in (ok, bad)], ["done", "failed"])
+            worker.send_signal(signal.SIGTERM)
+            self.assertEqual(worker.wait(20), 0)
+            lines = worker.stderr.read().splitlines()
+            if quiet:
+                self.assertEqual(lines, [])
+                continue
+            self.assertRegex(lines[0], r"^katar_http work: working on jobs at http://127\.0\.0\.1:\d+, 1 at a time")
+            self.assertRegex(lines[1], rf"^katar_http work: {ok} attempt 1 done in \d+ ms$")
+            self.assertRegex(lines[2], rf"^katar_http work: {bad} attempt 1 failed \(exit 3: it broke\) in \d+ ms$")
+            self.assertEqual(lines[3:], ["katar_http work: stopped"])
+
     def test_work_fails_a_task_that_outlives_its_timeout(self):
         task_id = self.jobs.insert({"data": 1})["_id"]
         self.start_worker("--timeout", "0.3", "--", "sleep", "30")
