@@ -1818,7 +1818,16 @@ class Journal:
         """Open the journal (creating it) and take its lock. The path is opened again if, between the open and the
         lock, a compaction of another server renamed a new file over it."""
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # writes land at the end
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # writes land at the end
+            except FileNotFoundError:
+                folder = os.path.dirname(os.path.abspath(self.path))
+                raise JournalError(f"the folder {folder} of the journal {self.path} does not exist: create it "
+                                   f"(mkdir -p {shlex.quote(folder)}), or give --journal a path in a folder that "
+                                   f"does") from None
+            except IsADirectoryError:
+                raise JournalError(f"{self.path} is a folder: give --journal a file's path, like "
+                                   f"{os.path.join(self.path, 'tasks.journal')}") from None
             try:
                 _lock_file(fd, self.path)
             except BaseException:

@@ -1348,6 +1348,21 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(result.returncode, 2, args)
             self.assertIn(needle, result.stderr)
 
+    def test_a_journal_in_a_missing_folder_or_a_folder_is_refused_naming_the_fix(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        missing = os.path.join(directory, "no", "such")
+        for journal, needles in ((os.path.join(missing, "x.journal"), (f"the folder {missing} ", "does not exist",
+                                                                      f"mkdir -p {missing}")),
+                                 (directory, ("is a folder", os.path.join(directory, "tasks.journal")))):
+            result = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
+                                     "--journal", journal], capture_output=True, text=True, timeout=20)
+            self.assertEqual(result.returncode, 1, journal)
+            for needle in needles:
+                self.assertIn(needle, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(os.listdir(directory), [])  # nothing made: no folder, no lock file
+
     def test_log_level_info_logs_each_request_and_warning_does_not(self):
         for level, expected in (("info", True), ("warning", False)):
             process, url = self.start("--queue", "jobs", "--log-level", level)
