@@ -3972,17 +3972,22 @@ def _memory_size(text: str) -> int:
 
 
 def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[str]) -> None:
-    """Create the queues of --config and --queue (a --queue interval overrides the file's)."""
+    """Create the queues of --config and --queue (a --queue interval overrides the file's). They are applied after
+    the journal is replayed: the options they name win over the journal's; the rest (other options, queues made
+    with PUT) stay as the journal has them."""
     if config_file:
         with open(config_file, encoding="utf-8") as handle:
             document = json.load(handle)
         queues = document.get("queues") if isinstance(document, dict) else None
-        if not isinstance(queues, dict):
-            raise BadRequest(f'{config_file}: expected {{"queues": {{NAME: {{options}}}}}}')
+        if not isinstance(queues, dict) or len(document) != 1:
+            raise BadRequest(f'{config_file}: expected {{"queues": {{NAME: {{options}}}}}} and nothing else')
         for name, options in queues.items():
             if not isinstance(options, dict):
                 raise BadRequest(f"{config_file}: the options of queue {name} must be an object")
-            broker.queue(name, **options)
+            try:
+                broker.queue(name, **options)
+            except BadRequest as exc:
+                raise BadRequest(f"{config_file}: queue {name}: {exc}") from None
     for spec in queue_specs:
         name, _, interval = spec.partition(":")
         queue = broker.queue(name)

@@ -1338,6 +1338,40 @@ class CommandLineTest(unittest.TestCase):
         process.send_signal(signal.SIGINT)
         self.assertEqual(process.wait(10), 0)
 
+    def test_config_wins_over_the_journal_for_the_options_it_names_and_only_those(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        config, journal = os.path.join(directory, "queues.json"), os.path.join(directory, "tasks.journal")
+        with open(config, "w") as handle:
+            json.dump({"queues": {"jobs": {"lease": 5000}}}, handle)
+        process, url = self.start("--config", config, "--journal", journal, "--quiet")
+        for path, options in (("/v1/queue/jobs", {"lease": 7000, "max_attempts": 9}), ("/v1/queue/mail", {})):
+            request = urllib.request.Request(url + path, data=json.dumps(options).encode(), method="PUT")
+            urllib.request.urlopen(request, timeout=5).close()
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        process, url = self.start("--config", config, "--journal", journal, "--quiet")
+        queues = {s["queue"] for s in self.get(url + "/v1/queues")["queues"]}
+        self.assertEqual(queues, {"jobs", "mail"})  # a queue made with PUT stays
+        client = K.Client(url)
+        self.addCleanup(client.close)
+        described = client.request("PUT", "/v1/queue/jobs", {})[1]
+        self.assertEqual((described["lease"], described["max_attempts"]), (5000, 9))
+
+    def test_a_config_file_with_an_unknown_key_or_option_is_refused_naming_it(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        for document, needle in (({"queues": {"jobs": {"leese": 5}}}, "queue jobs: unknown queue option 'leese'"),
+                                 ({"queue": {"jobs": {}}}, '{"queues":'), ({"queues": {}, "extra": 1}, "nothing else"),
+                                 ({"queues": {"jobs": {"lease": 0}}}, "queue jobs: lease must be between")):
+            config = os.path.join(directory, "queues.json")
+            with open(config, "w") as handle:
+                json.dump(document, handle)
+            result = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
+                                     "--config", config], capture_output=True, text=True, timeout=20)
+            self.assertEqual(result.returncode, 2, document)
+            self.assertIn(needle, result.stderr)
+
     def test_bad_arguments_are_refused_with_a_message(self):
         for args, needle in ((["--queue", "jobs:fast"], "milliseconds"), (["--queue", "bad name"], "queue name"),
                              (["--config", "/nonexistent.json"], "No such file"),
