@@ -123,6 +123,7 @@ MAX_LEASE_BATCH = 10000      # upper bound of `max` on a poll (the HTTP layer ha
 MAX_REPORTS = 10000          # reports on one poll
 MAX_INSERT_BATCH = 10000     # tasks in one insert
 MAX_LIST_LIMIT = 1000        # tasks in one page of a listing
+LIST_ORDERS = ("oldest", "newest")  # the orders of a listing
 MAX_DELAY_MS = 366 * 86400 * 1000
 # Bounds of the queue options, as (lowest, highest).
 QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
@@ -668,24 +669,28 @@ class Queue:
                 broker._commit([{"op": "purge", "q": self.name, "ids": ids, "at": now}])
             return len(ids)
 
-    def tasks(self, status: Optional[str] = None, limit: int = 100, after: Optional[str] = None) -> Dict[str, Any]:
-        """A page of tasks in insertion order: `{"tasks": [...], "next": cursor or None}`."""
+    def tasks(self, status: Optional[str] = None, limit: int = 100, after: Optional[str] = None,
+              order: str = "oldest") -> Dict[str, Any]:
+        """A page of tasks in insertion order, `oldest` or `newest` first: `{"tasks": [...], "next": cursor or
+        None}`; the cursor, given as `after`, continues in the same order."""
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if order not in LIST_ORDERS:
+            raise BadRequest(f"order must be oldest or newest, got {str(order)[:40]!r}")
         limit = _check_int("limit", limit, 1, MAX_LIST_LIMIT)
         if after is not None:
             _seq_of(after)  # a malformed cursor is refused
-        after = after or ""
+        newest = order == "newest"
         with self._broker._lock:
             self._tick(self._broker._now())
             # A listing is an operator's tool: it walks the tasks of one status (or all) in insertion order.
             if status is None:
-                candidates: Iterable[Task] = self._tasks.values()
+                candidates: Iterable[Task] = reversed(self._tasks.values()) if newest else self._tasks.values()
             else:
-                candidates = sorted(self._by_status[status].values(), key=lambda task: task.id)
+                candidates = sorted(self._by_status[status].values(), key=lambda task: task.id, reverse=newest)
             page: List[Dict[str, Any]] = []
             for task in candidates:
-                if task.id > after:
+                if after is None or (task.id < after if newest else task.id > after):
                     if len(page) == limit:
                         return {"tasks": page, "next": page[-1]["_id"]}
                     page.append(task.snapshot(self.name))
@@ -3014,7 +3019,7 @@ class Handler(BaseHTTPRequestHandler):
     def route_list(self, name: str) -> Reply:
         queue = self.server.broker.get(name)
         return HTTPStatus.OK, queue.tasks(status=self.query_value("status"), limit=self.query_number("limit", 100),
-                                          after=self.query_value("after"))
+                                          after=self.query_value("after"), order=self.query_value("order", "oldest"))
 
     def route_purge(self, name: str) -> Reply:
         queue = self.server.broker.get(name)
@@ -3252,7 +3257,8 @@ def openapi_document(limits: "Limits") -> Dict[str, Any]:
                         {"name": "status", "schema": _schema("string", enum=list(STATUSES))},
                         {"name": "limit", "schema": _integer(1, MAX_LIST_LIMIT, default=100)},
                         {"name": "after", "schema": _schema("string", pattern=TASK_ID_PATTERN),
-                         "description": "the `next` of the page before"}]),
+                         "description": "the `next` of the page before"},
+                        {"name": "order", "schema": _schema("string", enum=list(LIST_ORDERS), default="oldest")}]),
                 "post": _operation("insertTasks", "Insert one task, or a list", {
                     "201": _json("created", _ref("Inserted")),
                     "200": _json("nothing new: every key was known", _ref("Inserted"))},

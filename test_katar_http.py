@@ -766,6 +766,15 @@ class OperatorRoutesTest(ServerTestCase):
             self.assertIn(field, payload["error"])
         self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1]["total"], 0)
 
+    def test_list_newest_first_pages_backwards_with_the_same_cursor(self):
+        ids = self.insert(*({"data": i} for i in range(5)))
+        for status in ("", "&status=queued"):
+            status_page = self.call("GET", f"/v1/queue/jobs/tasks?order=newest&limit=2{status}")[1]
+            self.assertEqual([t["_id"] for t in status_page["tasks"]], [ids[4], ids[3]])
+            rest = self.call("GET", f"/v1/queue/jobs/tasks?order=newest&limit=3&after={status_page['next']}{status}")
+            self.assertEqual(([t["_id"] for t in rest[1]["tasks"]], rest[1]["next"]), ([ids[2], ids[1], ids[0]], None))
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/tasks?order=latest")[0], 400)
+
     def test_list_tasks_pages_with_a_cursor_and_filters_by_status(self):
         ids = self.insert(*({"data": i} for i in range(7)))
         self.poll({"max": 2}, expect=200)
