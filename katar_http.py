@@ -3285,12 +3285,14 @@ def openapi_document(limits: "Limits") -> Dict[str, Any]:
 # textContent, never innerHTML: task errors are written by clients.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>katar_http</title>
+<title>katar_http</title><link rel="icon" href="data:,">
 <style>
-body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}table{border-collapse:collapse}
-td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}
-.dead{margin:.5em 0 1.5em;font-size:13px}.dead td{text-align:left}.error{color:#a00}button{margin-left:.3em}
-#status{color:#666}
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}h2{font-size:1.1em}
+table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}
+td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-left:.3em}
+.dead{margin:.5em 0 1.5em;font-size:13px;table-layout:fixed;width:100%;max-width:70em}.dead td{text-align:left}
+.dead td.error{color:#a00;overflow-wrap:anywhere;white-space:pre-wrap}.dead td.actions{width:11em}
+.dead td.id{width:14em;overflow-wrap:anywhere}.dead td.attempt{width:6em}
 </style></head><body>
 <h1>katar_http</h1>
 <p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
@@ -3301,7 +3303,9 @@ td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}td:first-
 <div id="letters"></div>
 <script>
 "use strict";
+// Rows are kept by key and updated in place: a refresh never replaces a button under the pointer.
 const statuses = ["queued", "in progress", "paused", "done", "failed", "cancelled"];
+const LETTERS = 20;  // dead letters shown per queue, the newest first
 const tokenInput = document.getElementById("token");
 tokenInput.value = sessionStorage.getItem("katar_token") || "";
 document.getElementById("save").onclick = () => { sessionStorage.setItem("katar_token", tokenInput.value); refresh(); };
@@ -3315,43 +3319,84 @@ function call(method, path, body) {
     return payload;
   });
 }
-function cell(row, text, tag) {
-  const c = document.createElement(tag || "td"); c.textContent = text; row.appendChild(c); return c;
-}
+function show(text) { document.getElementById("status").textContent = text; }
 function button(parent, label, action) {
   const b = document.createElement("button"); b.textContent = label;
-  b.onclick = () => action().then(refresh, e => show(e.message)); parent.appendChild(b);
+  b.onclick = () => action().then(refresh, e => show(e.message)); parent.appendChild(b); return b;
 }
-function show(text) { document.getElementById("status").textContent = text; }
+// The row of `key` in `parent`, made by `make(row)` the first time, placed at `index`; its cells are row.cells.
+function keep(parent, key, index, make) {
+  let row = parent.rows ? Array.from(parent.rows).find(r => r.dataset.key === key) : null;
+  if (!row) {
+    row = document.createElement("tr"); row.dataset.key = key; make(row);
+  }
+  if (parent.rows[index] !== row) parent.insertBefore(row, parent.rows[index] || null);
+  return row;
+}
+function cells(row, count, classes) {
+  for (let i = 0; i < count; i++) {
+    const c = document.createElement("td"); c.className = classes[i] || ""; row.appendChild(c);
+  }
+}
+function prune(parent, keys) { for (const r of Array.from(parent.rows)) if (!keys.has(r.dataset.key)) r.remove(); }
 const q = name => encodeURIComponent(name);
+function section(name) {
+  const id = "letters-" + name;
+  let box = document.getElementById(id);
+  if (!box) {
+    box = document.createElement("div"); box.id = id;
+    box.appendChild(document.createElement("h2"));
+    const table = document.createElement("table"); table.className = "dead"; box.appendChild(table);
+    document.getElementById("letters").appendChild(box);
+  }
+  return box;
+}
 async function refresh() {
   try {
     const {queues} = await call("GET", "/v1/queues");
-    const body = document.querySelector("#queues tbody"); body.textContent = "";
-    const letters = document.getElementById("letters"); letters.textContent = "";
+    const body = document.querySelector("#queues tbody");
+    const shown = new Set();
+    queues.forEach((s, index) => {
+      shown.add(s.queue);
+      const row = keep(body, s.queue, index, r => {
+        cells(r, 10, []);
+        r.toggle = button(r.cells[9], "", () => call("PUT", "/v1/queue/" + q(s.queue),
+                                                     {paused: r.toggle.textContent === "Pause"}));
+      });
+      row.cells[0].textContent = s.queue + (s.paused ? " (paused)" : "");
+      statuses.forEach((status, i) => { row.cells[i + 1].textContent = s.counts[status]; });
+      row.cells[7].textContent = s.waiting_workers;
+      row.cells[8].textContent = s.oldest_queued === null ? "-"
+        : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s";
+      row.toggle.textContent = s.paused ? "Resume" : "Pause";
+    });
+    prune(body, shown);
+    const sections = new Set();
     for (const s of queues) {
-      const row = document.createElement("tr"); body.appendChild(row);
-      cell(row, s.queue + (s.paused ? " (paused)" : ""));
-      for (const status of statuses) cell(row, s.counts[status]);
-      cell(row, s.waiting_workers);
-      cell(row, s.oldest_queued === null ? "-"
-                : s.oldest_queued + ", " + (s.oldest_queued_age_ms / 1000).toFixed(1) + " s");
-      button(cell(row, ""), s.paused ? "Resume" : "Pause",
-             () => call("PUT", "/v1/queue/" + q(s.queue), {paused: !s.paused}));
       if (!s.counts.failed) continue;
-      const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=failed&limit=20");
-      const title = document.createElement("h2");
-      title.textContent = "Dead letters of " + s.queue; letters.appendChild(title);
-      const table = document.createElement("table"); table.className = "dead"; letters.appendChild(table);
-      for (const t of tasks) {
-        const r = document.createElement("tr"); table.appendChild(r);
-        cell(r, t._id); cell(r, "attempt " + t.attempt); cell(r, t.error).className = "error";
-        const actions = cell(r, "");
+      sections.add("letters-" + s.queue);
+      const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) +
+                                 "/tasks?status=failed&order=newest&limit=" + LETTERS);
+      const box = section(s.queue), table = box.querySelector("table");
+      box.querySelector("h2").textContent =
+        "Dead letters of " + s.queue + ": the newest " + tasks.length + " of " + s.counts.failed;
+      const keys = new Set();
+      tasks.forEach((t, index) => {
+        keys.add(t._id);
         const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
-        button(actions, "Retry", () => call("PATCH", path, {status: "queued"}));
-        button(actions, "Cancel", () => call("DELETE", path));
-      }
+        const row = keep(table, t._id, index, r => {
+          cells(r, 4, ["id", "attempt", "error", "actions"]);
+          button(r.cells[3], "Retry", () => call("PATCH", path, {status: "queued"}));
+          button(r.cells[3], "Cancel", () => confirm("Cancel task " + t._id + "? It will not be retried.")
+                 ? call("DELETE", path) : Promise.resolve());
+        });
+        row.cells[0].textContent = t._id;
+        row.cells[1].textContent = "attempt " + t.attempt;
+        row.cells[2].textContent = t.error;
+      });
+      prune(table, keys);
     }
+    for (const box of Array.from(document.getElementById("letters").children)) if (!sections.has(box.id)) box.remove();
     show("updated " + new Date().toLocaleTimeString());
   } catch (e) { show(e.message); }
 }
