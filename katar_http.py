@@ -3287,7 +3287,7 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>katar_http</title><link rel="icon" href="data:,">
 <style>
-body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}h2{font-size:1.1em}
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}h2{font-size:1.1em}form{margin:1em 0}
 table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-left:.3em}
 .dead{margin:.5em 0 1.5em;font-size:13px;table-layout:fixed;width:100%;max-width:70em}.dead td{text-align:left}
@@ -3295,8 +3295,8 @@ td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-l
 .dead td.id{width:14em;overflow-wrap:anywhere}.dead td.attempt{width:6em}
 </style></head><body>
 <h1>katar_http</h1>
-<p><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
-<button id="save">Use</button> <span id="status"></span></p>
+<form id="auth"><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
+<button>Use</button> <span id="status"></span></form>
 <table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
 <th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead>
 <tbody></tbody></table>
@@ -3308,7 +3308,9 @@ const statuses = ["queued", "in progress", "paused", "done", "failed", "cancelle
 const LETTERS = 20;  // dead letters shown per queue, the newest first
 const tokenInput = document.getElementById("token");
 tokenInput.value = sessionStorage.getItem("katar_token") || "";
-document.getElementById("save").onclick = () => { sessionStorage.setItem("katar_token", tokenInput.value); refresh(); };
+document.getElementById("auth").onsubmit = event => {
+  event.preventDefault(); sessionStorage.setItem("katar_token", tokenInput.value); refresh();
+};
 function call(method, path, body) {
   const headers = {"Content-Type": "application/json"};
   const token = sessionStorage.getItem("katar_token");
