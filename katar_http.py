@@ -3111,7 +3111,7 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
                "then": {"required": ["error"]}}),
         "PollRequest": _object({
             "tasks": _schema("array", items=_ref("Report"), maxItems=limits.max_tasks,
-                             description="reports to apply first: all of them, or none"),
+                             description="reports to apply first: all of them, or none; each task once"),
             "max": _integer(0, limits.max_tasks, description="lease up to this many tasks (default 1, but 0 "
                                                              "when every report is a heartbeat)"),
             "wait": _schema("number", minimum=0, maximum=MAX_WAIT_MS,
@@ -3189,7 +3189,7 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
 
 def _operation(operation_id: str, summary: str, responses: Dict[str, Any], body: Optional[str] = None,
                example: Any = None, query: Iterable[Dict[str, Any]] = (), path: Iterable[str] = (),
-               open_route: bool = False) -> Dict[str, Any]:
+               open_route: bool = False, body_required: bool = True) -> Dict[str, Any]:
     operation: Dict[str, Any] = {"operationId": operation_id, "summary": summary,
                                  "responses": dict(responses, default=_json("an error", _ref("Error")))}
     parameters = [dict(PATH_PARAMETERS[name], name=name, **{"in": "path"}, required=True) for name in path]
@@ -3197,7 +3197,7 @@ def _operation(operation_id: str, summary: str, responses: Dict[str, Any], body:
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {
+        operation["requestBody"] = {"required": body_required, "content": {"application/json": {
             "schema": _ref(body), "example": example}}}
     if open_route:
         operation["security"] = []  # no token needed, even on a server that has tokens
@@ -3244,11 +3244,12 @@ def openapi_document(limits: "Limits") -> Dict[str, Any]:
                 "post": _operation("poll", "Report tasks, then lease the next ones", {
                     "200": _json("leased tasks", _ref("Leased")),
                     "204": {"description": "no task to hand out (the reports, if any, were applied)"}},
-                    body="PollRequest", path=queue,
+                    body="PollRequest", path=queue, body_required=False,  # the original's workers send none
                     example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1, "wait": 20000}),
                 "put": _operation("putQueue", "Create or reconfigure the queue", {
                     "200": _json("changed", _ref("Queue")), "201": _json("created", _ref("Queue"))},
-                    body="QueueOptions", path=queue, example={"lease": 30000, "configuration": {"interval": 1000}})},
+                    body="QueueOptions", path=queue, body_required=False,
+                    example={"lease": 30000, "configuration": {"interval": 1000}})},
             "/v1/queue/{queue}/stats": {"get": _operation("queueStats", "The queue's figures", {
                 "200": _json("stats", _ref("Stats"))}, path=queue)},
             "/v1/queue/{queue}/tasks": {
@@ -3289,7 +3290,7 @@ PAGE = """<!doctype html>
 <style>
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}h2{font-size:1.1em}form{margin:1em 0}
 table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}
-td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-left:.3em}
+td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-left:.3em}.scroll{overflow-x:auto}
 .dead{margin:.5em 0 1.5em;font-size:13px;table-layout:fixed;width:100%;max-width:70em}.dead td{text-align:left}
 .dead td.error{color:#a00;overflow-wrap:anywhere;white-space:pre-wrap}.dead td.actions{width:11em}
 .dead td.id{width:14em;overflow-wrap:anywhere}.dead td.attempt{width:6em}
@@ -3297,9 +3298,9 @@ td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-l
 <h1>katar_http</h1>
 <form id="auth"><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
 <button>Use</button> <span id="status"></span></form>
-<table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
+<div class="scroll"><table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
 <th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead>
-<tbody></tbody></table>
+<tbody></tbody></table></div>
 <div id="letters"></div>
 <script>
 "use strict";
