@@ -17,6 +17,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ import traceback
 import unittest
 import urllib.error
 import urllib.request
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 import warnings
 
 import katar_http as K
@@ -4528,6 +4529,490 @@ class ToolsTest(unittest.TestCase):
         self.assertEqual((task["status"], task["attempt"]), ("done", 1))
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(20), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's examples
+# ---------------------------------------------------------------------------------------------------------------
+
+README = os.path.join(HERE, "README.md")
+PROGRAM = os.path.join(HERE, "katar_http.py")
+TASK_ID = re.compile(r"\b[0-9a-f]{8}-([0-9]{12})\b")  # an id's prefix is random; its sequence number is not
+EXPECTED = re.compile(r"^# ([1-5][0-9][0-9])(?: (.*))?$")  # "# 201 {...}" under the command it describes
+
+
+def readme_text():
+    with open(README, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def blocks(marker):
+    """The fenced blocks that follow each `<!-- marker` comment, in order, with the README line of their first line."""
+    text = readme_text()
+    found = []
+    for match in re.finditer(r"<!-- " + re.escape(marker) + r"\b", text):
+        fence = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M).search(text, match.end())
+        first_line = text.count("\n", 0, fence.start(1)) + 1
+        found.append((fence.group(1), first_line))
+    return found
+
+
+def block_after(marker):
+    """The first block that follows `<!-- marker`, and the first plain (output) block after that one."""
+    text = readme_text()
+    start = text.index("<!-- " + marker)
+    fences = [fence for fence in re.finditer(r"^```([a-z]*)\n(.*?)^```", text[start:], re.S | re.M)]
+    command = fences[0].group(2)
+    output = next(fence.group(2) for fence in fences[1:] if fence.group(1) == "")
+    return command, output
+
+
+def as_run_here(text, port):
+    """A README command as the tests run it: on `port` instead of 3000, with this Python and this katar_http.py."""
+    text = re.sub(r"(?<![0-9])3000(?![0-9])", str(port), text)
+    text = re.sub(r"\bpython3 katar_http\.py\b", shlex.quote(sys.executable) + " " + shlex.quote(PROGRAM), text)
+    return text
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def normalised(text, port=None):
+    """Ids with their random prefix replaced, and (for output) the test's port put back to the README's 3000."""
+    text = TASK_ID.sub(r"<id>-\1", text)
+    if port is not None:
+        text = text.replace(":%d" % port, ":3000")
+    return text
+
+
+def group_gone(pgid, timeout=5.0):
+    """Whether every process of the group `pgid` has ended within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def children_of(pid):
+    """The pids of the children of `pid` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
+def command_of(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def until(test, condition, what, timeout=10.0):
+    """Wait (briefly polling) until condition() is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            test.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Lines:
+    """Reads a pipe's lines in a thread, so a test can wait for one without blocking on the pipe."""
+
+    def __init__(self, stream):
+        self.lines, self.changed = [], threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)  # the end
+            self.changed.notify_all()
+
+    def wait_for(self, pattern, timeout=15.0):
+        """The first line matching `pattern`, waiting for it; None if the stream ends or the time is up first."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines:
+                    if line is None:
+                        return None
+                    if re.search(pattern, line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.changed.wait(remaining)
+
+    def text(self):
+        with self.changed:
+            return [line for line in self.lines if line is not None]
+
+
+class ReadmeExamplesTest(unittest.TestCase):
+    """The README as a newcomer uses it: its set-up block, quick start, tour and worker recipes, run as they stand."""
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def start_server_as_the_readme_says(self):
+        """Run the set-up block's first line (the server) on a free port; return (process, port, stderr lines)."""
+        setup, _ = blocks("set-up")[0]
+        line = setup.splitlines()[0].split("#")[0].strip()
+        self.assertTrue(line.startswith("python3 katar_http.py"), line)
+        port = free_port()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        server = subprocess.Popen(shlex.split(as_run_here(line, port)), cwd=directory, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(server.stderr.close)
+        self.addCleanup(stop_process, server)
+        seen = [server.stderr.readline().rstrip("\n") for _ in range(2)]  # "listening on URL", then its queue
+        self.assertIn(f"listening on http://127.0.0.1:{port}", seen[0], seen)
+        self.banner = seen
+        return server, port, Lines(server.stderr)
+
+    def run_shell(self, script, timeout=30):
+        result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL)
+        return result
+
+    # -- the set-up block, the quick start, the tour and the marked examples --------------------------------------
+
+    def test_the_set_up_block_has_the_server_and_the_test_command(self):
+        text = readme_text()
+        setup, first_line = blocks("set-up")[0]
+        self.assertLess(first_line, 15, "the set-up block opens the README")
+        self.assertIn("python3 -m unittest -v test_katar_http", setup)
+        self.assertLess(text.index("<!-- set-up"), text.index("## "), "before any section")
+
+    @unittest.skipUnless(shutil.which("sh"), "the quick start runs in sh")
+    def test_the_quick_start_runs_as_shown(self):
+        server, port, _ = self.start_server_as_the_readme_says()
+        text = readme_text()
+        # What the server prints when it starts, as the quick start shows it (the version may move on).
+        shown = re.search(r"^\$ python3 katar_http\.py --port 3000 --queue jobs:1000\n(.*?)^```", text, re.S | re.M)
+        self.assertIsNotNone(shown, "the quick start shows the server starting")
+        banner = [re.sub(r"\d+\.\d+\.\d+", "V", line) for line in shown.group(1).splitlines()]
+        block, output = block_after("quick-start")
+        script = as_run_here(block, port)
+        quick = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(quick.stderr.close)
+        self.addCleanup(quick.stdout.close)
+        self.addCleanup(stop_process, quick, True)
+        out, err = Lines(quick.stdout), Lines(quick.stderr)
+        # The cat is done, the dog fails and is retried after its backoff (about a second): then Ctrl-C.
+        self.assertIsNotNone(err.wait_for(r"-000000000002 attempt 2 failed"), err.text())
+        os.killpg(quick.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        self.assertIsNotNone(err.wait_for(r"^katar_http work: stopped$", 15), err.text())
+        quick.wait(15)
+        self.assertTrue(group_gone(quick.pid), "the worker and its tasks ended")
+        expected = [normalised(line) for line in output.splitlines()]
+        ids = out.text()
+        self.assertEqual([normalised(line) for line in ids], expected[:2])
+        logged = [normalised(line, port) for line in err.text() if line != "katar_http work: stopped"]
+        for line in logged:
+            self.assertRegex(line, r"^katar_http work: ", logged)
+
+        def general(line):  # what differs from run to run: the host and pid, the milliseconds
+            line = re.sub(r" as [^ ]+:[0-9]+: ", " as HOST:PID: ", line)
+            return re.sub(r" in [0-9]+ ms$", " in N ms", line)
+
+        self.assertGreaterEqual(len(logged), 4, logged)
+        self.assertEqual([general(line) for line in logged], [general(line) for line in expected[2:2 + len(logged)]])
+        self.assertEqual(len(expected), 2 + 1 + 1 + 5, "two ids, the start, the cat, five attempts of the dog")
+        # The stats table as shown: the same header, and a row for jobs.
+        stats_shown = re.search(r"^\$ (python3 katar_http\.py stats http://127\.0\.0\.1:3000)\n(.*?)^```", text,
+                                re.S | re.M)
+        result = subprocess.run(shlex.split(as_run_here(stats_shown.group(1), port)), capture_output=True, text=True,
+                                timeout=20)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        shown_lines, got = stats_shown.group(2).splitlines(), result.stdout.splitlines()
+        self.assertEqual(got[0], shown_lines[0])
+        self.assertEqual(got[1].split()[:1], ["jobs"])
+        self.assertEqual(len(got[1]), len(shown_lines[1]), "the columns line up as shown")
+        # And what the server printed when it started.
+        self.assertEqual(banner, [re.sub(r"\d+\.\d+\.\d+", "V", normalised(line, port)) for line in self.banner])
+
+    @unittest.skipUnless(shutil.which("curl") and shutil.which("sh"), "the tour needs curl and sh")
+    def test_the_tour_and_every_marked_example_run_in_order_and_answer_as_shown(self):
+        server, port, _ = self.start_server_as_the_readme_says()
+        calls = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, calls, True)
+        # Every curl command of the marked blocks records its exit code, status and body in `calls`, by README line.
+        script = ["__curl() { __n=$1; shift; command curl -sS -o \"%s/body.$__n\" -w '%%{http_code}' \"$@\" "
+                  "> \"%s/status.$__n\" 2> \"%s/stderr.$__n\"; echo $? > \"%s/exit.$__n\"; }"
+                  % (calls, calls, calls, calls)]
+        expected = {}  # README line of a curl command -> (status, body or None)
+        commands = {}  # README line -> the command as written
+        last_curl = None
+        assignment = None
+        for block, first in blocks("tour"):
+            lines = block.splitlines()
+            for offset, line in enumerate(lines):
+                number = first + offset
+                found = EXPECTED.match(line)
+                if found:
+                    self.assertIsNotNone(last_curl, f"README line {number}: an answer shown under no curl command")
+                    self.assertNotIn(last_curl, expected, f"README line {number}: two answers for one command")
+                    expected[last_curl] = (int(found.group(1)), found.group(2))
+                    continue
+                if line.startswith("curl "):
+                    last_curl = number
+                    commands[number] = line
+                    line = "__curl %d " % number + line[len("curl "):]
+                variable = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=\$\(", line)
+                if variable:
+                    assignment = variable.group(1)
+                script.append(as_run_here(line, port))
+                if assignment and not line.endswith(("\\", "|")):  # the command goes on
+                    script.append('[ -n "$%s" ] || echo "README line %d: $%s is empty" >&2'
+                                  % (assignment, number, assignment))
+                    assignment = None
+        script.append("wait")
+        result = self.run_shell("\n".join(script))
+        self.assertEqual(result.stderr, "", "the commands ran without complaint")
+        self.assertGreaterEqual(len(commands), 40)
+        self.assertGreaterEqual(len(expected), 20)
+        answers = {}
+        for number, command in commands.items():
+            def read(kind):
+                with open(os.path.join(calls, f"{kind}.{number}"), encoding="utf-8") as handle:
+                    return handle.read()
+            where = f"README line {number}: {command}"
+            with self.subTest(line=number):
+                self.assertEqual(read("exit"), "0\n", f"{where}: curl failed: {read('stderr')}")
+                status, body = int(read("status")), read("body")
+                answers[number] = (status, body)
+                if number not in expected:
+                    self.assertTrue(200 <= status < 300, f"{where}: answered {status} {body}")
+                    continue
+                want_status, want_body = expected[number]
+                self.assertEqual(status, want_status, f"{where}: answered {body}")
+                if want_body and want_body.startswith("{"):
+                    self.assertEqual(json.loads(normalised(body)), json.loads(normalised(want_body)),
+                                     f"{where}: answered {body}")
+                elif status == 204:
+                    self.assertEqual(body, "", where)
+        # Every route has an example that ran (the page's second address, /ui, is the same page as /).
+        covered = set()
+        for command in commands.values():
+            method = re.search(r" -X ([A-Z]+)", command)
+            method = method.group(1) if method else ("POST" if " -d " in command else "GET")
+            path = urlsplit("http://" + re.search(r"localhost:3000(/[^ '\"]*)", command).group(0)).path
+            for template, methods in K.ROUTE_TABLE:
+                if K._route_pattern(template).fullmatch(path) and method in methods:
+                    covered.add((method, template))
+        every = {(method, template) for template, methods in K.ROUTE_TABLE for method in methods}
+        self.assertEqual(every - covered, {("GET", "/ui")}, "every route has an example")
+        # What the prose says the examples did.
+        waited = next(number for number, command in commands.items() if "?wait=" in command)
+        task = json.loads(answers[waited][1])
+        self.assertEqual((task["status"], task["result"]), ("done", {"width": 640}), "the producer got the result")
+        client = K.Client(f"http://127.0.0.1:{port}")
+        self.addCleanup(client.close)
+        images = {task["data"]["image"]: task for task in client.request("GET", "/v1/queue/images/tasks")[1]["tasks"]}
+        self.assertEqual(sorted(images), ["eel.png", "fox.png"], "the gnu was cancelled, then purged")
+        self.assertEqual((images["eel.png"]["status"], images["eel.png"]["attempts_spent"]), ("queued", 0))
+        self.assertEqual(images["fox.png"]["status"], "done")
+        jobs = {json.dumps(task["data"]): task for task in client.request("GET", "/v1/queue/jobs/tasks")[1]["tasks"]}
+        self.assertEqual(jobs['{"image": "dog.png"}']["status"], "queued", "the dog was handed back")
+        self.assertEqual(jobs['{"image": "dog.png"}']["attempts_spent"], 1)
+        self.assertEqual(jobs["3"]["status"], "paused")
+
+    def test_no_command_in_the_readme_names_a_fixed_task_id(self):
+        """Ids in shown answers are fine (they are said to differ); a command must use one it captured."""
+        text = readme_text()
+        for fence in re.finditer(r"^```(sh|bash)\n(.*?)^```", text, re.S | re.M):
+            for line in fence.group(2).splitlines():
+                if line.startswith("#"):
+                    continue
+                self.assertIsNone(TASK_ID.search(line.split(" #")[0]), line)
+
+    # -- the shell worker: how it stops ---------------------------------------------------------------------------
+
+    def start_shell_worker(self, url, command):
+        script = blocks("worker.sh")[0][0]
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "worker.sh")
+        with open(path, "w") as handle:
+            handle.write(script)
+        temporary = os.path.join(directory, "tmp")
+        os.mkdir(temporary)
+        worker = subprocess.Popen(["sh", path, url, "jobs"] + command, env=dict(os.environ, TMPDIR=temporary),
+                                  start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        self.addCleanup(worker.stderr.close)
+        self.addCleanup(stop_process, worker, True)
+        return worker, temporary, directory
+
+    def assert_stopped_cleanly(self, worker, temporary, before):
+        """`kill PID` (TERM) ends the worker with 0 and leaves no child, no process in its group, no file."""
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(10), 0)
+        self.assertEqual(worker.stderr.read(), "")
+        for child in before:
+            until(self, lambda: not os.path.exists(f"/proc/{child}") or _zombie_reaped(child),
+                  f"child {child} to end", 5)
+        self.assertTrue(group_gone(worker.pid), "no process of the worker's group is left")
+        self.assertEqual(os.listdir(temporary), [], "its temporary files are removed")
+
+    @unittest.skipUnless(shutil.which("curl") and shutil.which("sh"), "the shell worker needs curl and sh")
+    def test_the_shell_worker_stopped_in_a_long_poll_leaves_no_curl_no_file_and_sends_its_report(self):
+        broker = K.Broker()
+        jobs = broker.queue("jobs", persistent=True, configuration={"interval": 1000})
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        worker, temporary, _ = self.start_shell_worker(server.url, ["sh", "-c", "cat > /dev/null"])
+        task_id = jobs.insert({"data": {"n": 1}})["_id"]
+        self.assertEqual(jobs.task(task_id, wait=15000)["status"], "done")  # reported on the next long poll
+        until(self, lambda: jobs.stats()["waiting_workers"] == 1, "the worker's long poll")
+        children = children_of(worker.pid)
+        self.assertEqual([command_of(child) for child in children], ["curl"])
+        self.assert_stopped_cleanly(worker, temporary, children)
+        stats = jobs.stats()
+        self.assertEqual(stats["counts"]["in progress"], 0)
+        self.assertEqual(stats["totals"]["done"], 1)
+        self.assertEqual(jobs.task(task_id)["history"][0]["outcome"], "done")
+
+    @unittest.skipUnless(shutil.which("curl") and shutil.which("sh"), "the shell worker needs curl and sh")
+    def test_the_shell_worker_stopped_while_a_task_runs_kills_it_and_hands_the_task_back(self):
+        broker = K.Broker()
+        jobs = broker.queue("jobs", persistent=True, configuration={"interval": 1000})
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        started = os.path.join(directory, "started")
+        os.mkfifo(started)
+        reader = os.open(started, os.O_RDONLY | os.O_NONBLOCK)
+        self.addCleanup(os.close, reader)
+        # The task says when it runs (its pid, through a FIFO: an event, not a timer), then runs for a minute.
+        command = ["sh", "-c", f"cat > /dev/null; echo $$ > {started}; exec sleep 60"]
+        worker, temporary, _ = self.start_shell_worker(server.url, command)
+        task_id = jobs.insert({"data": "slow"})["_id"]
+        ready, _, _ = select.select([reader], [], [], 15)
+        self.assertTrue(ready, "the task started")
+        task_pid = int(os.read(reader, 100).decode().strip())
+        until(self, lambda: command_of(task_pid) == "sleep", "the task's exec")
+        self.assertEqual(children_of(worker.pid), [task_pid])
+        self.assertEqual(jobs.task(task_id)["status"], "in progress")
+        self.assert_stopped_cleanly(worker, temporary, [task_pid])
+        task = jobs.task(task_id)
+        self.assertEqual((task["status"], task["attempts_spent"]), ("queued", 0), "handed back, no attempt spent")
+        self.assertEqual(task["history"][-1]["outcome"], "queued")
+        self.assertEqual(jobs.stats()["counts"]["in progress"], 0)
+        self.assertEqual(jobs.lease(max=1)[0]["_id"], task_id, "and leased again at once")
+
+    # -- the JavaScript worker ------------------------------------------------------------------------------------
+
+    def start_node_worker(self, url, heartbeat_ms=None, slow=True):
+        """Run the README's worker.mjs with node; `slow` lets a task ask for a delay ({"slow": ms}) before work()."""
+        source = blocks("worker.mjs")[0][0]
+        self.assertLessEqual(len(source.strip().splitlines()), 50, "about 40 lines")
+        if heartbeat_ms is not None:
+            self.assertIn("HEARTBEAT = 10000", source)
+            source = source.replace("HEARTBEAT = 10000", f"HEARTBEAT = {heartbeat_ms}")
+        if slow:
+            head = "async function work(data) {"
+            self.assertIn(head, source)
+            source = source.replace(head, head + " if (data?.slow) await sleep(data.slow);", 1)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "worker.mjs")
+        with open(path, "w") as handle:
+            handle.write(source)
+        node = subprocess.Popen(["node", path, url, "jobs"], start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(node.stderr.close)
+        self.addCleanup(node.stdout.close)
+        self.addCleanup(stop_process, node, True)
+        return node, Lines(node.stderr)
+
+    @unittest.skipUnless(shutil.which("node"), "node is not installed: the JavaScript worker cannot be run")
+    def test_the_javascript_worker_reports_done_and_failed_and_keeps_long_tasks_leased(self):
+        broker = K.Broker()
+        jobs = broker.queue("jobs", persistent=True, lease=1000, max_attempts=1, configuration={"interval": 200})
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        ids = [task["_id"] for task in jobs.insert([{"data": {"text": "a b  c"}}, {"data": {"n": 1}},
+                                                    {"data": {"text": "a long one", "slow": 2500}}])]
+        node, errors = self.start_node_worker(server.url, heartbeat_ms=250)
+        finished = [jobs.task(task_id, wait=15000) for task_id in ids]
+        self.assertEqual([task["status"] for task in finished], ["done", "failed", "done"], errors.text())
+        self.assertEqual(finished[0]["result"], {"words": 3})
+        self.assertEqual(finished[1]["error"], 'expected {"text": "..."}')
+        self.assertEqual(finished[2]["result"], {"words": 3})
+        # 2.5 s of work on a lease of 1 s: only the heartbeats kept it.
+        self.assertEqual([entry["outcome"] for entry in finished[2]["history"]], ["done"])
+        self.assertEqual(jobs.stats()["totals"]["expired"], 0)
+        # More tasks arrive on its long poll.
+        late = jobs.insert({"data": {"text": "late"}})["_id"]
+        self.assertEqual(jobs.task(late, wait=15000)["result"], {"words": 1})
+        self.assertEqual(errors.text(), [])
+        self.assertIsNone(node.poll())
+
+    @unittest.skipUnless(shutil.which("node"), "node is not installed: the JavaScript worker cannot be run")
+    def test_the_javascript_worker_drops_the_reports_a_409_names_and_sends_the_rest_again(self):
+        clock = FakeClock()
+        broker = K.Broker(clock=clock)
+        jobs = broker.queue("jobs", persistent=True, configuration={"interval": 200})
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        slow, quick = [task["_id"] for task in jobs.insert([{"data": {"text": "slow", "slow": 1500}},
+                                                            {"data": {"text": "quick"}}])]
+        node, errors = self.start_node_worker(server.url)
+        until(self, lambda: jobs.stats()["counts"]["in progress"] == 2, "the worker to lease both")
+        # Both leases run out (the clock says so); another worker takes the slow task, as attempt 2.
+        clock.advance(61000)
+        jobs.stats()
+        clock.advance(2000)  # past the retry's backoff
+        taken = jobs.lease(max=1, worker="thief")
+        self.assertEqual([(task["_id"], task["attempt"]) for task in taken], [(slow, 2)])
+        # The worker reports both, attempt 1: refused (409, naming the slow one); it sends the quick one alone.
+        self.assertEqual(jobs.task(quick, wait=15000)["status"], "done", errors.text())
+        self.assertEqual(jobs.task(quick)["result"], {"words": 1})
+        self.assertIsNotNone(errors.wait_for(f"katar: delivery 1 of task {slow} was superseded by 2", 5))
+        task = jobs.task(slow)
+        self.assertEqual((task["status"], task["attempt"], task["worker"]), ("in progress", 2, "thief"))
+        self.assertIsNone(node.poll())
+
+    @unittest.skipUnless(shutil.which("node"), "node is not installed: the JavaScript worker cannot be run")
+    def test_the_javascript_worker_waits_for_a_server_that_is_not_there_yet(self):
+        port = free_port()
+        node, errors = self.start_node_worker(f"http://127.0.0.1:{port}", slow=False)
+        time.sleep(1.0)  # refused connections meanwhile: retried with backoff (nothing to wait on but time here)
+        self.assertIsNone(node.poll(), errors.text())
+        broker = K.Broker()
+        jobs = broker.queue("jobs", configuration={"interval": 200}, persistent=True)
+        server = K.serve(broker, port=port)
+        self.addCleanup(server.close)
+        task_id = jobs.insert({"data": {"text": "at last"}})["_id"]
+        self.assertEqual(jobs.task(task_id, wait=15000)["result"], {"words": 2}, errors.text())
+
+
+def _zombie_reaped(pid):
+    """A child reparented to init may linger a moment as a zombie before it is reaped: that counts as ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 class ReadmeTest(unittest.TestCase):
