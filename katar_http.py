@@ -70,6 +70,7 @@ import operator
 import os
 import random
 import re
+import select
 import shlex
 import signal
 import socket
@@ -2985,9 +2986,29 @@ class Handler(BaseHTTPRequestHandler):
         max_tasks = body.get("max")
         if isinstance(max_tasks, int) and not isinstance(max_tasks, bool) and max_tasks > self.server.limits.max_tasks:
             raise BadRequest(f"max must be at most {self.server.limits.max_tasks} on this server, got {max_tasks}")
-        leased = queue.poll(reports, max=max_tasks, wait=self.capped_wait(body.get("wait", 0)),
-                            worker=body.get("worker"))
+        wait = self.capped_wait(body.get("wait", 0))
+        leased = queue.poll(reports, max=max_tasks, wait=wait, worker=body.get("worker"))
+        if leased and wait and self.peer_gone():
+            # The worker hung up while it waited: hand the tasks back now, unspent, rather than when their lease
+            # runs out (that would count as a failed attempt and hold them from live workers for a lease).
+            with contextlib.suppress(KatarError):
+                queue.report([{"_id": task["_id"], "attempt": task["attempt"], "status": QUEUED} for task in leased])
+            return HTTPStatus.NO_CONTENT, None
         return (HTTPStatus.OK, {"tasks": leased}) if leased else (HTTPStatus.NO_CONTENT, None)
+
+    def peer_gone(self) -> bool:
+        """Whether the client has closed its end of the connection (read without consuming: a request it sent
+        after this one stays where it is)."""
+        if not hasattr(select, "poll"):
+            return False
+        poller = select.poll()
+        poller.register(self.connection.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False  # nothing to read: the client is still there, waiting for the answer
+        try:  # the socket's own recv (not TLS's): peeking at the bytes on the wire, b"" at their end
+            return socket.socket.recv(self.connection, 1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()

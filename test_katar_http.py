@@ -937,6 +937,27 @@ class FirstHourTest(ServerTestCase):
         self.insert({"data": 3})
         self.assertEqual(self.poll({"tasks": [{"_id": second, "status": "done"}]}, expect=200)[1][0]["data"], 3)
 
+    def test_a_long_poll_whose_worker_hung_up_hands_its_task_back_unspent(self):
+        body = b'{"wait": 5000}'
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while self.jobs.stats()["waiting_workers"] < 1:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+        # The worker (curl killed, a phone gone to sleep) is gone; its poll still waits when a task comes.
+        task_id = self.insert({"data": 1})[0]
+        deadline = time.monotonic() + 10
+        while not [entry for entry in self.jobs.task(task_id)["history"] if entry["outcome"]]:  # until it is back
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        task = self.jobs.task(task_id)
+        self.assertEqual((task["status"], task["attempts_spent"]), ("queued", 0))  # not leased to nobody
+        self.assertEqual([entry["outcome"] for entry in task["history"]], ["queued"])
+        leased = self.lease_one()
+        self.assertEqual((leased["_id"], leased["attempt"]), (task_id, 2))
+
     def test_an_insert_without_a_body_or_without_data_is_400(self):
         for raw in (b"", b"{}", b"  "):
             status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", raw=raw,
@@ -3202,7 +3223,8 @@ class TlsTest(unittest.TestCase):
         client = ssl.create_default_context(cafile=pem)
         connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=client, timeout=10)
         self.addCleanup(connection.close)
-        connection.request("POST", "/v1/queue/jobs", body=b"{}", headers={"Authorization": "Bearer " + ADMIN})
+        # A long poll (its client is asked, through TLS, whether it is still there) answered with the task.
+        connection.request("POST", "/v1/queue/jobs", body=b'{"wait": 2000}', headers={"Authorization": "Bearer " + ADMIN})
         response = connection.getresponse()
         self.assertEqual(response.status, 200)
         self.assertEqual(json.loads(response.read())["tasks"][0]["data"], "secret work")
