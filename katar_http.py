@@ -55,7 +55,6 @@ import argparse
 import collections
 import contextlib
 import datetime
-import difflib
 import email.utils
 import errno
 import functools
@@ -132,6 +131,7 @@ QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_i
 MAX_PRIORITY = 10 ** 9
 MAX_TEXT = 65536             # characters in an error
 MAX_KEY = 256                # characters in an insert key
+MAX_TASK_ID = 256            # characters of a task id in a report (ids are about 21)
 MAX_WORKER = 256             # characters in a worker's name
 MAX_WAIT_MS = 10 ** 9        # `wait` of a poll or of a result wait (the server cuts it to its --max-wait)
 MAX_INTERVAL_MS = 2 ** 31    # configuration.interval
@@ -260,6 +260,12 @@ class MisdirectedRequest(KatarError):
 
 # Field checks shared by the core and the HTTP layer. Each names the offending field.
 
+def _shown(value: Any, limit: int = 100) -> str:
+    """A value as an error message quotes it: its repr, cut short (a client may send a megabyte of it)."""
+    text = repr(value[:limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_int(field: str, value: Any, low: int, high: int) -> int:
     # bool is an int to Python but never to a JSON client; floats with no fraction (1.0) are accepted.
     if isinstance(value, float) and value.is_integer():
@@ -296,7 +302,7 @@ def _check_bool(field: str, value: Any) -> bool:
 def _check_priority(value: Any) -> int:
     if isinstance(value, str):
         if value not in PRIORITIES:
-            raise BadRequest(f"priority must be an integer or one of {', '.join(PRIORITIES)}, got {value!r}")
+            raise BadRequest(f"priority must be an integer or one of {', '.join(PRIORITIES)}, got {_shown(value)}")
         return PRIORITIES[value]
     return _check_int("priority", value, -MAX_PRIORITY, MAX_PRIORITY)
 
@@ -570,11 +576,12 @@ class Queue:
     def poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
              worker: Optional[str] = None) -> List[Dict[str, Any]]:
         """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms.
-        Without `max`, one task, as the original; but none when every report is a heartbeat: a worker that keeps
-        a lease alive is not asking for more work (a task leased then would sit unworked until its lease ran out)."""
+        Without `max`, one task, as the original; but none when every report is a heartbeat or a hand-back: a
+        worker keeping a lease alive, or giving a task back, is not asking for more work (a task leased then would
+        sit unworked until its lease ran out, or come straight back to the worker that gave it up)."""
         reports = _check_reports(reports)
         if max is None:
-            max = 0 if reports and all(report["status"] == IN_PROGRESS for report in reports) else 1
+            max = 0 if reports and all(report["status"] in (IN_PROGRESS, QUEUED) for report in reports) else 1
         max = _check_int("max", max, 0, MAX_LEASE_BATCH)
         wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
         if worker is not None:
@@ -631,7 +638,7 @@ class Queue:
         """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
         allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED, FAILED)}
         if not isinstance(status, str) or status not in allowed:
-            raise BadRequest(f"status must be one of {', '.join(allowed)}, got {status!r}")
+            raise BadRequest(f"status must be one of {', '.join(allowed)}, got {_shown(status)}")
         broker = self._broker
         with broker._changing():
             now = broker._now()
@@ -658,7 +665,7 @@ class Queue:
     def purge(self, status: str) -> int:
         """Delete every task with `status` (not `in progress`: cancel or wait for those); returns how many."""
         if status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {_shown(status)}")
         if status == IN_PROGRESS:
             raise Conflict("tasks in progress cannot be purged; wait for their reports or leases")
         broker = self._broker
@@ -675,7 +682,7 @@ class Queue:
         """A page of tasks in insertion order, `oldest` or `newest` first: `{"tasks": [...], "next": cursor or
         None}`; the cursor, given as `after`, continues in the same order."""
         if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {_shown(status)}")
         if order not in LIST_ORDERS:
             raise BadRequest(f"order must be oldest or newest, got {str(order)[:40]!r}")
         limit = _check_int("limit", limit, 1, MAX_LIST_LIMIT)
@@ -734,7 +741,7 @@ class Queue:
                 key = _check_text("key", key, MAX_KEY)
             status = entry.get("status", QUEUED)
             if status not in (QUEUED, PAUSED):
-                raise BadRequest(f"status of a new task must be queued or paused, got {status!r}")
+                raise BadRequest(f"status of a new task must be queued or paused, got {_shown(status)}")
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc}") from None
         return data, priority, delay, key, status, size + (len(key) if key else 0)
@@ -1242,26 +1249,33 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
         if not isinstance(report, dict):
             raise BadRequest(f"{where} must be an object with _id and status")
         task_id = report.get("_id")
-        if not isinstance(task_id, str) or not task_id:
-            raise BadRequest(f"{where}._id must be a task id string")
+        if not isinstance(task_id, str) or not task_id or len(task_id) > MAX_TASK_ID:
+            raise BadRequest(f"{where}._id must be a task id string (at most {MAX_TASK_ID} characters)")
         if task_id in seen:
             raise BadRequest(f"{where}: task {task_id} is reported twice", [task_id])
         seen.add(task_id)
         status = report.get("status")
         if not isinstance(status, str) or status not in _OUTCOME:
-            raise BadRequest(f"{where}.status must be done, failed, in progress or queued, got {status!r}", [task_id])
+            raise BadRequest(f"{where}.status must be done, failed, in progress or queued, got {_shown(status)}", [task_id])
         item: Dict[str, Any] = {"_id": task_id, "status": status}
         try:
             if report.get("attempt") is not None:
                 item["attempt"] = _check_int("attempt", report["attempt"], 1, MAX_ATTEMPT)
+            # Each field is checked whatever the status (a done report with "error": 5 is a client's bug to see);
+            # null stands for absent, as original workers may send it.
+            error = None if report.get("error") is None else _check_text("error", report["error"])
+            retry = None if report.get("retry") is None else _check_bool("retry", report["retry"])
+            retry_after = report.get("retry_after")
+            if retry_after is not None:
+                retry_after = _check_int("retry_after", retry_after, 0, MAX_DELAY_MS)
             if status == FAILED:
-                if not isinstance(report.get("error"), str):
+                if error is None:
                     raise BadRequest("a failed report needs an error string")
-                item["error"] = _check_text("error", report["error"])
-                if "retry" in report:
-                    item["retry"] = _check_bool("retry", report["retry"])
-                if report.get("retry_after") is not None:
-                    item["retry_after"] = _check_int("retry_after", report["retry_after"], 0, MAX_DELAY_MS)
+                item["error"] = error
+                if retry is not None:
+                    item["retry"] = retry
+                if retry_after is not None:
+                    item["retry_after"] = retry_after
             if status == DONE and "result" in report:
                 item["result"] = _json_value("result", report["result"])
         except BadRequest as exc:
@@ -1352,7 +1366,7 @@ class Broker:
     def queue(self, name: str, **options: Any) -> Queue:
         """Return the queue `name`, creating it; given options (QUEUE_DEFAULTS keys or `configuration`) are set."""
         if not isinstance(name, str) or not QUEUE_NAME.match(name):
-            raise BadRequest(f"queue name must be 1 to 128 letters, digits, '_', '.' or '-', got {name!r}")
+            raise BadRequest(f"queue name must be 1 to 128 letters, digits, '_', '.' or '-', got {_shown(name)}")
         options = _check_options(options)
         with self._changing():
             queue = self._queues.get(name)
@@ -1370,10 +1384,14 @@ class Broker:
         its workers may compare; the fields `queue` and `queues` name the queue asked for and those there are."""
         queue = self._queues.get(name)
         if queue is None:
-            with self._lock:  # another thread may be adding a queue
-                known = sorted(self._queues)[:100]
-            raise NotFound("Queue not found", queue=name, queues=known)
+            raise NotFound("Queue not found", queue=name, queues=self.names(100))
         return queue
+
+    def names(self, limit: int) -> List[str]:
+        """The first `limit` queue names in sorted order."""
+        with self._lock:  # another thread may be adding a queue
+            names = list(self._queues)
+        return heapq.nsmallest(limit, names)  # outside the lock: a server may have many queues
 
     def __contains__(self, name: object) -> bool:
         return name in self._queues
@@ -1831,6 +1849,9 @@ class Journal:
                 raise JournalError(f"the folder {folder} of the journal {self.path} does not exist: create it "
                                    f"(mkdir -p {shlex.quote(folder)}), or give --journal a path in a folder that "
                                    f"does") from None
+            except NotADirectoryError:
+                raise JournalError(f"a part of the journal's path {self.path} is a file, not a folder: give "
+                                   f"--journal a path in a folder") from None
             except IsADirectoryError:
                 raise JournalError(f"{self.path} is a folder: give --journal a file's path, like "
                                    f"{os.path.join(self.path, 'tasks.journal')}") from None
@@ -2294,6 +2315,10 @@ ROUTE_TABLE: List[Tuple[str, Dict[str, str]]] = [
 ]
 
 
+_DECIMAL = re.compile(r"-?[0-9]+")  # a query's integer, as JSON writes one
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")  # a query's number, as JSON writes one
+
+
 def _route_pattern(template: str) -> "re.Pattern[str]":
     """A template's regular expression: each {parameter} is one path segment, captured; the rest is literal."""
     return re.compile("/".join("([^/]+)" if part.startswith("{") else re.escape(part) for part in template.split("/")))
@@ -2361,27 +2386,49 @@ def _route(path: str) -> Tuple[Dict[str, str], Tuple[str, ...]]:
                 return methods, tuple(unquote(group, errors="strict") for group in found.groups())
             except UnicodeDecodeError:
                 raise NotFound(f"no route {path[:200]}: its escapes are not UTF-8") from None
-    closest = _closest_route(path) if len(path) <= 100 else None  # a typo is short; a hint costs about 50 us
+    closest = _closest_route(path)
     hint = f"; did you mean {closest}?" if closest else "."
     raise NotFound(f"no route {path[:200]}{hint} Every route is described at GET /v1/openapi.json",
                    **({"closest": closest} if closest else {}))
 
 
 def _closest_route(path: str) -> Optional[str]:
-    """The route most like `path`, its parameters taken from `path` where it has them: /v1/queues/jobs/tasks is
-    most like /v1/queue/jobs/tasks. None when nothing is close."""
-    candidates = set()
-    variants = [path.split("/")]
-    if not path.startswith("/v1/"):
-        variants.append(["", "v1"] + path.split("/")[1:])  # as if /v1 had been left out
-    for segments in variants:
+    """The route most like `path`, its parameters taken from `path`: /v1/queues/jobs/tasks is most like
+    /v1/queue/jobs/tasks. A route is like a path with as many segments whose words are each the route's word,
+    one letter off, or its first four letters or more; /v1 may be missing. None when no route is like it. Cheap:
+    a few comparisons of short words, whatever the path (a typo's 404 costs about what any request does)."""
+    best: Optional[Tuple[int, str]] = None
+    stripped = int(len(path) > 1 and path.endswith("/"))  # /v1/queues/ is /v1/queues with one thing wrong
+    segments = (path[:-1] if stripped else path).split("/")
+    variants = [segments] if path.startswith("/v1/") else [segments, ["", "v1"] + segments[1:]]
+    for found in variants:
         for template, _ in ROUTE_TABLE:
             parts = template.split("/")
-            candidates.add("/".join(
-                segments[index] if part.startswith("{") and index < len(segments) and segments[index] else part
-                for index, part in enumerate(parts)))
-    close = difflib.get_close_matches(path, sorted(candidates), n=1, cutoff=0.7)
-    return close[0] if close else None
+            if len(parts) != len(found) or template == "/":
+                continue
+            misses = stripped
+            for part, segment in zip(parts, found):
+                if part.startswith("{"):
+                    misses += 0 if segment else 9
+                elif part != segment:
+                    misses += 1 if _near(segment, part) else 9
+            misses += len(variants) > 1 and found is not segments
+            if misses < 9 and (best is None or misses < best[0]):
+                best = (misses, "/".join(segment if part.startswith("{") else part
+                                         for part, segment in zip(parts, found)))
+    return best[1] if best and best[0] else None
+
+
+def _near(segment: str, word: str) -> bool:
+    """Whether `segment` is `word` mistyped: one letter off (added, dropped or changed), another case, or the
+    first four letters or more of it."""
+    typed = segment.lower()
+    if typed == word or (len(typed) >= 4 and word.startswith(typed)):
+        return True
+    if abs(len(typed) - len(word)) > 1:
+        return False
+    same = next((i for i, (a, b) in enumerate(zip(typed, word)) if a != b), min(len(typed), len(word)))
+    return typed[same + 1:] == word[same + 1:] or typed[same:] == word[same + 1:] or typed[same + 1:] == word[same:]
 
 
 class Limits(NamedTuple):
@@ -2453,11 +2500,12 @@ class Access:
             raise Unauthorized("the token is not valid")
         return found
 
-    def visible(self, scope: Optional[FrozenSet[str]], queues: List[str]) -> List[str]:
-        """The names among `queues` that `scope` may know of."""
+    def visible(self, scope: Optional[FrozenSet[str]], queues: List[str], exists: Callable[[str], bool]) -> List[str]:
+        """The queues `scope` may know of: `queues` (all there are) for an admin or "*", else those of its own
+        that `exists`."""
         if scope is self.ADMIN or "*" in scope:
             return queues
-        return [name for name in queues if name in scope]
+        return sorted(name for name in scope if exists(name))[:100]
 
     def check(self, scope: Optional[FrozenSet[str]], route: str, queue: Optional[str]) -> None:
         """Forbidden unless `scope` may use `route` on `queue`."""
@@ -2726,7 +2774,7 @@ class Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         headers: List[Tuple[str, str]] = []
         access = self.server.access
-        route = "unknown"
+        route = self.route_name = "unknown"
         try:
             path = _split_target(self.path)[0]
             if access.open:
@@ -2759,7 +2807,7 @@ class Handler(BaseHTTPRequestHandler):
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
         if not self.body_read and self._declared_body():
             self.close_connection = True  # the unread body would be taken for the next request
-        self.server.count(route, status)
+        self.server.count(self.route_name if route == "unknown" else route, status)
         size = self.respond(status, payload, headers)
         if not self.server.quiet:  # never the query, the headers (tokens) or the body (task data)
             sys.stderr.write('%s "%s %s" %d %d %.1fms\n' % (
@@ -2772,12 +2820,13 @@ class Handler(BaseHTTPRequestHandler):
         if not access.open and path not in OPEN_PATHS:
             scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
         route, params, self.query = self.match()
+        self.route_name = route  # counted under its route even when it fails
         access.check(scope, route, params[0] if params else None)
         try:
             status, payload = getattr(self, route)(*params)
         except NotFound as exc:
             if "queues" in exc.fields:  # a worker token learns only of its own queues
-                exc.fields["queues"] = access.visible(scope, exc.fields["queues"])
+                exc.fields["queues"] = access.visible(scope, exc.fields["queues"], self.server.broker.__contains__)
             raise
         return route, status, payload
 
@@ -2909,19 +2958,29 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"{field} holds {len(items)} items; this server takes at most "
                              f"{self.server.limits.max_tasks} per request")
 
-    def check_values(self, field: str, items: Any, key: str) -> None:
-        """Each item's `key` (data, result, error: what the server keeps) must nest no deeper than max_depth and stay
-        under max_data bytes of JSON. Other fields are dropped unread, and a body smaller than max_data cannot hold
-        a larger value, so the usual request costs next to nothing here."""
+    def check_values(self, field: str, items: Any, key: str, single: bool = False) -> None:
+        """Each item's `key` (data, result, configuration: any JSON the server keeps) must nest no deeper than
+        max_depth and stay under max_data bytes of JSON. Other fields are dropped unread, and a body smaller than
+        max_data cannot hold a larger value, so the usual request costs next to nothing here."""
         if not isinstance(items, list):
             return
         limits = self.server.limits
         for index, item in enumerate(items):
+            where = f"{field}.{key}" if single else f"{field}[{index}].{key}"
             value = item.get(key) if isinstance(item, dict) else None
             if isinstance(value, (dict, list)) and _too_deep(value, limits.max_depth):
-                raise BadRequest(f"{field}[{index}].{key} nests arrays and objects deeper than {limits.max_depth}")
+                raise BadRequest(f"{where} nests arrays and objects deeper than {limits.max_depth}")
             if self.body_size > limits.max_data and len(_encode(value)) > limits.max_data:
-                raise PayloadTooLarge(f"{field}[{index}].{key} is larger than {limits.max_data} bytes of JSON")
+                raise PayloadTooLarge(f"{where} is larger than {limits.max_data} bytes of JSON")
+
+    def check_errors(self, reports: Any) -> None:
+        """A report's error may have as many characters as the server's max_data bytes (up to MAX_TEXT): what
+        a task keeps of its failures is bounded by the same flag as its data."""
+        limit = min(MAX_TEXT, self.server.limits.max_data)
+        for index, report in enumerate(reports if isinstance(reports, list) else ()):
+            error = report.get("error") if isinstance(report, dict) else None
+            if isinstance(error, str) and len(error) > limit:
+                raise BadRequest(f"tasks[{index}].error is longer than {limit} characters (--max-data)")
 
     def query_value(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self.query.get(name)
@@ -2935,17 +2994,13 @@ class Handler(BaseHTTPRequestHandler):
         text = self.query_value(name)
         if text is None:
             return default
-        try:
+        if _DECIMAL.fullmatch(text):  # ASCII only: int() would also take "1_0", " 2" and other scripts' digits
             return int(text)
-        except ValueError:
-            pass
-        try:
+        if _NUMBER.fullmatch(text):
             value = float(text)  # 2.5, 1e3
-        except ValueError:
-            value = float("nan")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise BadRequest(f"{name} must be a number, got {text[:40]!r}")
-        return value
+            if value not in (float("inf"), float("-inf")):
+                return value
+        raise BadRequest(f"{name} must be a number, got {text[:40]!r}")
 
     def capped_wait(self, wait: Any) -> float:
         """`wait` beyond the server's limit is cut to it (not refused), as a proxy cuts a long poll."""
@@ -2982,10 +3037,10 @@ class Handler(BaseHTTPRequestHandler):
         reports = body.get("tasks", [])
         self.check_count("tasks", reports)
         self.check_values("tasks", reports, "result")
-        self.check_values("tasks", reports, "error")
+        self.check_errors(reports)
         max_tasks = body.get("max")
-        if isinstance(max_tasks, int) and not isinstance(max_tasks, bool) and max_tasks > self.server.limits.max_tasks:
-            raise BadRequest(f"max must be at most {self.server.limits.max_tasks} on this server, got {max_tasks}")
+        if max_tasks is not None:
+            max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
         wait = self.capped_wait(body.get("wait", 0))
         leased = queue.poll(reports, max=max_tasks, wait=wait, worker=body.get("worker"))
         if leased and wait and self.peer_gone():
@@ -3013,7 +3068,7 @@ class Handler(BaseHTTPRequestHandler):
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
         self.check_fields("a queue's options", body, QUEUE_FIELDS)
-        self.check_values("queue", [body], "configuration")
+        self.check_values("queue", [body], "configuration", single=True)
         existed = name in self.server.broker
         queue = self.server.broker.queue(name, **body)
         return (HTTPStatus.OK if existed else HTTPStatus.CREATED), queue.describe()
@@ -3035,7 +3090,7 @@ class Handler(BaseHTTPRequestHandler):
             results = queue.insert(body["tasks"])
         else:
             self.check_fields("a task", body, TASK_FIELDS + ("tasks",), nullable=("data",))
-            self.check_values("task", [body], "data")
+            self.check_values("task", [body], "data", single=True)
             results = [queue.insert(body)]
         created = any(result["created"] for result in results)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}
@@ -3110,7 +3165,7 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
     queue_options = {name: _schema("boolean") if isinstance(value, bool) else
                      _integer(*QUEUE_BOUNDS[name]) for name, value in QUEUE_DEFAULTS.items()}
     return {
-        "TaskId": _schema("string", minLength=1, example="5f0c2a9e-000000000042",
+        "TaskId": _schema("string", minLength=1, maxLength=MAX_TASK_ID, example="5f0c2a9e-000000000042",
                           description="a task id: the server's random prefix, then a sequence number"),
         "Configuration": _object(
             {"interval": _integer(0, MAX_INTERVAL_MS, description="ms between polls, for a worker that does not "
@@ -3125,14 +3180,16 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
                                           "the lease; queued: hand the task back unworked"),
             "attempt": _schema(["integer", "null"], minimum=1, maximum=MAX_ATTEMPT,
                                description="the delivery this report answers (fencing); null or absent: the latest"),
-            "error": _schema("string", maxLength=MAX_TEXT, description="why it failed (with status failed)"),
-            "result": dict(any_json, description="what it produced (with status done)"),
-            "retry": _schema("boolean", description="false: a dead letter at once (with status failed)"),
+            "error": _schema(["string", "null"], maxLength=min(MAX_TEXT, limits.max_data),
+                             description="why it failed (with status failed); null: none"),
+            "result": dict(any_json, description=f"what it produced (with status done): at most {limits.max_data} "
+                                                 f"bytes of JSON (413), nested at most {limits.max_depth} deep"),
+            "retry": _schema(["boolean", "null"], description="false: a dead letter at once (with status failed)"),
             "retry_after": _schema(["integer", "null"], minimum=0, maximum=MAX_DELAY_MS,
                                    description="ms before the retry (with status failed)")},
             required=["_id", "status"], closed=False,
             **{"if": {"properties": {"status": {"const": FAILED}}, "required": ["status"]},
-               "then": {"required": ["error"]}}),
+               "then": {"required": ["error"], "properties": {"error": _schema("string")}}}),
         "PollRequest": _object({
             "tasks": _schema("array", items=_ref("Report"), maxItems=limits.max_tasks,
                              description="reports to apply first: all of them, or none; each task once"),
@@ -3146,7 +3203,9 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
                               required=["_id", "data", "attempt"], closed=False),
         "Leased": _object({"tasks": _schema("array", items=_ref("LeasedTask"), minItems=1)}, required=["tasks"]),
         "TaskInput": _object({
-            "data": dict(any_json, description="the task's data, handed to the worker as it is (null for none)"),
+            "data": dict(any_json, description=f"the task's data, handed to the worker as it is (null for none): at "
+                                               f"most {limits.max_data} bytes of JSON (413), nested at most "
+                                               f"{limits.max_depth} deep"),
             "priority": {"oneOf": [_integer(-MAX_PRIORITY, MAX_PRIORITY),
                                    _schema("string", enum=list(PRIORITIES))],
                          "description": "higher first; high is 10, normal 0, low -10"},
@@ -3191,7 +3250,8 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
         "QueueList": _object({"queues": _schema("array", items=_ref("Stats"))}, required=["queues"]),
         "ConfigurationInput": _object(
             {"interval": _integer(0, MAX_INTERVAL_MS, description=f"default {DEFAULT_INTERVAL_MS}")}, closed=False,
-            description="what workers will receive: `interval`, and any other keys"),
+            description=f"what workers will receive: `interval`, and any other keys; at most {limits.max_data} "
+                        f"bytes of JSON (413), nested at most {limits.max_depth} deep"),
         "QueueOptions": _object(dict(queue_options, configuration=_ref("ConfigurationInput"))),
         "Queue": _object(dict(queue_options, name=_schema("string"), configuration=_ref("Configuration")),
                          required=["name", "configuration"] + list(QUEUE_DEFAULTS), closed=False),
@@ -4070,7 +4130,7 @@ def load_queues(broker: Broker, config_file: Optional[str], queue_specs: List[st
         name, _, interval = spec.partition(":")
         queue = broker.queue(name)
         if interval:
-            if not interval.isdigit():
+            if not (interval.isascii() and interval.isdigit()):
                 raise BadRequest(f"--queue {spec}: the interval must be milliseconds, like jobs:1000")
             configuration = dict(queue.configuration, interval=int(interval))
             queue.configure(configuration=configuration)

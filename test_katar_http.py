@@ -933,6 +933,12 @@ class FirstHourTest(ServerTestCase):
         self.assertEqual(self.counts()["queued"], 1)  # the other task was not leased behind the worker's back
         status, tasks = self.poll(dict(heartbeat, max=1), expect=200)  # asked for: leased
         self.assertEqual([task["_id"] for task in tasks], [second])
+        # Handing a task back does not take it (or another) straight back either.
+        self.poll({"tasks": [{"_id": second, "status": "queued"}]}, expect=204)
+        self.poll({"tasks": [{"_id": leased["_id"], "status": "in progress"}, {"_id": self.lease_one()["_id"],
+                                                                             "status": "queued"}]}, expect=204)
+        self.assertEqual(self.counts()["queued"], 1)
+        second = self.lease_one()["_id"]
         self.poll({"tasks": [{"_id": first, "status": "done"}]}, expect=204)  # a done report still asks for one
         self.insert({"data": 3})
         self.assertEqual(self.poll({"tasks": [{"_id": second, "status": "done"}]}, expect=200)[1][0]["data"], 3)
@@ -1004,14 +1010,52 @@ class FirstHourTest(ServerTestCase):
             self.assertEqual(status, 400, body)
         self.assertEqual(self.counts()["queued"], 0)
 
+    def test_report_fields_are_checked_whatever_the_status_and_echoes_are_bounded(self):
+        task_id = self.insert({"data": 1})[0]
+        leased = self.lease_one()
+        for extra in ({"error": 5}, {"retry": "x"}, {"retry_after": "y"}, {"error": ["x"]}):
+            for status in ("done", "in progress"):
+                body = {"tasks": [dict({"_id": leased["_id"], "status": status}, **extra)], "max": 0}
+                self.assertEqual(self.poll(body)[0], 400, body)
+        self.assertEqual(self.task(task_id)["status"], "in progress")
+        self.poll({"tasks": [{"_id": leased["_id"], "status": "done", "error": None, "retry": None}], "max": 0},
+                  expect=204)  # null stands for absent
+        # What an error message quotes of a value is cut short: a megabyte sent is not a megabyte answered.
+        for method, path, body in (("POST", "/v1/queue/jobs/tasks", {"data": 1, "status": "s" * 500000}),
+                                   ("POST", "/v1/queue/jobs/tasks", {"data": 1, "priority": "p" * 500000}),
+                                   ("PATCH", f"/v1/queue/jobs/tasks/{task_id}", {"status": "s" * 500000}),
+                                   ("POST", "/v1/queue/jobs", {"tasks": [{"_id": "i" * 500000, "status": "done"}]}),
+                                   ("POST", "/v1/queue/jobs", {"tasks": [{"_id": "x-1", "status": "d" * 500000}]})):
+            status, payload, _ = self.call(method, path, body)
+            self.assertEqual(status, 400, path)
+            self.assertLess(len(json.dumps(payload)), 1000, path)
+
+    def test_query_numbers_are_ascii_decimals(self):
+        self.insert({"data": 1}, {"data": 2})
+        for value, code in (("1", 200), ("1.0", 200), ("2e0", 200), ("%EF%BC%91", 400), ("1_0", 400), ("+2", 400),
+                            ("%C2%A02", 400), ("%D9%A3", 400), ("0x2", 400), ("inf", 400), ("nan", 400)):
+            self.assertEqual(self.call("GET", f"/v1/queue/jobs/tasks?limit={value}")[0], code, value)
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/tasks/none-1?wait=1e309")[0], 400)
+
+    def test_a_refused_request_is_counted_under_its_route(self):
+        self.call("POST", "/v1/queue/jobs/tasks", {})
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        self.assertIn('katar_http_requests_total{route="insert",code="400"} 1', text)
+
     def test_queue_not_found_names_the_queue_and_those_a_token_may_know_of(self):
         self.broker.queue("mail")
         status, payload, _ = self.call("GET", "/v1/queue/jbos")
         self.assertEqual((status, payload), (404, {"error": "Queue not found", "queue": "jbos",
                                                    "queues": ["jobs", "mail"]}))
-        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs", "gone"]})
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["zzz", "gone"]})
+        for index in range(150):  # more queues than a 404 lists: the worker's own is still among them
+            self.broker.queue(f"a{index:03}")
+        self.broker.queue("zzz")
         status, payload, _ = self.call("GET", "/v1/queue/gone", headers={"Authorization": "Bearer " + WORKER})
-        self.assertEqual((status, payload["queue"], payload["queues"]), (404, "gone", ["jobs"]))  # not mail
+        self.assertEqual((status, payload["queue"], payload["queues"]), (404, "gone", ["zzz"]))  # not mail
+        status, payload, _ = self.call("GET", "/v1/queue/gone", headers={"Authorization": "Bearer " + ADMIN})
+        self.assertEqual((len(payload["queues"]), payload["queues"][0]), (100, "a000"))
 
     def test_a_path_no_route_has_names_the_closest_route(self):
         for path, closest in (("/v1/queues/jobs/tasks", "/v1/queue/jobs/tasks"), ("/queue/jobs", "/v1/queue/jobs"),
@@ -1020,6 +1064,9 @@ class FirstHourTest(ServerTestCase):
             self.assertEqual((status, payload["closest"]), (404, closest))
             self.assertIn(f"did you mean {closest}?", payload["error"])
             self.assertIn("/v1/openapi.json", payload["error"])
+        for path, closest in (("/v1/queues/", "/v1/queues"), ("/v1/Queue/jobs", "/v1/queue/jobs"),
+                              ("/v2/queue/jobs/stat", "/v1/queue/jobs/stats"), ("/v1/openapi", "/v1/openapi.json")):
+            self.assertEqual(self.call("GET", path)[1]["closest"], closest)
         status, payload, _ = self.call("GET", "/favicon.ico")
         self.assertEqual(status, 404)
         self.assertNotIn("closest", payload)
@@ -1417,8 +1464,11 @@ class CommandLineTest(unittest.TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         missing = os.path.join(directory, "no", "such")
+        with open(os.path.join(directory, "afile"), "w"):
+            pass
         for journal, needles in ((os.path.join(missing, "x.journal"), (f"the folder {missing} ", "does not exist",
                                                                       f"mkdir -p {missing}")),
+                                 (os.path.join(directory, "afile", "x.journal"), ("is a file, not a folder",)),
                                  (directory, ("is a folder", os.path.join(directory, "tasks.journal")))):
             result = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
                                      "--journal", journal], capture_output=True, text=True, timeout=20)
@@ -1426,7 +1476,7 @@ class CommandLineTest(unittest.TestCase):
             for needle in needles:
                 self.assertIn(needle, result.stderr)
             self.assertNotIn("Traceback", result.stderr)
-        self.assertEqual(os.listdir(directory), [])  # nothing made: no folder, no lock file
+        self.assertEqual(os.listdir(directory), ["afile"])  # nothing made: no folder, no lock file
 
     def test_log_level_info_logs_each_request_and_warning_does_not(self):
         for level, expected in (("info", True), ("warning", False)):
@@ -2326,13 +2376,13 @@ class MemoryBoundTest(ServerTestCase):
         task = self.lease_one()
         status, payload, _ = self.call("POST", "/v1/queue/jobs", {"tasks": [
             {"_id": task["_id"], "status": "failed", "error": "e" * 5000}], "max": 0})
-        self.assertEqual(status, 413, payload)
-        self.assertIn("error", payload["error"])
+        self.assertEqual(status, 400, payload)
+        self.assertIn("tasks[0].error is longer than 4096 characters", payload["error"])
         self.assertEqual(self.task(task["_id"])["status"], "in progress")
-        self.poll({"tasks": [{"_id": task["_id"], "status": "failed", "error": "f" * 4000}], "max": 0}, expect=204)
+        self.poll({"tasks": [{"_id": task["_id"], "status": "failed", "error": "\u00e9" * 4096}], "max": 0}, expect=204)
         detail = self.task(task["_id"])
-        self.assertEqual(detail["error"], "f" * 4000)
-        self.assertEqual(detail["history"][0]["error"], "f" * K.HISTORY_ERROR_LIMIT)
+        self.assertEqual(detail["error"], "\u00e9" * 4096)  # characters, however many bytes they take
+        self.assertEqual(detail["history"][0]["error"], "\u00e9" * K.HISTORY_ERROR_LIMIT)
 
     def lease_one(self, **body):
         self.insert({"data": "one"})
@@ -3297,11 +3347,11 @@ class LimitsTest(GuardedStateTestCase):
         self.set_limits(max_tasks=5)
         cases = [("/v1/queue/jobs/tasks", {"tasks": [{"data": i} for i in range(6)]}),
                  ("/v1/queue/jobs", {"tasks": [{"_id": f"x-{i}", "status": "done"} for i in range(6)]}),
-                 ("/v1/queue/jobs", {"max": 6})]
+                 ("/v1/queue/jobs", {"max": 6}), ("/v1/queue/jobs", {"max": 6.0}), ("/v1/queue/jobs", {"max": 1e4})]
         for path, body in cases:
             status, payload, _ = self.call("POST", path, body)
             self.assertEqual(status, 400, body)
-            self.assertIn("at most 5", payload["error"])
+            self.assertRegex(payload["error"], "at most 5|between 0 and 5")
         self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": i} for i in range(5)]})[0], 201)
         self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")
         self.insert({"data": "keep-2"})
