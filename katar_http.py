@@ -3378,6 +3378,8 @@ td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-l
 .dead{margin:.5em 0 1.5em;font-size:13px;table-layout:fixed;width:100%;max-width:70em}.dead td{text-align:left}
 .dead td.error{color:#a00;overflow-wrap:anywhere;white-space:pre-wrap}.dead td.actions{width:11em}
 .dead td.id{width:14em;overflow-wrap:anywhere}.dead td.attempt{width:6em}
+@media (max-width:40em){.dead,.dead tr,.dead td,.dead td.id,.dead td.attempt,.dead td.actions{display:block;width:auto}
+.dead tr{padding:.4em 0;border-bottom:1px solid #ddd}.dead td{border:0;padding:.1em 0}}
 </style></head><body>
 <h1>katar_http</h1>
 <form id="auth"><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
