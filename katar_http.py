@@ -730,7 +730,7 @@ class Queue:
         try:
             unknown = [name for name in entry if name not in TASK_FIELDS]
             if unknown:
-                raise BadRequest(f"unknown field {unknown[0][:100]!r}; a task's fields are {', '.join(TASK_FIELDS)}")
+                raise BadRequest(f"unknown field {_shown(unknown[0])}; a task's fields are {', '.join(TASK_FIELDS)}")
             if "data" not in entry:
                 raise BadRequest('data is missing: a task carries data (any JSON; null for none), as {"data": ...}')
             data, size = _json_sized("data", entry["data"])
