@@ -91,9 +91,9 @@ __all__ = [
     "Broker", "Queue", "KatarServer", "serve", "main", "build_parser", "Limits", "Access", "tls_context",
     "Client", "Runner",
     "Journal", "JournalError", "FSYNC_MODES",
-    "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "RequestTimeout", "LengthRequired",
+    "KatarError", "BadRequest", "NotFound", "Conflict", "MethodNotAllowed", "RequestTimeout", "NotSupported",
     "Unavailable", "Unauthorized", "Forbidden",
-    "PayloadTooLarge", "UnsupportedMediaType",
+    "PayloadTooLarge", "UnsupportedMediaType", "VersionNotSupported",
     "PAUSED", "QUEUED", "IN_PROGRESS", "DONE", "FAILED", "CANCELLED", "STATUSES", "PRIORITIES",
 ]
 
@@ -218,11 +218,6 @@ class RequestTimeout(KatarError):
     status = HTTPStatus.REQUEST_TIMEOUT
 
 
-class LengthRequired(KatarError):
-    """A body was sent without a Content-Length (chunked bodies are not accepted)."""
-    status = HTTPStatus.LENGTH_REQUIRED
-
-
 class PayloadTooLarge(KatarError):
     """The request body is larger than the server accepts."""
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
@@ -251,6 +246,16 @@ class RequestHeaderFieldsTooLarge(KatarError):
 class URITooLong(KatarError):
     """The request line is longer than the head may be."""
     status = HTTPStatus.REQUEST_URI_TOO_LONG
+
+
+class NotSupported(KatarError):
+    """A method or a transfer coding this server does not implement (RFC 9110 15.6.2)."""
+    status = HTTPStatus.NOT_IMPLEMENTED
+
+
+class VersionNotSupported(KatarError):
+    """An HTTP version other than 1.0 and 1.1 (RFC 9110 15.6.6)."""
+    status = HTTPStatus.HTTP_VERSION_NOT_SUPPORTED
 
 
 class MisdirectedRequest(KatarError):
@@ -2344,6 +2349,13 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # arrive: a server that takes a bare LF as a line end in one place and not in another frames requests two ways.
 _BAD_HEAD_BYTE = re.compile(rb"[\r\n\x00]")
 BAD_FRAMING = "a request head may not hold a bare LF, a bare CR or a NUL: end each line with CRLF"
+# RFC 9110 5.5: a field value is visible characters, spaces and tabs (and obs-text); no other control character.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 3.2 and RFC 3986 3.2.2: Host is uri-host [":" port]; an IP literal in brackets, or a reg-name.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # any other is 501 on every path
 
 
 # Workers ask for the same few targets over and over: splitting and routing each once saves about 12 us of a
@@ -2691,6 +2703,7 @@ class Handler(BaseHTTPRequestHandler):
         self.command, self.path, self.request_version, self.headers = head
         tokens = {token.strip().lower() for token in self.headers.get("connection", "").split(",")}
         self.close_connection = "close" in tokens if self.request_version == "HTTP/1.1" else "keep-alive" not in tokens
+        self.close_asked = self.close_connection
         self.dispatch()
 
     def read_head(self) -> Optional[Tuple[str, str, str, Dict[str, str]]]:
@@ -2717,8 +2730,12 @@ class Handler(BaseHTTPRequestHandler):
         if len(parts) != 3 or not _HEADER_NAME.fullmatch(parts[0]):
             raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
         method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise BadRequest(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version[:16]}")
+        found = _VERSION.fullmatch(version)
+        if not found:
+            raise BadRequest(f"the request line must end with the HTTP version, like HTTP/1.1, not {version[:16]!r}")
+        if found.group(1) != "1":
+            raise VersionNotSupported(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version}")
+        version = "HTTP/1.0" if found.group(2) == "0" else "HTTP/1.1"  # RFC 9110 2.5: a later 1.x is read as 1.1
         if len(lines) - 1 > limits.max_headers:
             raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
         headers: Dict[str, str] = {}
@@ -2727,6 +2744,8 @@ class Handler(BaseHTTPRequestHandler):
             if not colon or not _HEADER_NAME.fullmatch(name):
                 raise BadRequest("a header line must be Name: value")
             name, value = name.lower(), value.strip(" \t")  # RFC 9110 5.5: only spaces and tabs around a value
+            if _BAD_VALUE.search(value):
+                raise BadRequest(f"the value of header {name[:100]} holds a control character")
             if name not in headers:
                 headers[name] = value
             elif name == "host":
@@ -2738,6 +2757,8 @@ class Handler(BaseHTTPRequestHandler):
                 headers[name] += ", " + value
         if version == "HTTP/1.1" and "host" not in headers:
             raise BadRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
+        if not _HOST.fullmatch(headers.get("host", "")):
+            raise BadRequest("the Host header must be a host name or IP address and an optional port (RFC 9112 3.2)")
         return method, target, version, headers
 
     def _read_head_lines(self, limits: Limits) -> Optional[List[bytes]]:
@@ -2866,13 +2887,18 @@ class Handler(BaseHTTPRequestHandler):
         return []
 
     def match(self) -> Tuple[str, List[str], Dict[str, List[str]]]:
+        if self.command not in METHODS:
+            raise NotSupported(f"{self.command[:20]} is not a method this server implements: it has "
+                               f"{', '.join(METHODS)}")
         path, query = _split_target(self.path)
         if not path.startswith("/"):
             raise BadRequest(f"the request target must be a path, got {self.path[:200]!r}")
         methods, params = _route(path)
-        if self.command not in methods:
-            raise MethodNotAllowed(f"{self.command} is not allowed on {path}", methods)
-        return methods[self.command], list(params), parse_qs(query, keep_blank_values=True) if query else {}
+        command = "GET" if self.command == "HEAD" else self.command  # HEAD: the GET, without its body
+        if command not in methods:
+            raise MethodNotAllowed(f"{self.command} is not allowed on {path}",
+                                   list(methods) + (["HEAD"] if "GET" in methods else []))
+        return methods[command], list(params), parse_qs(query, keep_blank_values=True) if query else {}
 
     def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
         """Write status line, headers and body in one send; returns the body size. A payload is JSON, or a
@@ -2890,10 +2916,13 @@ class Handler(BaseHTTPRequestHandler):
         lines += ["%s: %s" % header for header in headers]
         if self.close_connection:
             lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")  # RFC 9112 9.3: an HTTP/1.0 client keeps it only when told so
         try:
             if not self.kernel_timeouts:
                 self.connection.settimeout(self.server.limits.idle_timeout)  # a client that does not read: cut off
-            self.connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            self.connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") +
+                                    (b"" if self.command == "HEAD" else body))
         except OSError:
             self.close_connection = True  # the client went away; its lease (if any) will run out
         return len(body)
@@ -2906,29 +2935,36 @@ class Handler(BaseHTTPRequestHandler):
     def read_object(self) -> Dict[str, Any]:
         """The request body as a JSON object; an empty body is {} (as a bare POST from the original's workers)."""
         limits = self.server.limits
-        if "transfer-encoding" in self.headers:
-            raise LengthRequired("send the body with a Content-Length; chunked bodies are not accepted")
-        length_text = self.headers.get("content-length", "0") or "0"
-        if not length_text.isdigit() or not length_text.isascii() or len(length_text) > 18:
-            raise BadRequest(f"Content-Length must be a number of bytes, got {length_text[:20]!r}")
-        length = int(length_text)
-        if length > limits.max_body:
-            raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {limits.max_body}")
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None:
+            if "content-length" in self.headers:  # RFC 9112 6.3: how requests get smuggled
+                raise BadRequest("a request has a Content-Length or a Transfer-Encoding, not both")
+            if coding.strip().lower() != "chunked" or self.request_version != "HTTP/1.1":
+                raise NotSupported(f"the transfer coding {coding[:40]!r} is not supported: send the body chunked "
+                                   f"(HTTP/1.1) or with a Content-Length")
+            length = -1
+        else:
+            length_text = self.headers.get("content-length", "0") or "0"
+            if not length_text.isdigit() or not length_text.isascii() or len(length_text) > 18:
+                raise BadRequest(f"Content-Length must be a number of bytes, got {length_text[:20]!r}")
+            length = int(length_text)
+            if length > limits.max_body:
+                raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {limits.max_body}")
         media = self.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
             raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media[:100]}")
+        self.close_connection = True  # until the whole body is in: a body read in part leaves the stream unframed
         try:
             expects = self.headers.get("expect", "").lower() == "100-continue"
             if length and expects and self.request_version == "HTTP/1.1":
                 self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
-            raw = self.rfile.read(length) if length else b""
+            raw = self.read_chunked() if length < 0 else self.rfile.read(length) if length else b""
         except OSError:  # a timeout (a client that stalls mid-body is cut off), or a client that went away
-            self.close_connection = True
             raise RequestTimeout(f"the body did not arrive within {limits.request_timeout:g} s") from None
         if len(raw) < length:
-            self.close_connection = True
             raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
-        self.body_read, self.body_size = True, length
+        self.close_connection = self.close_asked
+        self.body_read, self.body_size = True, len(raw)
         if not raw.strip():
             if media in LENIENT_MEDIA:
                 raise BadRequest("the body must be JSON; an empty form is not")
@@ -2940,6 +2976,36 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
         return body
+
+    def read_chunked(self) -> bytes:
+        """A chunked body (RFC 9112 7.1), within max_body: size lines in hex (extensions ignored), each chunk and
+        line ending in CRLF, trailers read and dropped."""
+        limits, parts, size = self.server.limits, [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line.endswith(b"\r\n"):
+                raise BadRequest("a chunk size line must be hex digits ending in CRLF" if line else
+                                 "the chunked body ended before its last chunk")
+            digits = line[:-2].split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(digits):
+                raise BadRequest("a chunk size must be hex digits")
+            chunk = int(digits, 16)
+            if not chunk:
+                break
+            size += chunk
+            if size > limits.max_body:
+                raise PayloadTooLarge(f"the body is over {limits.max_body} bytes, the most this server accepts")
+            data = self.rfile.read(chunk + 2)
+            if not data.endswith(b"\r\n") or len(data) != chunk + 2:
+                raise BadRequest("a chunk must be as long as its size says, then CRLF")
+            parts.append(data[:-2])
+        for _ in range(limits.max_headers + 1):  # trailer fields: read, not used
+            line = self.rfile.readline(limits.max_head_bytes)
+            if line == b"\r\n":
+                return b"".join(parts)
+            if not line.endswith(b"\r\n"):
+                raise BadRequest("the chunked body's trailer must end with an empty line")
+        raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} trailer lines")
 
     @staticmethod
     def check_fields(what: str, body: Dict[str, Any], known: Tuple[str, ...],
@@ -3042,8 +3108,11 @@ class Handler(BaseHTTPRequestHandler):
         if max_tasks is not None:
             max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
         wait = self.capped_wait(body.get("wait", 0))
+        started = time.monotonic()
         leased = queue.poll(reports, max=max_tasks, wait=wait, worker=body.get("worker"))
-        if leased and wait and self.peer_gone():
+        # Only a poll that waited (that took more than a moment) asks: a client that sent its request and closed
+        # its sending side at once (nc -q, some HTTP/1.0 clients) still gets what was ready.
+        if leased and wait and time.monotonic() - started > 0.05 and self.peer_gone():
             # The worker hung up while it waited: hand the tasks back now, unspent, rather than when their lease
             # runs out (that would count as a failed attempt and hold them from live workers for a lease).
             with contextlib.suppress(KatarError):
@@ -3701,8 +3770,8 @@ def serve(broker: Broker, port: int = 3000, host: str = "127.0.0.1", **options: 
 # ---------------------------------------------------------------------------------------------------------------
 
 _ERRORS_BY_STATUS = {error.status: error for error in (
-    BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout, Conflict, LengthRequired,
-    PayloadTooLarge, URITooLong, UnsupportedMediaType, RequestHeaderFieldsTooLarge, Unavailable)}
+    BadRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout, Conflict, NotSupported,
+    VersionNotSupported, PayloadTooLarge, URITooLong, UnsupportedMediaType, RequestHeaderFieldsTooLarge, Unavailable)}
 CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # the server is away: retry
 
 
