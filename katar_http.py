@@ -263,6 +263,24 @@ class MisdirectedRequest(KatarError):
     status = HTTPStatus.MISDIRECTED_REQUEST
 
 
+def error_reply(error: BaseException) -> Tuple[int, Dict[str, Any], List[Tuple[str, str]]]:
+    """The one translation of an error into an answer: its status, its JSON body and the headers it needs. An
+    error that is not a KatarError is a bug (500), or memory the bound did not foresee (503: the commit was
+    undone, nothing changed)."""
+    if isinstance(error, KatarError):
+        headers = []
+        if isinstance(error, MethodNotAllowed):
+            headers.append(("Allow", ", ".join(error.allow)))
+        elif error.status == HTTPStatus.UNAUTHORIZED:
+            headers.append(("WWW-Authenticate", 'Bearer realm="katar_http"'))
+        elif error.status == HTTPStatus.SERVICE_UNAVAILABLE:
+            headers.append(("Retry-After", "1"))
+        return int(error.status), error.to_json(), headers
+    if isinstance(error, MemoryError):
+        return 503, {"error": "the server is out of memory; nothing was changed: retry later"}, [("Retry-After", "1")]
+    return 500, {"error": "internal error"}, []
+
+
 # Field checks shared by the core and the HTTP layer. Each names the offending field.
 
 def _shown(value: Any, limit: int = 100) -> str:
@@ -2647,6 +2665,24 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def http_response(status: int, payload: Any, headers: Iterable[Tuple[str, str]] = (),
+                  server: Optional[str] = None) -> Tuple[bytes, bytes]:
+    """An answer as bytes: its head and its body. A payload is JSON, or a Text (the metrics, the page)."""
+    status = int(status)
+    content_type = "application/json"
+    if isinstance(payload, Text):
+        body, content_type = payload.encode(), payload.content_type
+    else:
+        body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
+    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase)]
+    if server:
+        lines += ["Server: " + server, "Date: " + _http_date()]
+    if status != HTTPStatus.NO_CONTENT:
+        lines += ["Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+    lines += ["%s: %s" % header for header in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection (HTTP/1.1 keep-alive), one request at a time. It parses requests itself: a lean parser
     with limits replaces the base class's, which has none that can be set per server and parses headers with the
@@ -2694,7 +2730,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             head = self.read_head()
         except KatarError as exc:
-            self.respond(exc.status, exc.to_json())
+            self.respond(*error_reply(exc))
             return
         except (OSError, ValueError):  # timeouts, resets, a TLS error
             return
@@ -2808,24 +2844,14 @@ class Handler(BaseHTTPRequestHandler):
                             ("Access-Control-Allow-Headers", CORS_HEADERS), ("Access-Control-Max-Age", "600")]
             else:
                 route, status, payload = self.route_request(access, path)
-        except MethodNotAllowed as exc:
-            status, payload = exc.status, exc.to_json()
-            headers.append(("Allow", ", ".join(exc.allow)))
-        except KatarError as exc:
-            status, payload = exc.status, exc.to_json()
-            if status == HTTPStatus.UNAUTHORIZED:
-                headers.append(("WWW-Authenticate", 'Bearer realm="katar_http"'))
-            elif status == HTTPStatus.SERVICE_UNAVAILABLE:
-                headers.append(("Retry-After", "1"))
-        except MemoryError:  # what the memory bound did not foresee: the commit was undone, nothing changed
-            status, payload = HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is out of memory; nothing was "
-                                                                        "changed: retry later"}
-            headers.append(("Retry-After", "1"))
-        except Exception:  # a bug: count it, log it, answer JSON, keep serving
+        except (KatarError, MemoryError) as exc:
+            status, payload, extra = error_reply(exc)
+            headers += extra
+        except Exception as exc:  # a bug: count it, log it, answer JSON, keep serving
             self.server.internal_errors += 1
             self.log_error("internal error on %s %s", self.command, _split_target(self.path)[0])
             traceback.print_exc()
-            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+            status, payload, _ = error_reply(exc)
         if not self.body_read and self._declared_body():
             self.close_connection = True  # the unread body would be taken for the next request
         self.server.count(self.route_name if route == "unknown" else route, status)
@@ -2903,26 +2929,16 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
         """Write status line, headers and body in one send; returns the body size. A payload is JSON, or a
         Text (the metrics)."""
-        status = int(status)
-        content_type = "application/json"
-        if isinstance(payload, Text):
-            body, content_type = payload.encode(), payload.content_type
-        else:
-            body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
-        lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase),
-                 "Server: " + self.server_version, "Date: " + _http_date()]
-        if status != HTTPStatus.NO_CONTENT:
-            lines += ["Content-Type: " + content_type, "Content-Length: %d" % len(body)]
-        lines += ["%s: %s" % header for header in headers]
+        headers = list(headers)
         if self.close_connection:
-            lines.append("Connection: close")
+            headers.append(("Connection", "close"))
         elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")  # RFC 9112 9.3: an HTTP/1.0 client keeps it only when told so
+            headers.append(("Connection", "keep-alive"))  # RFC 9112 9.3: an HTTP/1.0 client keeps it only if told
+        head, body = http_response(status, payload, headers, self.server_version)
         try:
             if not self.kernel_timeouts:
                 self.connection.settimeout(self.server.limits.idle_timeout)  # a client that does not read: cut off
-            self.connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") +
-                                    (b"" if self.command == "HEAD" else body))
+            self.connection.sendall(head + (b"" if self.command == "HEAD" else body))
         except OSError:
             self.close_connection = True  # the client went away; its lease (if any) will run out
         return len(body)
@@ -3567,7 +3583,15 @@ refresh(); setInterval(refresh, 2000);
 # 6. The server object
 # ---------------------------------------------------------------------------------------------------------------
 
-REFUSAL = json.dumps({"error": "the server is at its connection limit; retry later"}).encode()
+
+
+# The quick answer past --max-connections, made once.
+def _refusal() -> bytes:
+    status, payload, headers = error_reply(Unavailable("the server is at its connection limit; retry later"))
+    return b"".join(http_response(status, payload, headers + [("Connection", "close")]))
+
+
+REFUSAL = _refusal()
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -3646,9 +3670,7 @@ class _HTTPServer(ThreadingHTTPServer):
                 request = self._refusals.popleft()
             try:
                 request.settimeout(0.5)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
-                                % (len(REFUSAL), REFUSAL))
+                request.sendall(REFUSAL)
             except OSError:
                 pass
             _close_lingering(request)
