@@ -2373,6 +2373,7 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+MAX_CHUNKS = 4096  # chunks in one chunked body: each costs a few microseconds of Python
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # any other is 501 on every path
 
 
@@ -2737,8 +2738,10 @@ class Handler(BaseHTTPRequestHandler):
         if head is None:
             return
         self.command, self.path, self.request_version, self.headers = head
+        if self.reader.deadline is None:  # the head came with the request before it: its time starts now
+            self.reader.deadline = time.monotonic() + self.reader.whole
         tokens = {token.strip().lower() for token in self.headers.get("connection", "").split(",")}
-        self.close_connection = "close" in tokens if self.request_version == "HTTP/1.1" else "keep-alive" not in tokens
+        self.close_connection = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
         self.close_asked = self.close_connection
         self.dispatch()
 
@@ -2955,7 +2958,7 @@ class Handler(BaseHTTPRequestHandler):
         if coding is not None:
             if "content-length" in self.headers:  # RFC 9112 6.3: how requests get smuggled
                 raise BadRequest("a request has a Content-Length or a Transfer-Encoding, not both")
-            if coding.strip().lower() != "chunked" or self.request_version != "HTTP/1.1":
+            if coding.lower() != "chunked" or self.request_version != "HTTP/1.1":  # (spaces and tabs are off)
                 raise NotSupported(f"the transfer coding {coding[:40]!r} is not supported: send the body chunked "
                                    f"(HTTP/1.1) or with a Content-Length")
             length = -1
@@ -2996,31 +2999,36 @@ class Handler(BaseHTTPRequestHandler):
     def read_chunked(self) -> bytes:
         """A chunked body (RFC 9112 7.1), within max_body: size lines in hex (extensions ignored), each chunk and
         line ending in CRLF, trailers read and dropped."""
-        limits, parts, size = self.server.limits, [], 0
-        while True:
+        limits, body, wire = self.server.limits, bytearray(), 0
+        for _ in range(MAX_CHUNKS + 1):
             line = self.rfile.readline(1024)
-            if not line.endswith(b"\r\n"):
+            wire += len(line)
+            if not line.endswith(b"\r\n") or _BAD_HEAD_BYTE.search(line, 0, len(line) - 2):
                 raise BadRequest("a chunk size line must be hex digits ending in CRLF" if line else
                                  "the chunked body ended before its last chunk")
-            digits = line[:-2].split(b";", 1)[0].strip(b" \t")
+            digits = line[:-2].split(b";", 1)[0].rstrip(b" \t")  # RFC 9112 7.1.1: space only before a ";"
             if not _CHUNK_SIZE.fullmatch(digits):
                 raise BadRequest("a chunk size must be hex digits")
             chunk = int(digits, 16)
             if not chunk:
                 break
-            size += chunk
-            if size > limits.max_body:
+            wire += chunk + 2
+            if wire > limits.max_body:  # the bytes on the wire, framing included, as a Content-Length counts them
                 raise PayloadTooLarge(f"the body is over {limits.max_body} bytes, the most this server accepts")
             data = self.rfile.read(chunk + 2)
             if not data.endswith(b"\r\n") or len(data) != chunk + 2:
                 raise BadRequest("a chunk must be as long as its size says, then CRLF")
-            parts.append(data[:-2])
-        for _ in range(limits.max_headers + 1):  # trailer fields: read, not used
+            body += memoryview(data)[:-2]
+        else:
+            raise BadRequest(f"a chunked body may have at most {MAX_CHUNKS} chunks: send larger ones")
+        for _ in range(limits.max_headers + 1):  # trailer fields: checked as headers are, then dropped
             line = self.rfile.readline(limits.max_head_bytes)
             if line == b"\r\n":
-                return b"".join(parts)
-            if not line.endswith(b"\r\n"):
-                raise BadRequest("the chunked body's trailer must end with an empty line")
+                return bytes(body)
+            name, colon, value = line[:-2].decode("latin-1").partition(":")
+            if (not line.endswith(b"\r\n") or _BAD_HEAD_BYTE.search(line, 0, len(line) - 2) or not colon or
+                    not _HEADER_NAME.fullmatch(name) or _BAD_VALUE.search(value)):
+                raise BadRequest("a trailer line must be Name: value, and the trailer end with an empty line")
         raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} trailer lines")
 
     @staticmethod
@@ -3141,10 +3149,14 @@ class Handler(BaseHTTPRequestHandler):
         after this one stays where it is)."""
         if not hasattr(select, "poll"):
             return False
+        hang_up = getattr(select, "POLLRDHUP", 0)  # Linux: the peer closed, even with bytes still unread before it
         poller = select.poll()
-        poller.register(self.connection.fileno(), select.POLLIN)
-        if not poller.poll(0):
+        poller.register(self.connection.fileno(), select.POLLIN | hang_up)
+        events = poller.poll(0)
+        if not events:
             return False  # nothing to read: the client is still there, waiting for the answer
+        if events[0][1] & (hang_up | select.POLLHUP | select.POLLERR):
+            return True  # (a TLS close_notify, or a request pipelined before the close, is read past)
         try:  # the socket's own recv (not TLS's): peeking at the bytes on the wire, b"" at their end
             return socket.socket.recv(self.connection, 1, socket.MSG_PEEK) == b""
         except OSError:

@@ -965,6 +965,24 @@ class FirstHourTest(ServerTestCase):
         self.assertEqual([entry["outcome"] for entry in task["history"]], ["queued"])
         leased = self.lease_one()
         self.assertEqual((leased["_id"], leased["attempt"]), (task_id, 2))
+        # A client that sent another request behind its poll and then closed (bytes unread before its close, as a
+        # TLS close_notify is) is gone too.
+        self.poll({"tasks": [{"_id": task_id, "status": "done"}], "max": 0}, expect=204)
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while self.jobs.stats()["waiting_workers"] < 1:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # unread when it closes
+        time.sleep(0.1)
+        task_id = self.insert({"data": 2})[0]
+        deadline = time.monotonic() + 10
+        while not [entry for entry in self.jobs.task(task_id)["history"] if entry["outcome"]]:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        self.assertEqual((self.jobs.task(task_id)["status"], self.jobs.task(task_id)["attempts_spent"]), ("queued", 0))
 
     def test_an_insert_without_a_body_or_without_data_is_400(self):
         for raw in (b"", b"{}", b"  "):
@@ -1151,7 +1169,13 @@ class HostileInputTest(GuardedStateTestCase):
                               (head + b"2\r\n{}\r\n", b"400"), (head.replace(b"chunked", b"gzip") + b"{}", b"501"),
                               (head.replace(b"HTTP/1.1", b"HTTP/1.0") + b"2\r\n{}\r\n0\r\n\r\n", b"501"),
                               (head.replace(b"\r\n\r\n", b"\r\nContent-Length: 7\r\n\r\n") + b"2\r\n{}\r\n0\r\n\r\n",
-                               b"400")):
+                               b"400"),
+                              (head.replace(b"chunked", b"chunked\xa0") + b"2\r\n{}\r\n0\r\n\r\n", b"501"),  # disguised
+                              (head + b" 2\r\n{}\r\n0\r\n\r\n", b"400"), (head + b"2;a\x00\r\n{}\r\n0\r\n\r\n", b"400"),
+                              (head + b"2 ;a=b\r\n{}\r\n0\r\n\r\n", b"204"),
+                              # a request after the last chunk is not taken for trailer lines
+                              (head + b"2\r\n{}\r\n0\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+                              (head + b"1\r\n{\r\n" * 4097 + b"0\r\n\r\n", b"400")):
             self.jobs.set_status(next(i for i in self.ids if i != self.leased["_id"]), "paused")  # nothing to lease
             answer = raw_exchange(host, port, request)
             self.assertTrue(answer.startswith(b"HTTP/1.1 " + code), (request, answer))
@@ -1168,6 +1192,10 @@ class HostileInputTest(GuardedStateTestCase):
         self.jobs.purge("cancelled")
         self.set_limits(max_body=100)
         connection.request("POST", "/v1/queue/jobs/tasks", body=iter([b'{"data": "', b"x" * 60, b"x" * 60, b'"}']),
+                           headers={"Content-Type": "application/json"})
+        self.assertEqual(connection.getresponse().status, 413)
+        connection.close()  # 90 bytes of data in 45 chunks: over 100 bytes on the wire, as a Content-Length counts
+        connection.request("POST", "/v1/queue/jobs/tasks", body=iter([b'{"data":1}'] + [b" "] * 40),
                            headers={"Content-Type": "application/json"})
         self.assertEqual(connection.getresponse().status, 413)
         status, payload, _ = self.call("POST", "/v1/queue/jobs", raw=b"<xml/>", headers={"Content-Type": "application/xml"})
@@ -3767,6 +3795,8 @@ class RfcTest(GuardedStateTestCase):
                     answer += connection.recv(65536)
                 self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
                 self.assertIn(b"\r\nConnection: keep-alive\r\n", answer)
+        answer = self.exchange(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n")  # close wins
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
         answer = self.exchange(b"GET /healthz HTTP/1.0\r\n\r\n")  # without it: answered, then closed
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
         self.assertIn(b"\r\nConnection: close\r\n", answer)
