@@ -31,7 +31,7 @@ The same file is the client side: `python katar_http.py work URL QUEUE -- CMD` m
 Prometheus text, GET / an operator's page, GET /v1/openapi.json the API's description.
 
 The file reads top to bottom as the architecture:
-  1. constants and errors (each error carries its HTTP status);
+  1. constants and errors (each error carries its HTTP status; error_reply turns any error into an answer);
   2. the queue core (Broker, Queue, Task): thread-safe behind one lock, knowing nothing of HTTP. Every change of
      state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and replays
      them through the same function, so memory and disk cannot disagree. A commit encodes its records first and
