@@ -98,7 +98,8 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Constants and errors
+# 1. Constants and errors: the status words, bounds and defaults; every error a client can cause carries its HTTP
+#    status, and error_reply is the one place an error becomes an answer.
 # ---------------------------------------------------------------------------------------------------------------
 
 PAUSED, QUEUED, IN_PROGRESS, DONE, FAILED, CANCELLED = "paused", "queued", "in progress", "done", "failed", "cancelled"
