@@ -2375,8 +2375,7 @@ _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_CHUNKS = 4096  # chunks in one chunked body: each costs a few microseconds of Python
-# The methods RFC 9110 (and RFC 5789, PATCH) define: where a route lacks one, 405; any other method is 501 anywhere.
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # any other is 501 on every path
 
 
 # Workers ask for the same few targets over and over: splitting and routing each once saves about 12 us of a
@@ -2919,7 +2918,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def match(self) -> Tuple[str, List[str], Dict[str, List[str]]]:
         if self.command not in METHODS:
-            raise NotSupported(f"{self.command[:20]} is not an HTTP method this server knows: it knows "
+            raise NotSupported(f"{self.command[:20]} is not a method this server implements: it has "
                                f"{', '.join(METHODS)}")
         path, query = _split_target(self.path)
         if not path.startswith("/"):
