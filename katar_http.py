@@ -2375,7 +2375,9 @@ _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_CHUNKS = 4096  # chunks in one chunked body: each costs a few microseconds of Python
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # any other is 501 on every path
+# RFC 9110 9.1: a method the server does not implement on any resource is 501 (TRACE, CONNECT, QUERY, BREW); one
+# it implements but not on the target resource is 405 with Allow.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 # Workers ask for the same few targets over and over: splitting and routing each once saves about 12 us of a
