@@ -2478,6 +2478,7 @@ class Limits(NamedTuple):
     max_head_bytes: int = 16384            # bytes of the request line and headers together (431, 414)
     idle_timeout: float = 60.0             # seconds a connection may wait between requests
     request_timeout: float = 30.0          # seconds from a request's first byte to the end of its body (408)
+    first_request_timeout: float = 10.0    # seconds a new connection has to complete its first authorised request
     max_connections: int = 256             # connections served at once; beyond, a quick 503 and close
 
 
@@ -2607,6 +2608,7 @@ class _Reader(io.RawIOBase):
     def __init__(self, connection: socket.socket, idle: float, whole: float, kernel: bool) -> None:
         self.connection, self.idle, self.whole, self.kernel = connection, idle, whole, kernel
         self.deadline: Optional[float] = None
+        self.cap: Optional[float] = None  # a time no read may go past (a new connection's first deadline)
         self.current = idle  # the timeout set on the socket now
 
     def readable(self) -> bool:
@@ -2614,8 +2616,10 @@ class _Reader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         timeout = self.idle
-        if self.deadline is not None:
-            timeout = self.deadline - time.monotonic()
+        if self.deadline is not None or self.cap is not None:
+            now = time.monotonic()
+            timeout = min(timeout if self.deadline is None else self.deadline - now,
+                          float("inf") if self.cap is None else self.cap - now)
             if timeout <= 0:
                 raise socket.timeout("the request took too long to arrive")
         if not self.kernel:
@@ -2700,9 +2704,13 @@ class Handler(BaseHTTPRequestHandler):
         self.connection = self.request
         limits = self.server.limits
         self.ready = True
+        # Until it has sent one complete request that passed authentication, a connection has a short deadline:
+        # strangers that connect and idle, or trickle, cannot hold the connection slots for long.
+        self.authorised = False
+        self.first_deadline = time.monotonic() + limits.first_request_timeout
         if self.server.tls:
-            try:  # the handshake happens here, in the connection's own thread, within the request timeout
-                self.connection.settimeout(limits.request_timeout)
+            try:  # the handshake happens here, in the connection's own thread, within the first deadline
+                self.connection.settimeout(min(limits.request_timeout, limits.first_request_timeout))
                 self.connection.do_handshake()
             except (OSError, ValueError):
                 self.ready = False
@@ -2731,6 +2739,7 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True  # until a whole head has been read
         self.command, self.path, self.headers, self.body_read = "", "", {}, False
         self.reader.deadline = None
+        self.reader.cap = None if self.authorised else self.first_deadline
         try:
             head = self.read_head()
         except KatarError as exc:
@@ -2872,6 +2881,7 @@ class Handler(BaseHTTPRequestHandler):
         scope = access.ADMIN
         if not access.open and path not in OPEN_PATHS:
             scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
+        self.authorised = self.authorised or access.open or path not in OPEN_PATHS
         route, params, self.query = self.match()
         self.route_name = route  # counted under its route even when it fails
         access.check(scope, route, params[0] if params else None)
@@ -4191,6 +4201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="close a connection idle between requests for this long (default %(default)s)")
     group.add_argument("--request-timeout", type=float, default=defaults.request_timeout, metavar="SECONDS",
                        help="cut off a client whose request (head and body) takes longer (408; default %(default)s)")
+    group.add_argument("--first-request-timeout", type=float, default=defaults.first_request_timeout,
+                       metavar="SECONDS", help="a new connection must complete one authorised request within this "
+                                               "long, or be closed (default %(default)s)")
     group.add_argument("--max-connections", type=int, default=defaults.max_connections, metavar="N",
                        help="connections served at once; more get a quick 503 (default %(default)s)")
     group.add_argument("--max-memory", type=_memory_size, metavar="BYTES",
@@ -4412,7 +4425,8 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     limits = Limits(max_body=args.max_body, max_tasks=args.max_tasks, max_data=args.max_data,
                     max_depth=args.max_depth, max_wait=args.max_wait, max_headers=args.max_headers,
                     max_head_bytes=args.max_head_bytes, idle_timeout=args.idle_timeout,
-                    request_timeout=args.request_timeout, max_connections=args.max_connections)
+                    request_timeout=args.request_timeout, first_request_timeout=args.first_request_timeout,
+                    max_connections=args.max_connections)
     try:
         journal = None
         if args.journal:

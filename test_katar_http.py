@@ -3396,6 +3396,48 @@ class SafeDefaultsTest(unittest.TestCase):
 
 class LimitsTest(GuardedStateTestCase):
 
+    def test_a_connection_without_an_authorised_request_is_cut_after_the_first_deadline(self):
+        self.server.httpd.access = K.Access([ADMIN])
+        self.set_limits(first_request_timeout=0.5)
+        address = (self.server.host, self.server.port)
+        idle, health, refused, worker = (socket.create_connection(address, timeout=10) for _ in range(4))
+        for connection in (idle, health, refused, worker):
+            self.addCleanup(connection.close)
+        started = time.monotonic()
+        health.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # open, but not authorised
+        refused.sendall(b"GET /v1/queues HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n\r\n")
+        authorised = b"GET /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n\r\n" % ADMIN.encode()
+        worker.sendall(authorised)
+        self.assertTrue(worker.recv(65536).startswith(b"HTTP/1.1 200"))
+        def until_closed(connection):  # read without closing our side: the server must be the one to close
+            answer = b""
+            while True:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return answer
+                answer += chunk
+        for connection, first in ((idle, b""), (health, b"HTTP/1.1 200"), (refused, b"HTTP/1.1 401")):
+            answer = until_closed(connection)
+            self.assertTrue(answer.startswith(first), answer[:60])
+            self.assertLess(time.monotonic() - started, 5)
+        self.assertGreaterEqual(time.monotonic() - started, 0.4)
+        time.sleep(0.3)  # past the first deadline: the authorised connection keeps its slot
+        worker.sendall(authorised)
+        self.assertTrue(worker.recv(65536).startswith(b"HTTP/1.1 200"))
+        # A stranger that trickles a request in is cut off at the same deadline, not the request timeout's.
+        with socket.create_connection(address, timeout=10) as trickler:
+            started = time.monotonic()
+            try:
+                for byte in b"GET /v1/queues HTTP/1.1\r\nHost: localhost\r\n":
+                    trickler.sendall(bytes([byte]))
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            until_closed(trickler)
+            self.assertLess(time.monotonic() - started, 2.5)
+        self.server.httpd.access = K.Access()
+        self.assert_nothing_lost()
+
     def test_too_many_tasks_in_one_request(self):
         self.set_limits(max_tasks=5)
         cases = [("/v1/queue/jobs/tasks", {"tasks": [{"data": i} for i in range(6)]}),
