@@ -3116,7 +3116,7 @@ class Handler(BaseHTTPRequestHandler):
                                    "text/plain; version=0.0.4; charset=utf-8")
 
     def route_openapi(self) -> Reply:
-        return HTTPStatus.OK, openapi_document(self.server.limits)
+        return HTTPStatus.OK, openapi_document(self.server.limits, not self.server.access.open)
 
     def route_page(self) -> Reply:
         return HTTPStatus.OK, Text(PAGE, "text/html; charset=utf-8")
@@ -3404,10 +3404,21 @@ PATH_PARAMETERS = {
 }
 
 
-@functools.lru_cache(maxsize=4)
-def openapi_document(limits: "Limits") -> Dict[str, Any]:
-    """The API as this server serves it (its Limits give the bounds of batches). A test checks that every route is
-    here with its parameters, that every bound the server enforces is, and that examples and answers fit."""
+@functools.lru_cache(maxsize=8)
+def openapi_document(limits: "Limits", tokens: bool = True) -> Dict[str, Any]:
+    """The API as this server serves it: its Limits give the bounds of batches, and a server without tokens
+    declares no security (every route is open there). A test checks that every route is here with its parameters,
+    that every bound the server enforces is, and that examples and answers fit."""
+    document = _openapi(limits)
+    if not tokens:
+        del document["security"], document["components"]["securitySchemes"]
+        for item in document["paths"].values():
+            for operation in item.values():
+                operation.pop("security", None)
+    return document
+
+
+def _openapi(limits: "Limits") -> Dict[str, Any]:
     queue, task = ("queue",), ("queue", "id")
     page = _text("the operator's page", "text/html")
     return {

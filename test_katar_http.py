@@ -4483,6 +4483,9 @@ class DescriptionTest(ServerTestCase):
                                    ["application/json"]["example"])[0], 201)
 
     def test_every_path_parameter_is_declared_and_every_operation_is_named(self):
+        # Without tokens every route is open, and the document says so: nothing asks a generated client for one.
+        self.assertNotIn("security", json.dumps(self.document()))
+        self.server.httpd.access = K.Access([ADMIN])
         document = self.document()
         names = set()
         for path, item in document["paths"].items():
@@ -4510,7 +4513,8 @@ class DescriptionTest(ServerTestCase):
         for path, media in (("/metrics", "text/plain"), ("/", "text/html"), ("/ui", "text/html")):
             content = document["paths"][path]["get"]["responses"]["200"]["content"]
             self.assertEqual(list(content), [media])
-            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            request = urllib.request.Request(self.url + path, headers={"Authorization": "Bearer " + ADMIN})
+            with urllib.request.urlopen(request, timeout=5) as response:
                 self.assertTrue(response.headers["Content-Type"].startswith(media))
 
     def test_every_bound_the_server_enforces_is_in_the_document(self):
