@@ -652,6 +652,42 @@ class LongPollTest(ServerTestCase):
         self.assertEqual((status, tasks[0]["_id"]), (200, task_id))
         self.assertLess(received - inserted, 0.5)
 
+    def test_a_parked_poll_is_answered_by_an_insert_through_the_python_api_from_another_thread(self):
+        # An application that embeds the server inserts from its own threads (a web app's request handler): the
+        # worker parked in a long poll must have the task at once, not at its next poll.
+        results, inserted = {}, {}
+        thread = self.start_poll({"wait": 5000}, results, "w")
+        self.wait_for_waiters(1)
+
+        def application():
+            inserted["at"] = time.monotonic()
+            inserted["id"] = self.jobs.insert({"data": "from the app"})["_id"]
+        producer = threading.Thread(target=application)
+        producer.start()
+        producer.join(5)
+        thread.join(5)
+        received, (status, tasks) = results["w"]
+        self.assertEqual((status, tasks[0]["_id"], tasks[0]["data"]), (200, inserted["id"], "from the app"))
+        self.assertLess(received - inserted["at"], 0.5)
+        # And a result wait over HTTP is answered by a report made through the Python API.
+        task_id = self.jobs.insert({"data": 2})["_id"]
+        self.assertEqual(self.jobs.lease()[0]["_id"], task_id)
+        waited = {}
+
+        def wait_for_result():
+            waited["from"] = time.monotonic()
+            waited["task"] = self.call("GET", f"/v1/queue/jobs/tasks/{task_id}?wait=5000")[1]
+            waited["to"] = time.monotonic()
+        waiter = threading.Thread(target=wait_for_result)
+        waiter.start()
+        time.sleep(0.2)  # no stat counts result waits: give the request time to park
+        reported = time.monotonic()
+        self.jobs.report([{"_id": task_id, "status": "done", "result": {"ok": True}}])
+        waiter.join(5)
+        self.assertEqual((waited["task"]["status"], waited["task"]["result"]), ("done", {"ok": True}))
+        self.assertLess(waited["from"], reported)  # it was waiting before the report
+        self.assertLess(waited["to"] - reported, 0.5)
+
     def test_a_long_poll_with_nothing_to_do_answers_204_after_its_wait(self):
         started = time.monotonic()
         self.poll({"wait": 150}, expect=204)
