@@ -754,7 +754,8 @@ class Queue:
         try:
             unknown = [name for name in entry if name not in TASK_FIELDS]
             if unknown:
-                raise BadRequest(f"unknown field {_shown(unknown[0])}; a task's fields are {', '.join(TASK_FIELDS)}")
+                raise BadRequest(f"unknown field {_shown(unknown[0])}; a task's fields are {', '.join(TASK_FIELDS)} "
+                                 f"(several tasks: {{\"tasks\": [...]}})", field=str(unknown[0])[:100])
             if "data" not in entry:
                 raise BadRequest('data is missing: a task carries data (any JSON; null for none), as {"data": ...}')
             data, size = _json_sized("data", entry["data"])
@@ -767,7 +768,7 @@ class Queue:
             if status not in (QUEUED, PAUSED):
                 raise BadRequest(f"status of a new task must be queued or paused, got {_shown(status)}")
         except BadRequest as exc:
-            raise BadRequest(f"{where}: {exc}") from None
+            raise BadRequest(f"{where}: {exc}", **exc.fields) from None
         return data, priority, delay, key, status, size + (len(key) if key else 0)
 
     def _status_of(self, task_id: str) -> str:
@@ -3199,8 +3200,7 @@ class Handler(BaseHTTPRequestHandler):
             self.check_values("tasks", body["tasks"], "data")
             results = queue.insert(body["tasks"])
         else:
-            self.check_fields("a task", body, TASK_FIELDS + ("tasks",), nullable=("data",))
-            self.check_values("task", [body], "data", single=True)
+            self.check_values("task", [body], "data", single=True)  # its fields: checked by the core
             results = [queue.insert(body)]
         created = any(result["created"] for result in results)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}

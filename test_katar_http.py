@@ -979,7 +979,8 @@ class FirstHourTest(ServerTestCase):
         self.insert({"data": 3})
         self.assertEqual(self.poll({"tasks": [{"_id": second, "status": "done"}]}, expect=200)[1][0]["data"], 3)
 
-    def test_a_long_poll_whose_worker_hung_up_hands_its_task_back_unspent(self):
+    def park_a_poll_and_vanish(self, then=b""):
+        """Send a long poll on a raw connection, wait until it is parked, send `then`, and close the connection."""
         body = b'{"wait": 5000}'
         with socket.create_connection((self.server.host, self.server.port)) as connection:
             connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -988,37 +989,32 @@ class FirstHourTest(ServerTestCase):
             while self.jobs.stats()["waiting_workers"] < 1:
                 self.assertLess(time.monotonic(), deadline)
                 time.sleep(0.01)
-        # The worker (curl killed, a phone gone to sleep) is gone; its poll still waits when a task comes (a poll
-        # answered within 50 ms is not asked whether its client is there: give it longer).
+            connection.sendall(then)
+        # A poll answered within 50 ms is not asked whether its client is there: give it longer.
         time.sleep(0.1)
+
+    def insert_and_see_it_handed_back(self):
+        """Insert a task (the vanished poll takes it), wait until it comes back; it must be queued, unspent."""
         task_id = self.insert({"data": 1})[0]
         deadline = time.monotonic() + 10
-        while not [entry for entry in self.jobs.task(task_id)["history"] if entry["outcome"]]:  # until it is back
+        while not [entry for entry in self.jobs.task(task_id)["history"] if entry["outcome"]]:
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.01)
         task = self.jobs.task(task_id)
         self.assertEqual((task["status"], task["attempts_spent"]), ("queued", 0))  # not leased to nobody
         self.assertEqual([entry["outcome"] for entry in task["history"]], ["queued"])
+        return task_id
+
+    def test_a_long_poll_whose_worker_hung_up_hands_its_task_back_unspent(self):
+        self.park_a_poll_and_vanish()  # the worker (curl killed, a phone gone to sleep) is gone; its poll waits on
+        task_id = self.insert_and_see_it_handed_back()
         leased = self.lease_one()
         self.assertEqual((leased["_id"], leased["attempt"]), (task_id, 2))
+        self.poll({"tasks": [{"_id": task_id, "status": "done"}], "max": 0}, expect=204)
         # A client that sent another request behind its poll and then closed (bytes unread before its close, as a
         # TLS close_notify is) is gone too.
-        self.poll({"tasks": [{"_id": task_id, "status": "done"}], "max": 0}, expect=204)
-        with socket.create_connection((self.server.host, self.server.port)) as connection:
-            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            deadline = time.monotonic() + 10
-            while self.jobs.stats()["waiting_workers"] < 1:
-                self.assertLess(time.monotonic(), deadline)
-                time.sleep(0.01)
-            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # unread when it closes
-        time.sleep(0.1)
-        task_id = self.insert({"data": 2})[0]
-        deadline = time.monotonic() + 10
-        while not [entry for entry in self.jobs.task(task_id)["history"] if entry["outcome"]]:
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.01)
-        self.assertEqual((self.jobs.task(task_id)["status"], self.jobs.task(task_id)["attempts_spent"]), ("queued", 0))
+        self.park_a_poll_and_vanish(then=b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.insert_and_see_it_handed_back()
 
     def test_an_insert_without_a_body_or_without_data_is_400(self):
         for raw in (b"", b"{}", b"  "):
