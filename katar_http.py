@@ -83,7 +83,7 @@ import traceback
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __version__ = "0.1.0"
@@ -481,15 +481,21 @@ _CHANGING_NAMES = ("status", "updated_at", "run_at", "attempt", "spent", "worker
 _CHANGING = operator.attrgetter(*_CHANGING_NAMES)
 
 
-class _Waiter:
-    """A thread waiting under the broker lock: a long poll (wants up to `max` tasks) or a wait for a result."""
+class Waiter:
+    """A parked wait: a long poll (wanting up to `max` tasks) or a wait for a task's result. No thread blocks on
+    it: whoever parks one gives `wake`, which the core calls (broker lock held, from whichever thread made the
+    change) once the wait is answered or the broker closes; the owner then ends it with Queue.end_wait, which
+    also ends it at its `deadline` (time.monotonic() seconds) if nothing came. The event loop's wake schedules
+    the connection's answer; a thread using the Python API waits on a condition that wake notifies."""
 
-    __slots__ = ("cond", "max", "worker", "result")
+    __slots__ = ("max", "worker", "task_id", "deadline", "wake", "result", "parked")
 
-    def __init__(self, lock: threading.Lock, max_tasks: int = 0, worker: Optional[str] = None) -> None:
-        self.cond = threading.Condition(lock)
-        self.max, self.worker = max_tasks, worker
-        self.result: Any = None
+    def __init__(self, wake: Callable[[], None], deadline: float, max_tasks: int = 0, worker: Optional[str] = None,
+                 task_id: Optional[str] = None) -> None:
+        self.max, self.worker, self.task_id = max_tasks, worker, task_id
+        self.deadline, self.wake = deadline, wake
+        self.result: Any = None   # the leased tasks, or (the finished task's view, its journal ticket)
+        self.parked = True        # until end_wait: a wait that ended is skipped where it still sits in a line
 
 
 class Queue:
@@ -524,8 +530,11 @@ class Queue:
         # Discarded tasks of a non-persistent queue: id -> (status, attempt, its outcome, key), oldest first.
         self._finished: "collections.OrderedDict[str, Tuple[str, int, Optional[str], Optional[str]]]" = \
             collections.OrderedDict()
-        self._waiters: "collections.deque[_Waiter]" = collections.deque()  # long polls, first come first served
-        self._result_waiters: Dict[str, List[_Waiter]] = {}
+        # Parked long polls, first come first served; one that ended otherwise (out of time, its client gone) stays
+        # in line, marked, until it reaches the front or the line is swept: ending a wait never searches the line.
+        self._waiters: "collections.deque[Waiter]" = collections.deque()
+        self._parked = 0  # long polls parked in _waiters
+        self._result_waiters: Dict[str, List[Waiter]] = {}
         self.totals = {name: 0 for name in TOTALS}
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
@@ -602,7 +611,14 @@ class Queue:
         """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms.
         Without `max`, one task, as the original; but none when every report is a heartbeat or a hand-back: a
         worker keeping a lease alive, or giving a task back, is not asking for more work (a task leased then would
-        sit unworked until its lease ran out, or come straight back to the worker that gave it up)."""
+        sit unworked until its lease ran out, or come straight back to the worker that gave it up).
+        The calling thread blocks while it waits (the Python API); the server parks the wait instead (begin_poll)."""
+        return self._block(functools.partial(self.begin_poll, reports, max, wait, worker))
+
+    def begin_poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
+                   worker: Optional[str] = None, *, wake: Callable[[], None]) -> Union[List[Dict[str, Any]], Waiter]:
+        """poll() without blocking: the tasks leased now, or, when it must wait for some, a parked Waiter that
+        `wake` announces; end it with end_wait. This is where a wait begins: no thread is held by it."""
         reports = _check_reports(reports)
         if max is None:
             max = 0 if reports and all(report["status"] in (IN_PROGRESS, QUEUED) for report in reports) else 1
@@ -620,43 +636,81 @@ class Queue:
             leased = self._take(max, worker, now)
             if leased or not max or wait_ms <= 0 or broker._closed:
                 return leased
-            return self._wait_for_tasks(_Waiter(broker._lock, max, worker), wait_ms)
+            waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, max, worker)
+            self._waiters.append(waiter)
+            self._parked += 1
+            return waiter
 
     def task(self, task_id: str, wait: float = 0) -> Dict[str, Any]:
         """A task's full record; with `wait` ms, hold until it is done, failed or cancelled (or the time is up).
         What it answers is durable: a producer told "done" is never told otherwise after a crash."""
-        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
         try:
-            return self._durable_task(task_id, wait_ms)
+            return self._block(functools.partial(self.begin_task, task_id, wait))
         except Unavailable:
             with self._broker._lock:  # the disk failed: answer what it holds, once memory is back to that
                 if not self._broker._on_disk():
                     raise
                 return self._task_view(task_id)
 
-    def _durable_task(self, task_id: str, wait_ms: float) -> Dict[str, Any]:
+    def begin_task(self, task_id: str, wait: float = 0, *, wake: Callable[[], None]) -> Union[Dict[str, Any], Waiter]:
+        """task() without blocking: the task's record, or a parked Waiter for its end (see begin_poll)."""
+        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
         broker = self._broker
         with broker._changing():
             self._tick(broker._now())
             task = self._tasks.get(task_id)
             if task is None or wait_ms <= 0 or task.status in FINAL_STATUSES or broker._closed:
                 return self._task_view(task_id)
-            waiter = _Waiter(broker._lock)
+            waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, task_id=task_id)
             self._result_waiters.setdefault(task_id, []).append(waiter)
-            try:
-                self._wait(waiter, wait_ms)
-            finally:
-                waiting = self._result_waiters.get(task_id, [])
-                if waiter in waiting:
+            return waiter
+
+    def end_wait(self, waiter: Waiter) -> Any:
+        """End a parked wait, answered or not (out of time, its client gone, the broker closing): the tasks a long
+        poll got ([] if none), or the task's record for a result wait (as it finished, or as it is now). Ends
+        inside a change: the answer is durable before the caller gives it (or, for the event loop, it is told
+        what to wait for)."""
+        broker = self._broker
+        with broker._changing():
+            if waiter.parked:
+                waiter.parked = False
+                if waiter.task_id is None:
+                    self._parked -= 1
+                    if len(self._waiters) > 2 * self._parked + 64:  # ended waits pile up behind a long one
+                        self._waiters = collections.deque(w for w in self._waiters if w.parked)
+                else:
+                    waiting = self._result_waiters.get(waiter.task_id, [])
                     waiting.remove(waiter)
                     if not waiting:
-                        del self._result_waiters[task_id]
+                        del self._result_waiters[waiter.task_id]
+            if waiter.task_id is None:
+                return waiter.result or []
             if waiter.result is None:
-                return self._task_view(task_id)
-        view, ticket = waiter.result  # the task as it finished, and the journal ticket of that change
-        if ticket:
-            broker._sync(ticket)  # (not covered above if memory was rebuilt meanwhile: this view is older)
+                return self._task_view(waiter.task_id)
+            view, ticket = waiter.result  # the task as it finished, and the journal ticket of that change
+        broker._durability.require(ticket)  # (not covered above if memory was rebuilt meanwhile: the view is older)
         return view
+
+    def _block(self, begin: Callable[..., Any]) -> Any:
+        """Run `begin(wake=...)` and, if it parked a wait, block this thread until the wait is answered, runs out
+        or the broker closes, running the clock meanwhile (a delay or a lease coming due): no helper thread."""
+        broker = self._broker
+        woken = threading.Condition(broker._lock)
+        outcome = begin(wake=woken.notify)  # the core calls wake with the lock held, as notify wants
+        if not isinstance(outcome, Waiter):
+            return outcome
+        with broker._lock:
+            while outcome.parked and not broker._closed:
+                remaining = outcome.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                due = self._next_due()
+                if due is not None:
+                    remaining = min(remaining, max(0.001, (due - broker._now()) / 1000.0))
+                woken.wait(remaining)
+                if outcome.parked:
+                    self._tick(broker._now())
+        return self.end_wait(outcome)
 
     def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
         """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
@@ -741,7 +795,7 @@ class Queue:
                 "total": len(self._tasks),
                 "oldest_queued": oldest.id if oldest else None,
                 "oldest_queued_age_ms": max(0, now - oldest.updated_at) if oldest else None,
-                "waiting_workers": len(self._waiters),
+                "waiting_workers": self._parked,
                 "paused": self.options["paused"],
                 "totals": dict(self.totals),
             }
@@ -851,7 +905,7 @@ class Queue:
 
     def _tick(self, now: int) -> None:
         """Move tasks whose delay has passed to the ready heap, and expire leases that ran out."""
-        writable = self._broker._writable()  # first: it may rebuild the tables bound below
+        writable = self._broker._durability.writable()  # first: it may rebuild the tables bound below
         delayed, ready, tasks = self._delayed, self._ready, self._tasks
         while delayed and delayed[0][0] <= now:
             run_at, task_id = heapq.heappop(delayed)
@@ -908,46 +962,38 @@ class Queue:
         return [{"_id": task_id, "data": tasks[task_id].data, "attempt": tasks[task_id].attempt} for task_id in ids]
 
     def _serve_waiters(self, now: int) -> None:
-        """Hand ready tasks to waiting long polls, oldest first, so that nobody barges ahead of them."""
-        while self._waiters:
-            waiter = self._waiters[0]
+        """Hand ready tasks to parked long polls, oldest first, so that nobody barges ahead of them."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters[0]
+            if not waiter.parked:
+                waiters.popleft()  # it ended already (out of time, its client gone)
+                continue
             try:
                 leased = self._take(waiter.max, waiter.worker, now)
             except Unavailable:
                 return  # the change that called for this stands; the waiter goes on waiting
             if not leased:
                 return
-            self._waiters.popleft()
-            waiter.result = leased
-            waiter.cond.notify()
+            waiters.popleft()
+            waiter.parked, waiter.result = False, leased
+            self._parked -= 1
+            waiter.wake()
 
-    def _wait_for_tasks(self, waiter: _Waiter, wait_ms: float) -> List[Dict[str, Any]]:
-        self._waiters.append(waiter)
-        try:
-            self._wait(waiter, wait_ms)
-        finally:
-            if waiter.result is None:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-        return waiter.result or []
+    def run_clock(self, now: int) -> Optional[int]:
+        """For a queue with parked long polls: hand them the tasks whose delay ended or whose lease ran out by
+        `now` (broker lock held). Returns when the next such moment comes (ms), or None. The server runs it from
+        a timer; a thread blocked in the Python API runs the clock itself."""
+        if not self._parked:
+            return None
+        self._tick(now)
+        return self._next_due() if self._parked else None
 
-    def _wait(self, waiter: _Waiter, wait_ms: float) -> None:
-        """Block (lock held, released while waiting) until the waiter is served, the time is up or the broker
-        closes. Wakes early when a delay or lease comes due, to run the clock: no background thread needed."""
-        broker = self._broker
-        deadline = time.monotonic() + wait_ms / 1000.0
-        while waiter.result is None and not broker._closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            due = self._next_due()
-            if due is not None:
-                remaining = min(remaining, max(0.001, (due - broker._now()) / 1000.0))
-            waiter.cond.wait(remaining)
-            if waiter.result is None:
-                self._tick(broker._now())
+    def wake_all(self) -> None:
+        """The broker closes (lock held): every parked wait is woken, to end at once."""
+        for waiter in list(self._waiters) + [w for waiting in self._result_waiters.values() for w in waiting]:
+            if waiter.parked:
+                waiter.wake()
 
     def _task_view(self, task_id: str) -> Dict[str, Any]:
         task = self._tasks.get(task_id)
@@ -1243,8 +1289,8 @@ class Queue:
     def _answer(self, task_id: str, result: Tuple[Dict[str, Any], int]) -> None:
         """Hand a finished task's view (and the journal ticket that makes it durable) to those waiting for it."""
         for waiter in self._result_waiters.pop(task_id, ()):
-            waiter.result = result
-            waiter.cond.notify()
+            waiter.parked, waiter.result = False, result
+            waiter.wake()
 
 
 _OUTCOME = {DONE: "done", FAILED: "failed", QUEUED: "queued", IN_PROGRESS: None}
@@ -1367,13 +1413,13 @@ class Broker:
         self._undo: Optional[List[Tuple[Any, ...]]] = None   # during a live commit: how to put back its changes
         self._answers: List[Tuple[Any, ...]] = []            # result waiters to answer once the commit stands
         self._latest = 0   # the latest time a replayed record carries
-        self._rebuilt_upto = 0  # the journal's ticket when memory was last rebuilt from the disk
         self._journal: Optional[Journal] = None
-        self._compaction: Optional[threading.Thread] = None
+        self._durability = Durability(self._lock, None, self._rebuild, self._snapshot)
         if journal is not None:
             journal = Journal(journal) if isinstance(journal, str) else journal
             self._load(journal)
             self._journal = journal
+            self._durability = Durability(self._lock, journal, self._rebuild, self._snapshot)
             if self._now() < self._latest:  # the wall clock is behind the journal: time goes on from its end
                 self._origin = (float(self._latest), clock.monotonic())
             if journal.records == 0:
@@ -1426,67 +1472,54 @@ class Broker:
             return list(self._queues.values())
 
     def close(self) -> None:
-        """Answer every waiting long poll and result wait now, make later waits return at once, and close the
+        """Answer every parked long poll and result wait now, make later waits return at once, and close the
         journal (after writing what is pending)."""
         with self._lock:
             self._closed = True
             for queue in self._queues.values():
-                for waiter in list(queue._waiters) + [w for ws in queue._result_waiters.values() for w in ws]:
-                    waiter.cond.notify()
-        if self._compaction is not None:
-            self._compaction.join()
+                queue.wake_all()
+        self._durability.close()
+
+    def deferring(self) -> ContextManager["Promise"]:
+        """For a caller that must not block (the server's event loop): changes made in this thread inside are not
+        waited for; the Promise collects the journal ticket the caller must see settled() before answering."""
+        return self._durability.deferring()
+
+    def settled(self, ticket: int) -> Optional[bool]:
+        """Whether the changes up to `ticket` are durable: True, False if the disk lost them (answer 503), or None
+        while they are being written (after request_flush)."""
+        return self._durability.settled(ticket)
+
+    def request_flush(self) -> None:
+        """Have what changed written to the journal without waiting (the event loop asks once per pass)."""
+        self._durability.request_flush()
+
+    def on_settled(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from any thread, journal lock held: it must not block) whenever journal tickets become
+        durable or lost. Nothing to hear of without a journal."""
         if self._journal is not None:
-            self._journal.close()
+            self._journal.settle_listeners.append(listener)
+
+    def next_due(self) -> Optional[float]:
+        """Run the clock for the parked long polls (a delay ended, a lease ran out: their tasks go to the polls);
+        returns the seconds until that is next needed, or None. The server calls it from a timer."""
+        with self._changing():
+            now, due = self._now(), None
+            for queue in self._queues.values():
+                at = queue.run_clock(now)
+                if at is not None and (due is None or at < due):
+                    due = at
+        return None if due is None else max(0.0, (due - self._now()) / 1000.0)
 
     # -- durability -----------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _changing(self) -> Iterator[None]:
-        """Hold the lock for a change; on leaving, wait (without the lock) until what was committed is durable.
-        This is what makes a 2xx mean "on disk": the caller answers only after this returns."""
-        with self._lock:
-            self._writable()  # after a disk failure, memory is put back first: never in the middle of a change
-            yield
-            ticket = self._journal.ticket if self._journal is not None else 0
-            if ticket <= self._rebuilt_upto:
-                ticket = 0  # memory was rebuilt from the disk since: what it shows is there already
-        if ticket:
-            self._sync(ticket)
-
-    def _sync(self, ticket: int) -> None:
-        journal = self._journal
-        assert journal is not None
-        try:
-            journal.wait(ticket)
-        except Unavailable:
-            with self._lock:
-                self._writable()  # put memory back to what the disk holds, if the disk lets us already
-            raise
-
-    def _writable(self) -> bool:
-        """Whether changes can be journalled now (lock held). After a disk failure, memory is first rebuilt from
-        the durable part of the file, so that it never holds what the disk lost; then the journal is truncated to
-        that part, which succeeds once the disk works again (and never if the file was deleted or replaced)."""
-        journal = self._journal
-        if journal is None or journal.failed is None:
-            return journal is None or not journal.closed
-        if not journal.rolled_back:
-            try:
-                self._rebuild(journal)
-                journal.rolled_back, self._rebuilt_upto = True, journal.ticket
-            except (OSError, MemoryError, JournalError):
-                return False
-        try:
-            journal.reset()
-        except OSError:
-            return False
-        return True
+    def _changing(self) -> ContextManager[None]:
+        """Hold the lock for a change; on leaving, the change is durable (or, deferring, its ticket noted): this
+        is what makes a 2xx mean "on disk". See Durability."""
+        return self._durability.changing()
 
     def _on_disk(self) -> bool:
-        """Lock held: whether the journal failed and memory was rebuilt from what it holds since (so that what
-        memory shows is on disk, while nothing new is written)."""
-        journal = self._journal
-        return journal is not None and journal.failed is not None and journal.rolled_back
+        return self._durability.on_disk()
 
     def _rebuild(self, journal: "Journal") -> None:
         """Replace the state of every queue by what the journal's durable part builds; waiters stay where they
@@ -1550,32 +1583,7 @@ class Broker:
         """Rewrite the journal now as a snapshot of the live state (it also happens by itself as the journal
         grows). Serving goes on meanwhile; only taking the snapshot holds the lock. OSError if it failed (the
         journal is then unchanged)."""
-        with self._lock:
-            journal = self._journal
-            generation = journal.begin_compaction() if journal is not None else None
-            if generation is None:
-                return  # no journal, or a compaction is already running
-            snapshot = self._snapshot()
-        journal.compact(snapshot, generation)
-
-    def _maybe_compact(self) -> None:
-        """Lock held: start a compaction in the background when the journal has grown well past the state."""
-        journal = self._journal
-        if self._closed or not journal.wants_compaction(self._live + 2 * len(self._queues)):
-            return
-        generation = journal.begin_compaction()
-        if generation is not None:
-            self._compaction = threading.Thread(target=self._compact_quietly,
-                                                args=(journal, self._snapshot(), generation),
-                                                name="katar_http compaction", daemon=True)
-            self._compaction.start()
-
-    @staticmethod
-    def _compact_quietly(journal: "Journal", snapshot: List[Dict[str, Any]], generation: int) -> None:
-        try:
-            journal.compact(snapshot, generation)
-        except OSError as exc:
-            warn(f"compaction of {journal.path} failed, the journal is unchanged: {exc}")
+        self._durability.compact()
 
     def health(self) -> Optional[str]:
         """Why changes cannot be made durable now (a journal that failed, or a write or fsync that has hung for
@@ -1603,7 +1611,7 @@ class Broker:
         changed first, the disk next; the request that made the change answers only once the disk has it (see
         _changing)."""
         journal = self._journal
-        # After a failure, memory is put back (by _writable) at the start of the next change, never in its middle.
+        # After a failure, memory is put back (by Durability.writable) at the start of the next change, never in its middle.
         if journal is not None and (journal.failed is not None or journal.closed):
             raise Unavailable(f"the journal cannot be written ({journal.failed or 'closed'}); nothing was changed")
         try:
@@ -1631,8 +1639,8 @@ class Broker:
         ticket = journal.ticket if journal is not None else 0
         for answer, task_id, view in self._answers:
             answer(task_id, (view, ticket))
-        if journal is not None:
-            self._maybe_compact()
+        if journal is not None and not self._closed:
+            self._durability.maybe_compact(self._live + 2 * len(self._queues))
 
     def _revert(self, saved: Tuple[int, int], error: BaseException) -> bool:
         """Put back what a failed commit changed (lock held); whether that worked. Should it fail too, memory no
@@ -1855,6 +1863,11 @@ class Journal:
         self._compact_after = 0.0          # monotonic time before which no compaction starts (after a failure)
         self._compact_wait = COMPACT_RETRY[0]
         self._closed = False
+        self._flusher: Optional[threading.Thread] = None  # writes for callers that must not block (request_flush)
+        self._flush_wanted = False
+        # Called (mutex held; they must not block) whenever tickets become durable or lost: the event loop learns
+        # here that answers it holds back may go.
+        self.settle_listeners: List[Callable[[], None]] = []
         self.compaction_hook: Callable[[str], None] = lambda step: None  # tests stop a compaction between steps
 
     @property
@@ -2062,6 +2075,39 @@ class Journal:
                     continue
                 self._flush_locked()
 
+    def settled(self, ticket: int) -> Optional[bool]:
+        """Whether the records up to `ticket` are durable: True, False if a failure lost them, None while they are
+        pending (request_flush writes them)."""
+        with self._cond:
+            if self._lost and any(after < ticket <= upto for after, upto in self._lost):
+                return False
+            if self._durable >= ticket:
+                return True
+            return False if self.failed is not None or self._closed else None
+
+    def request_flush(self) -> None:
+        """Have what is pending written (and fsync'd, with "always") by the flusher thread, for a caller that must
+        not block on the disk: the event loop asks once per pass, so everything it handled in that pass shares one
+        write and one fsync while it goes on parsing. The settle listeners hear when it is done."""
+        with self._cond:
+            if self._closed:
+                return
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_forever, name="katar_http flusher", daemon=True)
+                self._flusher.start()
+            self._flush_wanted = True
+            self._cond.notify_all()
+
+    def _flush_forever(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._flush_wanted and not self._flushing:
+                    self._flush_wanted = False
+                    if self._pending and self.failed is None:
+                        self._flush_locked()
+                    continue
+                self._cond.wait()
+
     def _flush_locked(self) -> None:
         """Write (and fsync) everything pending, releasing the condition during the I/O; then check that the
         path still names the file written."""
@@ -2107,6 +2153,8 @@ class Journal:
             still.pop(0)[1].notify()
         self._waiting = still
         self._cond.notify_all()
+        for listener in self.settle_listeners:
+            listener()
 
     def fail(self, error: OSError) -> None:
         """Mark the journal failed from outside (memory could not be put back after a failed commit): memory is
@@ -2294,6 +2342,156 @@ class Journal:
             self._closed = True
             self._wake()
             os.close(self._fd)
+
+
+class Promise:
+    """What a caller that must not block collects while it changes state (Broker.deferring): the journal ticket
+    its answer must wait for (0: none)."""
+
+    __slots__ = ("ticket",)
+
+    def __init__(self) -> None:
+        self.ticket = 0
+
+
+class Durability:
+    """The coordination of durability: when a change made in memory may be acknowledged, and what happens when
+    the disk refuses it. The Broker owns one and holds its lock (`lock`, the broker's) around every change; the
+    journal makes the records durable. Without a journal a change is acknowledged as soon as it is made.
+
+    A caller that may block (a thread of the Python API) waits after leaving the lock until the journal holds what
+    it changed (changing, require). The event loop must not block: inside deferring() the ticket to wait for is
+    collected instead, and the loop answers once settled(ticket), having asked the journal's flusher thread to
+    write (Journal.request_flush). After a disk failure, memory is rebuilt from the durable part of the file at the
+    start of the next change (writable), never in the middle of one. Compactions start here, in a thread of their
+    own, when the journal has grown well past the state (`snapshot` gives the state as records, lock held)."""
+
+    def __init__(self, lock: threading.Lock, journal: Optional[Journal], rebuild: Callable[[Journal], None],
+                 snapshot: Callable[[], List[Dict[str, Any]]]) -> None:
+        self._lock, self.journal = lock, journal
+        self._rebuild, self._snapshot = rebuild, snapshot
+        self._rebuilt_upto = 0  # the journal's ticket when memory was last rebuilt from the disk
+        self._local = threading.local()  # per thread: the Promise of a deferring caller
+        self._compaction: Optional[threading.Thread] = None
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Hold the lock for a change; on leaving, wait (without the lock) until what was committed is durable,
+        or note its ticket for a deferring caller. This is what makes a 2xx mean "on disk"."""
+        with self._lock:
+            self.writable()  # after a disk failure, memory is put back first: never in the middle of a change
+            yield
+            ticket = self.journal.ticket if self.journal is not None else 0
+            if ticket <= self._rebuilt_upto:
+                ticket = 0  # memory was rebuilt from the disk since: what it shows is there already
+        if ticket:
+            self.require(ticket)
+
+    def require(self, ticket: int) -> None:
+        """The caller's answer needs the records up to `ticket` durable: wait for them (Unavailable if the disk lost
+        them), or, deferring, note the ticket."""
+        if not ticket or self.journal is None:
+            return
+        promise = getattr(self._local, "promise", None)
+        if promise is not None:
+            promise.ticket = max(promise.ticket, ticket)
+            return
+        try:
+            self.journal.wait(ticket)
+        except Unavailable:
+            with self._lock:
+                self.writable()  # put memory back to what the disk holds, if the disk lets us already
+            raise
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[Promise]:
+        """Inside, this thread's changes are not waited for: their ticket goes to the Promise yielded."""
+        promise = self._local.promise = Promise()
+        try:
+            yield promise
+        finally:
+            self._local.promise = None
+
+    def request_flush(self) -> None:
+        """Have the journal write what is pending without waiting for it (see Journal.request_flush)."""
+        if self.journal is not None:
+            self.journal.request_flush()
+
+    def settled(self, ticket: int) -> Optional[bool]:
+        """True once the records up to `ticket` are durable, None while pending, False if the disk lost them (then
+        memory is put back to what the disk holds, if the disk lets it already)."""
+        if not ticket or self.journal is None:
+            return True
+        state = self.journal.settled(ticket)
+        if state is False:
+            with self._lock:
+                self.writable()
+        return state
+
+    def writable(self) -> bool:
+        """Whether changes can be journalled now (lock held). After a disk failure, memory is first rebuilt from
+        the durable part of the file, so that it never holds what the disk lost; then the journal is truncated to
+        that part, which succeeds once the disk works again (and never if the file was deleted or replaced)."""
+        journal = self.journal
+        if journal is None or journal.failed is None:
+            return journal is None or not journal.closed
+        if not journal.rolled_back:
+            try:
+                self._rebuild(journal)
+                journal.rolled_back, self._rebuilt_upto = True, journal.ticket
+            except (OSError, MemoryError, JournalError):
+                return False
+        try:
+            journal.reset()
+        except OSError:
+            return False
+        return True
+
+    def on_disk(self) -> bool:
+        """Lock held: whether the journal failed and memory was rebuilt from what it holds since (so that what
+        memory shows is on disk, while nothing new is written)."""
+        journal = self.journal
+        return journal is not None and journal.failed is not None and journal.rolled_back
+
+    def compact(self) -> None:
+        """Rewrite the journal now as a snapshot of the state; only taking the snapshot holds the lock."""
+        with self._lock:
+            journal = self.journal
+            generation = journal.begin_compaction() if journal is not None else None
+            if generation is None:
+                return  # no journal, or a compaction is already running
+            snapshot = self._snapshot()
+        journal.compact(snapshot, generation)
+
+    def maybe_compact(self, live_records: int) -> None:
+        """Lock held: start a compaction in the background when the journal has grown well past the state."""
+        journal = self.journal
+        if journal is None or not journal.wants_compaction(live_records):
+            return
+        generation = journal.begin_compaction()
+        if generation is not None:
+            self._compaction = threading.Thread(target=self._compact_quietly,
+                                                args=(journal, self._snapshot(), generation),
+                                                name="katar_http compaction", daemon=True)
+            self._compaction.start()
+
+    @staticmethod
+    def _compact_quietly(journal: Journal, snapshot: List[Dict[str, Any]], generation: int) -> None:
+        try:
+            journal.compact(snapshot, generation)
+        except OSError as exc:
+            warn(f"compaction of {journal.path} failed, the journal is unchanged: {exc}")
+
+    def join_compaction(self, timeout: Optional[float] = None) -> None:
+        """Wait for the compaction running in the background, if any, to end."""
+        if self._compaction is not None:
+            self._compaction.join(timeout)
+
+    def close(self) -> None:
+        """Let a compaction under way finish, then close the journal (writing what is pending)."""
+        self.join_compaction()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def _write_all(fd: int, data: bytes, write: Callable[[int, Any], int] = os.write) -> int:

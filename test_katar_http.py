@@ -1817,7 +1817,7 @@ class JournalTest(JournalTestCase):
         for _ in range(150):
             task = jobs.insert({"data": 1})
             jobs.report([{"_id": jobs.lease()[0]["_id"], "status": "done"}])
-        broker._compaction.join(10)
+        broker._durability.join_compaction(10)
         # 150 rounds of insert, lease and done wrote 450 records; compactions keep only what is live plus a tail.
         self.assertLess(read_file(self.path).count("\n"), 300)
         before = broker_state(broker)
@@ -2110,7 +2110,7 @@ class CompactionRaceTest(JournalTestCase):
                 jobs.insert({"data": 1})
                 jobs.report([{"_id": jobs.lease()[0]["_id"], "status": "done"}])
                 if broker._compaction is not None:
-                    broker._compaction.join(10)
+                    broker._durability.join_compaction(10)
         self.assertEqual(len(attempts), 1, "a failed compaction was retried at once")
         self.assertIn("No space left", stderr.getvalue())
         self.assertFalse(os.path.exists(self.path + ".compact"))
