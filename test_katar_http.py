@@ -2109,8 +2109,7 @@ class CompactionRaceTest(JournalTestCase):
             for _ in range(200):
                 jobs.insert({"data": 1})
                 jobs.report([{"_id": jobs.lease()[0]["_id"], "status": "done"}])
-                if broker._compaction is not None:
-                    broker._durability.join_compaction(10)
+                broker._durability.join_compaction(10)
         self.assertEqual(len(attempts), 1, "a failed compaction was retried at once")
         self.assertIn("No space left", stderr.getvalue())
         self.assertFalse(os.path.exists(self.path + ".compact"))
