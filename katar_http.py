@@ -52,6 +52,7 @@ from other sites' web pages (Origin, Sec-Fetch-Site) are refused unless --allow-
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import datetime
@@ -82,7 +83,7 @@ import time
 import traceback
 import zlib
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -1490,6 +1491,11 @@ class Broker:
         while they are being written (after request_flush)."""
         return self._durability.settled(ticket)
 
+    def lost_because(self) -> str:
+        """Why the latest changes the disk lost were lost (for the 503 of the requests that made them)."""
+        journal = self._journal
+        return str(journal.last_failure or "the journal is closed") if journal is not None else ""
+
     def request_flush(self) -> None:
         """Have what changed written to the journal without waiting (the event loop asks once per pass)."""
         self._durability.request_flush()
@@ -1855,6 +1861,7 @@ class Journal:
         self._written = 0                  # bytes of the file written
         self._synced = 0                   # bytes of the file fsync'd
         self.failed: Optional[OSError] = None
+        self.last_failure: Optional[OSError] = None  # the latest failure, kept after a reset (what lost tickets)
         self.rolled_back = False           # memory was rebuilt from the durable part after the failure
         self._generation = 0               # failures so far: a compaction begun before one must not finish
         self.records = 0                   # records in the file, to decide when to compact
@@ -2166,7 +2173,7 @@ class Journal:
     def _fail(self, error: OSError) -> None:
         if self.failed is None:
             warn(f"the journal {self.path} failed: {error}. Changes are refused (503) until it can be written.")
-        self.failed, self.rolled_back = error, False
+        self.failed, self.rolled_back, self.last_failure = error, False, error
         if self._appended > self._durable:
             self._lost.append((self._durable, self._appended))
         self._pending = []
@@ -2781,55 +2788,145 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-def _timeval(seconds: float) -> bytes:
-    seconds = max(seconds, 0.001)  # zero would mean "no timeout at all"
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+# -- framing: a request's bytes, from a buffer the event loop fills, without blocking --------------------------
+
+def frame_head(buffer: bytearray, limits: "Limits") -> Optional[Tuple[int, Tuple[str, str, str, Dict[str, str]]]]:
+    """The request head at the start of `buffer`: (the offset where its body begins, (method, target, version,
+    headers)), or None while it is incomplete. Empty lines before a request line are skipped (RFC 9112 2.2). Raises
+    the KatarError to answer (the connection then closes) for a head that breaks a rule or a limit."""
+    start = 0
+    while buffer.startswith(b"\r\n", start):
+        start += 2
+    end = buffer.find(b"\r\n\r\n", start, start + limits.max_head_bytes + 4)
+    head = buffer[start:end if end >= 0 else start + limits.max_head_bytes + 4]
+    crlf = head.count(b"\r\n")
+    # RFC 9112 2.2: a bare LF, a bare CR or a NUL anywhere in a head is refused, however the bytes arrive (a CR
+    # at the very end of an incomplete head may be the start of a CRLF still to come).
+    bare_cr = head.count(b"\r") - crlf - (end < 0 and head.endswith(b"\r"))
+    if head.count(b"\n") != crlf or bare_cr or b"\0" in head:
+        raise BadRequest(BAD_FRAMING)
+    if end < 0:
+        if len(head) > limits.max_head_bytes:
+            if crlf == 0:
+                raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
+            raise RequestHeaderFieldsTooLarge(f"the headers are longer than {limits.max_head_bytes} bytes")
+        if crlf > limits.max_headers + 1:
+            raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
+        return None
+    return end + 4, parse_head(bytes(head).split(b"\r\n"), limits)
 
 
-def _kernel_timeouts(connection: socket.socket, seconds: float) -> bool:
-    """Let the kernel time out blocking reads and writes (SO_RCVTIMEO, SO_SNDTIMEO): then a recv or send is one
-    system call, where a Python timeout adds a poll before each. False where the platform will not."""
-    if isinstance(connection, ssl.SSLSocket):
-        return False
-    try:
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
-    except (OSError, struct.error):
-        return False
-    return True
+def parse_head(lines: List[bytes], limits: "Limits") -> Tuple[str, str, str, Dict[str, str]]:
+    """The request line and header lines (CRLFs already taken off) as (method, target, version, headers); header
+    names lowercase, a repeated header joined with commas (or refused where repeats would be read two ways)."""
+    request_line = lines[0]
+    if len(request_line) > limits.max_head_bytes - 4:
+        raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
+    parts = request_line.decode("latin-1").split(" ")  # RFC 9112 3: single spaces, no other whitespace
+    if len(parts) != 3 or not _HEADER_NAME.fullmatch(parts[0]):
+        raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
+    method, target, version = parts
+    found = _VERSION.fullmatch(version)
+    if not found:
+        raise BadRequest(f"the request line must end with the HTTP version, like HTTP/1.1, not {version[:16]!r}")
+    if found.group(1) != "1":
+        raise VersionNotSupported(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version}")
+    version = "HTTP/1.0" if found.group(2) == "0" else "HTTP/1.1"  # RFC 9110 2.5: a later 1.x is read as 1.1
+    if len(lines) - 1 > limits.max_headers:
+        raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            raise BadRequest("a header line must be Name: value")
+        name, value = name.lower(), value.strip(" \t")  # RFC 9110 5.5: only spaces and tabs around a value
+        if _BAD_VALUE.search(value):
+            raise BadRequest(f"the value of header {name[:100]} holds a control character")
+        if name not in headers:
+            headers[name] = value
+        elif name == "host":
+            raise BadRequest("a request has one Host header (RFC 9112 3.2)")
+        elif name in SINGLE_HEADERS:
+            if headers[name] != value:
+                raise BadRequest(f"conflicting {name} headers")
+        else:
+            headers[name] += ", " + value
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise BadRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
+    if not _HOST.fullmatch(headers.get("host", "")):
+        raise BadRequest("the Host header must be a host name or IP address and an optional port (RFC 9112 3.2)")
+    return method, target, version, headers
 
 
-class _Reader(io.RawIOBase):
-    """The connection as a raw file whose reads time out: after `idle` seconds while no request has begun, and
-    at a deadline `whole` seconds after a request's first byte, so a client that trickles bytes cannot hold a
-    thread for longer than that. With kernel timeouts the usual read (a whole request at once) costs one recv."""
+def body_length(version: str, headers: Dict[str, str], limits: "Limits") -> Optional[int]:
+    """How the body after this head is framed: its length in bytes, -1 for chunked, or None when it cannot be
+    framed here (conflicting or unknown framing, a length past max_body): the handler then refuses the request
+    if it reads the body, and the connection closes after the answer, since its stream can no longer be read."""
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        if "content-length" in headers or coding.lower() != "chunked" or version != "HTTP/1.1":
+            return None
+        return -1
+    text = headers.get("content-length", "0") or "0"
+    if not text.isdigit() or not text.isascii() or len(text) > 18 or int(text) > limits.max_body:
+        return None
+    return int(text)
 
-    def __init__(self, connection: socket.socket, idle: float, whole: float, kernel: bool) -> None:
-        self.connection, self.idle, self.whole, self.kernel = connection, idle, whole, kernel
-        self.deadline: Optional[float] = None
-        self.cap: Optional[float] = None  # a time no read may go past (a new connection's first deadline)
-        self.current = idle  # the timeout set on the socket now
 
-    def readable(self) -> bool:
-        return True
+def frame_chunked(buffer: bytearray, start: int, limits: "Limits") -> Optional[Tuple[bytes, int]]:
+    """A chunked body (RFC 9112 7.1) starting at `start`: (the body, the offset after it), or None while it is
+    incomplete. Size lines in hex (extensions ignored), each chunk and line ending in CRLF, trailers checked as
+    headers are and dropped; the bytes on the wire, framing included, count toward max_body."""
+    body, at = bytearray(), start
+    for _ in range(MAX_CHUNKS + 1):
+        end = buffer.find(b"\r\n", at, at + 1024)
+        if end < 0:
+            if len(buffer) - at >= 1024 or _BAD_HEAD_BYTE.search(buffer, at, len(buffer) - 1):
+                raise BadRequest("a chunk size line must be hex digits ending in CRLF")
+            return None
+        line = bytes(buffer[at:end])
+        if _BAD_HEAD_BYTE.search(line):
+            raise BadRequest("a chunk size line must be hex digits ending in CRLF")
+        digits = line.split(b";", 1)[0].rstrip(b" \t")  # RFC 9112 7.1.1: space only before a ";"
+        if not _CHUNK_SIZE.fullmatch(digits):
+            raise BadRequest("a chunk size must be hex digits")
+        chunk, at = int(digits, 16), end + 2
+        if at - start + chunk + (2 if chunk else 0) > limits.max_body:
+            raise PayloadTooLarge(f"the body is over {limits.max_body} bytes, the most this server accepts")
+        if not chunk:
+            break
+        if len(buffer) < at + chunk + 2:
+            return None
+        if buffer[at + chunk:at + chunk + 2] != b"\r\n":
+            raise BadRequest("a chunk must be as long as its size says, then CRLF")
+        body += buffer[at:at + chunk]
+        at += chunk + 2
+    else:
+        raise BadRequest(f"a chunked body may have at most {MAX_CHUNKS} chunks: send larger ones")
+    for _ in range(limits.max_headers + 1):  # trailer fields: checked as headers are, then dropped
+        end = buffer.find(b"\r\n", at, at + limits.max_head_bytes)
+        if end < 0:
+            if len(buffer) - at >= limits.max_head_bytes:
+                raise RequestHeaderFieldsTooLarge(f"a trailer line is longer than {limits.max_head_bytes} bytes")
+            if _BAD_HEAD_BYTE.search(buffer, at, len(buffer) - 1):
+                raise BadRequest("a trailer line must be Name: value, and the trailer end with an empty line")
+            return None
+        line, at = bytes(buffer[at:end]), end + 2
+        if not line:
+            return bytes(body), at
+        name, colon, value = line.decode("latin-1").partition(":")
+        if (_BAD_HEAD_BYTE.search(line) or not colon or not _HEADER_NAME.fullmatch(name) or
+                _BAD_VALUE.search(value)):
+            raise BadRequest("a trailer line must be Name: value, and the trailer end with an empty line")
+    raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} trailer lines")
 
-    def readinto(self, buffer: Any) -> int:
-        timeout = self.idle
-        if self.deadline is not None or self.cap is not None:
-            now = time.monotonic()
-            timeout = min(timeout if self.deadline is None else self.deadline - now,
-                          float("inf") if self.cap is None else self.cap - now)
-            if timeout <= 0:
-                raise socket.timeout("the request took too long to arrive")
-        if not self.kernel:
-            self.connection.settimeout(timeout)
-        elif timeout != self.current:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-            self.current = timeout
-        count = self.connection.recv_into(buffer)  # a kernel timeout raises BlockingIOError, an OSError
-        if self.deadline is None and count:
-            self.deadline = time.monotonic() + self.whole
-        return count
+
+class Parked(NamedTuple):
+    """A route's answer that is not ready yet: the core parked a wait (`waiter`); `finish()` gives the answer
+    once the wait has ended (answered, out of time, the client gone)."""
+
+    waiter: Waiter
+    finish: Callable[[], "Reply"]
 
 
 class Text(str):
@@ -2891,149 +2988,41 @@ def http_response(status: int, payload: Any, headers: Iterable[Tuple[str, str]] 
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One connection (HTTP/1.1 keep-alive), one request at a time. It parses requests itself: a lean parser
-    with limits replaces the base class's, which has none that can be set per server and parses headers with the
-    email package."""
+    """The routes, one method each, and what every request goes through: the Host and Origin checks, the token,
+    the route table, the body's checks, one call into the core, the answer. One Handler serves one connection's
+    requests in turn; the event loop (Connection) frames each request from the bytes it has read and calls
+    `handle_request`, so nothing here reads or writes a socket, or waits: a route whose answer must wait (a long
+    poll, a result wait) returns a Parked wait, and the connection calls `resume` when it has ended."""
 
     protocol_version = "HTTP/1.1"
     server_version = "katar_http/" + __version__
-    server: "_HTTPServer"
+    server: "HTTPServer"
 
-    def setup(self) -> None:
-        self.connection = self.request
-        limits = self.server.limits
-        self.ready = True
+    def __init__(self, channel: "Connection", client_address: Any, server: "HTTPServer") -> None:
+        # Not the base class's __init__, which would read and answer requests from a socket at once.
+        self.channel, self.client_address, self.server = channel, client_address, server
+        self.request = None
         # Until it has sent one complete request that passed authentication, a connection has a short deadline:
         # strangers that connect and idle, or trickle, cannot hold the connection slots for long.
         self.authorised = False
-        self.first_deadline = time.monotonic() + limits.first_request_timeout
-        if self.server.tls:
-            try:  # the handshake happens here, in the connection's own thread, within the first deadline
-                self.connection.settimeout(min(limits.request_timeout, limits.first_request_timeout))
-                self.connection.do_handshake()
-            except (OSError, ValueError):
-                self.ready = False
-        # Each response is one write, but a client may send its request in pieces: no Nagle delays either way.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.kernel_timeouts = _kernel_timeouts(self.connection, limits.idle_timeout)
-        if self.kernel_timeouts:
-            self.connection.settimeout(None)  # blocking: the kernel times the calls out
-        self.reader = _Reader(self.connection, limits.idle_timeout, limits.request_timeout, self.kernel_timeouts)
-        self.rfile = io.BufferedReader(self.reader, 65536)
-        self.server.track(self.connection, True)
+        self.command, self.path, self.request_version, self.headers = "", "", "HTTP/1.1", {}
+        self.close_connection = True
 
-    def handle(self) -> None:
-        if self.ready:
-            super().handle()
-
-    def finish(self) -> None:
-        try:
-            self.rfile.close()
-        finally:
-            self.server.track(self.connection, False)
-
-    def handle_one_request(self) -> None:
-        """Read one request head, then dispatch it; a head that breaks a rule is answered and the connection
-        closed, a connection that goes quiet or away is closed without a word."""
-        self.close_connection = True  # until a whole head has been read
-        self.command, self.path, self.headers, self.body_read = "", "", {}, False
-        self.reader.deadline = None
-        self.reader.cap = None if self.authorised else self.first_deadline
-        try:
-            head = self.read_head()
-        except KatarError as exc:
-            self.respond(*error_reply(exc))
-            return
-        except (OSError, ValueError):  # timeouts, resets, a TLS error
-            return
-        if head is None:
-            return
+    def handle_request(self, head: Tuple[str, str, str, Dict[str, str]], body: Optional[bytes]) -> None:
+        """Serve one framed request: `body` is None when it could not be framed (read_object then says why)."""
         self.command, self.path, self.request_version, self.headers = head
-        if self.reader.deadline is None:  # the head came with the request before it: its time starts now
-            self.reader.deadline = time.monotonic() + self.reader.whole
+        self.body, self.body_read, self.body_size = body, False, 0
         tokens = {token.strip().lower() for token in self.headers.get("connection", "").split(",")}
         self.close_connection = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
-        self.close_asked = self.close_connection
+        if body is None and self._declared_body():
+            self.close_connection = True  # the body was not read: the stream can no longer be framed
         self.dispatch()
 
-    def read_head(self) -> Optional[Tuple[str, str, str, Dict[str, str]]]:
-        """The request line and headers, within the limits, or None when the client closed the connection."""
-        limits = self.server.limits
-        buffered = self.rfile.peek(limits.max_head_bytes)  # waits for the request's first bytes
-        if not buffered:
-            return None
-        end = buffered.find(b"\r\n\r\n", 0, limits.max_head_bytes)
-        if end > 0 and not buffered.startswith(b"\r\n"):  # usually the whole head is here already: take it at once
-            head = self.rfile.read(end + 4)[:end]
-            crlf = head.count(b"\r\n")
-            if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head:
-                raise BadRequest(BAD_FRAMING)
-            lines = head.split(b"\r\n")
-        else:
-            lines = self._read_head_lines(limits)
-            if lines is None:
-                return None
-        request_line = lines[0]
-        if len(request_line) > limits.max_head_bytes - 4:
-            raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
-        parts = request_line.decode("latin-1").split(" ")  # RFC 9112 3: single spaces, no other whitespace
-        if len(parts) != 3 or not _HEADER_NAME.fullmatch(parts[0]):
-            raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
-        method, target, version = parts
-        found = _VERSION.fullmatch(version)
-        if not found:
-            raise BadRequest(f"the request line must end with the HTTP version, like HTTP/1.1, not {version[:16]!r}")
-        if found.group(1) != "1":
-            raise VersionNotSupported(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version}")
-        version = "HTTP/1.0" if found.group(2) == "0" else "HTTP/1.1"  # RFC 9110 2.5: a later 1.x is read as 1.1
-        if len(lines) - 1 > limits.max_headers:
-            raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
-        headers: Dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or not _HEADER_NAME.fullmatch(name):
-                raise BadRequest("a header line must be Name: value")
-            name, value = name.lower(), value.strip(" \t")  # RFC 9110 5.5: only spaces and tabs around a value
-            if _BAD_VALUE.search(value):
-                raise BadRequest(f"the value of header {name[:100]} holds a control character")
-            if name not in headers:
-                headers[name] = value
-            elif name == "host":
-                raise BadRequest("a request has one Host header (RFC 9112 3.2)")
-            elif name in SINGLE_HEADERS:
-                if headers[name] != value:
-                    raise BadRequest(f"conflicting {name} headers")
-            else:
-                headers[name] += ", " + value
-        if version == "HTTP/1.1" and "host" not in headers:
-            raise BadRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
-        if not _HOST.fullmatch(headers.get("host", "")):
-            raise BadRequest("the Host header must be a host name or IP address and an optional port (RFC 9112 3.2)")
-        return method, target, version, headers
-
-    def _read_head_lines(self, limits: Limits) -> Optional[List[bytes]]:
-        """The head line by line, for heads that arrive in pieces or begin with empty lines."""
-        lines: List[bytes] = []
-        used = 0
-        while True:
-            line = self.rfile.readline(limits.max_head_bytes - used + 1)
-            used += len(line)
-            if used > limits.max_head_bytes:
-                if not lines:
-                    raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
-                raise RequestHeaderFieldsTooLarge(f"the headers are longer than {limits.max_head_bytes} bytes")
-            if not line.endswith(b"\n"):
-                return None  # the client hung up in the middle of its head
-            if not line.endswith(b"\r\n") or _BAD_HEAD_BYTE.search(line, 0, len(line) - 2):
-                raise BadRequest(BAD_FRAMING)
-            line = line[:-2]
-            if not line:
-                if lines:
-                    return lines
-                continue  # RFC 9112 2.2: an empty line before a request is tolerated
-            lines.append(line)
-            if len(lines) > limits.max_headers + 1:
-                raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
+    def refuse_head(self, error: KatarError) -> None:
+        """Answer a head that broke a rule or a limit; the connection closes after it."""
+        self.command, self.path, self.request_version, self.headers = "", "", "HTTP/1.1", {}
+        self.close_connection = True
+        self.respond(*error_reply(error))
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -3042,8 +3031,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- dispatch ----------------------------------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        started = time.monotonic()
-        headers: List[Tuple[str, str]] = []
+        self.started = time.monotonic()
+        self.extra_headers: List[Tuple[str, str]] = []
         access = self.server.access
         route = self.route_name = "unknown"
         try:
@@ -3051,29 +3040,55 @@ class Handler(BaseHTTPRequestHandler):
             if access.open:
                 self.check_host()
             if path not in OPEN_PATHS:
-                headers += self.check_origin()
-            if self.command == "OPTIONS" and headers and "access-control-request-method" in self.headers:
+                self.extra_headers += self.check_origin()
+            if self.command == "OPTIONS" and self.extra_headers and "access-control-request-method" in self.headers:
                 route, status, payload = "preflight", HTTPStatus.NO_CONTENT, None  # an allowed page's preflight
-                headers += [("Access-Control-Allow-Methods", CORS_METHODS),
-                            ("Access-Control-Allow-Headers", CORS_HEADERS), ("Access-Control-Max-Age", "600")]
+                self.extra_headers += [("Access-Control-Allow-Methods", CORS_METHODS),
+                                       ("Access-Control-Allow-Headers", CORS_HEADERS),
+                                       ("Access-Control-Max-Age", "600")]
             else:
                 route, status, payload = self.route_request(access, path)
-        except (KatarError, MemoryError) as exc:
-            status, payload, extra = error_reply(exc)
-            headers += extra
-        except Exception as exc:  # a bug: count it, log it, answer JSON, keep serving
+                if isinstance(payload, Parked):
+                    self.channel.park(payload)
+                    return
+        except Exception as exc:
+            status, payload = self.failure(exc)
+        self.answer(route, status, payload)
+
+    def resume(self, parked: Parked) -> None:
+        """A parked route's wait has ended: finish it and answer."""
+        try:
+            status, payload = parked.finish()
+        except Exception as exc:
+            status, payload = self.failure(exc)
+        self.answer(self.route_name, status, payload)
+
+    def lost_answer(self, close: bool) -> bytes:
+        """What an answer becomes when the disk lost the records it acknowledged: a 503, nothing changed."""
+        status, payload, headers = error_reply(Unavailable(
+            f"the journal could not be written ({self.server.broker.lost_because()}); nothing was acknowledged: "
+            f"retry later"))
+        head, body = http_response(status, payload, headers + ([("Connection", "close")] if close else []),
+                                   self.server_version)
+        return head + body
+
+    def failure(self, exc: Exception) -> Reply:
+        """An error as an answer; one that is not a KatarError is a bug: counted, logged, answered JSON."""
+        if not isinstance(exc, (KatarError, MemoryError)):
             self.server.internal_errors += 1
             self.log_error("internal error on %s %s", self.command, _split_target(self.path)[0])
-            traceback.print_exc()
-            status, payload, _ = error_reply(exc)
-        if not self.body_read and self._declared_body():
-            self.close_connection = True  # the unread body would be taken for the next request
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        status, payload, extra = error_reply(exc)
+        self.extra_headers += extra
+        return status, payload
+
+    def answer(self, route: str, status: int, payload: Any) -> None:
         self.server.count(self.route_name if route == "unknown" else route, status)
-        size = self.respond(status, payload, headers)
+        size = self.respond(status, payload, self.extra_headers)
         if not self.server.quiet:  # never the query, the headers (tokens) or the body (task data)
             sys.stderr.write('%s "%s %s" %d %d %.1fms\n' % (
                 self.address_string(), self.command, _split_target(self.path)[0], status, size,
-                (time.monotonic() - started) * 1000))
+                (time.monotonic() - self.started) * 1000))
 
     def route_request(self, access: Access, path: str) -> Tuple[str, int, Any]:
         """Authenticate, route and run the request: (route, status, payload)."""
@@ -3142,20 +3157,15 @@ class Handler(BaseHTTPRequestHandler):
         return methods[command], list(params), parse_qs(query, keep_blank_values=True) if query else {}
 
     def respond(self, status: int, payload: Any, headers: Iterable[Tuple[str, str]] = ()) -> int:
-        """Write status line, headers and body in one send; returns the body size. A payload is JSON, or a
-        Text (the metrics)."""
+        """Hand the connection the whole answer, status line, headers and body, as one piece of bytes; returns
+        the body's size. A payload is JSON, or a Text (the metrics, the page)."""
         headers = list(headers)
         if self.close_connection:
             headers.append(("Connection", "close"))
         elif self.request_version == "HTTP/1.0":
             headers.append(("Connection", "keep-alive"))  # RFC 9112 9.3: an HTTP/1.0 client keeps it only if told
         head, body = http_response(status, payload, headers, self.server_version)
-        try:
-            if not self.kernel_timeouts:
-                self.connection.settimeout(self.server.limits.idle_timeout)  # a client that does not read: cut off
-            self.connection.sendall(head + (b"" if self.command == "HEAD" else body))
-        except OSError:
-            self.close_connection = True  # the client went away; its lease (if any) will run out
+        self.channel.deliver(head if self.command == "HEAD" else head + body, self.close_connection)
         return len(body)
 
     # -- request parts -------------------------------------------------------------------------------------------
@@ -3173,28 +3183,18 @@ class Handler(BaseHTTPRequestHandler):
             if coding.lower() != "chunked" or self.request_version != "HTTP/1.1":  # (spaces and tabs are off)
                 raise NotSupported(f"the transfer coding {coding[:40]!r} is not supported: send the body chunked "
                                    f"(HTTP/1.1) or with a Content-Length")
-            length = -1
         else:
             length_text = self.headers.get("content-length", "0") or "0"
             if not length_text.isdigit() or not length_text.isascii() or len(length_text) > 18:
                 raise BadRequest(f"Content-Length must be a number of bytes, got {length_text[:20]!r}")
-            length = int(length_text)
-            if length > limits.max_body:
-                raise PayloadTooLarge(f"the body is {length} bytes; this server accepts at most {limits.max_body}")
+            if int(length_text) > limits.max_body:
+                raise PayloadTooLarge(f"the body is {length_text} bytes; this server accepts at most {limits.max_body}")
         media = self.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in JSON_MEDIA + LENIENT_MEDIA and not media.endswith("+json"):
             raise UnsupportedMediaType(f"the body must be JSON (application/json), not {media[:100]}")
-        self.close_connection = True  # until the whole body is in: a body read in part leaves the stream unframed
-        try:
-            expects = self.headers.get("expect", "").lower() == "100-continue"
-            if length and expects and self.request_version == "HTTP/1.1":
-                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
-            raw = self.read_chunked() if length < 0 else self.rfile.read(length) if length else b""
-        except OSError:  # a timeout (a client that stalls mid-body is cut off), or a client that went away
-            raise RequestTimeout(f"the body did not arrive within {limits.request_timeout:g} s") from None
-        if len(raw) < length:
-            raise BadRequest(f"the body ended after {len(raw)} of {length} bytes")
-        self.close_connection = self.close_asked
+        raw = self.body
+        if raw is None:  # (the connection framed every body that the checks above let through)
+            raise BadRequest("the body could not be read")
         self.body_read, self.body_size = True, len(raw)
         if not raw.strip():
             if media in LENIENT_MEDIA:
@@ -3207,41 +3207,6 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
         return body
-
-    def read_chunked(self) -> bytes:
-        """A chunked body (RFC 9112 7.1), within max_body: size lines in hex (extensions ignored), each chunk and
-        line ending in CRLF, trailers read and dropped."""
-        limits, body, wire = self.server.limits, bytearray(), 0
-        for _ in range(MAX_CHUNKS + 1):
-            line = self.rfile.readline(1024)
-            wire += len(line)
-            if not line.endswith(b"\r\n") or _BAD_HEAD_BYTE.search(line, 0, len(line) - 2):
-                raise BadRequest("a chunk size line must be hex digits ending in CRLF" if line else
-                                 "the chunked body ended before its last chunk")
-            digits = line[:-2].split(b";", 1)[0].rstrip(b" \t")  # RFC 9112 7.1.1: space only before a ";"
-            if not _CHUNK_SIZE.fullmatch(digits):
-                raise BadRequest("a chunk size must be hex digits")
-            chunk = int(digits, 16)
-            if not chunk:
-                break
-            wire += chunk + 2
-            if wire > limits.max_body:  # the bytes on the wire, framing included, as a Content-Length counts them
-                raise PayloadTooLarge(f"the body is over {limits.max_body} bytes, the most this server accepts")
-            data = self.rfile.read(chunk + 2)
-            if not data.endswith(b"\r\n") or len(data) != chunk + 2:
-                raise BadRequest("a chunk must be as long as its size says, then CRLF")
-            body += memoryview(data)[:-2]
-        else:
-            raise BadRequest(f"a chunked body may have at most {MAX_CHUNKS} chunks: send larger ones")
-        for _ in range(limits.max_headers + 1):  # trailer fields: checked as headers are, then dropped
-            line = self.rfile.readline(limits.max_head_bytes)
-            if line == b"\r\n":
-                return bytes(body)
-            name, colon, value = line[:-2].decode("latin-1").partition(":")
-            if (not line.endswith(b"\r\n") or _BAD_HEAD_BYTE.search(line, 0, len(line) - 2) or not colon or
-                    not _HEADER_NAME.fullmatch(name) or _BAD_VALUE.search(value)):
-                raise BadRequest("a trailer line must be Name: value, and the trailer end with an empty line")
-        raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} trailer lines")
 
     @staticmethod
     def check_fields(what: str, body: Dict[str, Any], known: Tuple[str, ...],
@@ -3344,35 +3309,21 @@ class Handler(BaseHTTPRequestHandler):
         if max_tasks is not None:
             max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
         wait = self.capped_wait(body.get("wait", 0))
-        started = time.monotonic()
-        leased = queue.poll(reports, max=max_tasks, wait=wait, worker=body.get("worker"))
-        # Only a poll that waited (that took more than a moment) asks: a client that sent its request and closed
-        # its sending side at once (nc -q, some HTTP/1.0 clients) still gets what was ready.
-        if leased and wait and time.monotonic() - started > 0.05 and self.peer_gone():
+        outcome = queue.begin_poll(reports, max=max_tasks, wait=wait, worker=body.get("worker"),
+                                   wake=self.channel.wake)
+        if isinstance(outcome, Waiter):
+            return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_poll, queue, outcome))
+        return (HTTPStatus.OK, {"tasks": outcome}) if outcome else (HTTPStatus.NO_CONTENT, None)
+
+    def finish_poll(self, queue: Queue, waiter: Waiter) -> Reply:
+        leased = queue.end_wait(waiter)
+        if leased and self.channel.gone:
             # The worker hung up while it waited: hand the tasks back now, unspent, rather than when their lease
             # runs out (that would count as a failed attempt and hold them from live workers for a lease).
             with contextlib.suppress(KatarError):
                 queue.report([{"_id": task["_id"], "attempt": task["attempt"], "status": QUEUED} for task in leased])
             return HTTPStatus.NO_CONTENT, None
         return (HTTPStatus.OK, {"tasks": leased}) if leased else (HTTPStatus.NO_CONTENT, None)
-
-    def peer_gone(self) -> bool:
-        """Whether the client has closed its end of the connection (read without consuming: a request it sent
-        after this one stays where it is)."""
-        if not hasattr(select, "poll"):
-            return False
-        hang_up = getattr(select, "POLLRDHUP", 0)  # Linux: the peer closed, even with bytes still unread before it
-        poller = select.poll()
-        poller.register(self.connection.fileno(), select.POLLIN | hang_up)
-        events = poller.poll(0)
-        if not events:
-            return False  # nothing to read: the client is still there, waiting for the answer
-        if events[0][1] & (hang_up | select.POLLHUP | select.POLLERR):
-            return True  # (a TLS close_notify, or a request pipelined before the close, is read past)
-        try:  # the socket's own recv (not TLS's): peeking at the bytes on the wire, b"" at their end
-            return socket.socket.recv(self.connection, 1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
 
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
@@ -3417,7 +3368,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_task(self, name: str, task_id: str) -> Reply:
         queue = self.server.broker.get(name)
-        return HTTPStatus.OK, queue.task(task_id, wait=self.capped_wait(self.query_number("wait", 0)))
+        outcome = queue.begin_task(task_id, wait=self.capped_wait(self.query_number("wait", 0)), wake=self.channel.wake)
+        if isinstance(outcome, Waiter):
+            return HTTPStatus.OK, Parked(outcome, lambda: (HTTPStatus.OK, queue.end_wait(outcome)))
+        return HTTPStatus.OK, outcome
 
     def route_patch_task(self, name: str, task_id: str) -> Reply:
         queue = self.server.broker.get(name)
@@ -3814,12 +3768,20 @@ refresh(); setInterval(refresh, 2000);
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. The server object
+# 6. The server: one asyncio event loop, in a thread of its own, owns every socket. It frames requests from the
+#    bytes it has read, has each connection's Handler serve them in order, and holds an answer back until the
+#    journal records behind it are durable (the journal's flusher thread writes what a pass produced with one write
+#    and one fsync, while the loop goes on). Every deadline is a timer in the loop's heap: the first authorised
+#    request's, a request's, the idle one, parked waits, the broker's clock. Nothing on the loop blocks.
 # ---------------------------------------------------------------------------------------------------------------
 
+REQUESTS_PER_PASS = 32   # requests of one connection served in a pass before the other connections get a turn
+MAX_PIPELINED = 64       # answers a connection may have held back for the disk before its requests wait
+LINGER_SECONDS = 0.5     # after a last answer, how long what the client still sends is read (and dropped)
+FD_RESERVE = 64          # file descriptors kept for the journal, a compaction, the listener and the interpreter
 
 
-# The quick answer past --max-connections, made once.
+# The quick answer past the connection cap, made once.
 def _refusal() -> bytes:
     status, payload, headers = error_reply(Unavailable("the server is at its connection limit; retry later"))
     return b"".join(http_response(status, payload, headers + [("Connection", "close")]))
@@ -3828,134 +3790,503 @@ def _refusal() -> bytes:
 REFUSAL = _refusal()
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most `limits.max_connections` of them, plus what the handler reads."""
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (each connection holds one); returns the
+    limit in force."""
+    try:
+        import resource  # POSIX
+    except ImportError:
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
-    daemon_threads = True  # a stuck connection never keeps the process alive; close() drains them instead
-    # Connections the kernel completes before they are accepted (it caps this at net.core.somaxconn). socketserver's
-    # 5 makes a fleet of workers reconnecting at once wait seconds for dropped SYNs to be sent again.
-    request_queue_size = 1024
 
-    def __init__(self, address: Tuple[str, int], broker: Broker, limits: Limits, access: Access,
-                 tls: Optional[ssl.SSLContext], quiet: bool, allow_origins: Iterable[str] = (),
-                 allow_hosts: Iterable[str] = ()) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+class HTTPServer:
+    """What the routes see of the server (the Handler's `server`): the broker, the limits, the tokens, the
+    browser and host rules, the request counts. And the loop's own bookkeeping: the connections, the answers held
+    back for the disk (in ticket order), the broker's clock. All of it runs on the loop's thread, but call_soon
+    and settle_soon, which any thread may call."""
+
+    def __init__(self, broker: Broker, limits: Limits, access: Access, tls: Optional[ssl.SSLContext], quiet: bool,
+                 allow_origins: Iterable[str], allow_hosts: Iterable[str], max_connections: int) -> None:
         self.broker, self.limits, self.access, self.tls, self.quiet = broker, limits, access, tls, quiet
         self.allowed_origins = frozenset(origin.strip().lower().rstrip("/") for origin in allow_origins)
         self.allowed_hosts = frozenset(host.strip().lower().rstrip(".") for host in allow_hosts)
-        self._connections: set = set()
-        self._active = 0
-        self._refusals: "collections.deque[socket.socket]" = collections.deque()
-        self._refuser: Optional[threading.Thread] = None
+        self.fd_connections = max_connections  # the cap when limits.max_connections is 0
         self.internal_errors = 0  # 500s answered: each one is a bug
+        self.connections: set = set()
+        self.parked = 0           # connections whose request is a parked wait
+        self.closing = False
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread = 0
+        self._listener: Optional[asyncio.AbstractServer] = None
         self._requests: Dict[Tuple[str, int], int] = collections.Counter()
-        self._requests_lock = threading.Lock()
-        self._connections_changed = threading.Condition()
-        super().__init__(address, Handler)
-        if tls is not None:
-            # The handshake is left to each connection's thread (Handler.setup), so a slow client cannot stall
-            # the accepting loop.
-            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self._held: "collections.deque[Tuple[int, Connection]]" = collections.deque()  # (ticket, connection)
+        self._flush_asked = False
+        self._settle_asked = False
+        self._clock: Optional[asyncio.TimerHandle] = None
+        self._clock_at = 0.0
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_changed:
-            refuse = self._active >= self.limits.max_connections
-            if not refuse:
-                self._active += 1
-        if refuse:
-            self._refuse(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError:  # no thread to be had (memory, ulimit -u, ulimit -v): refused like one too many
-            with self._connections_changed:
-                self._active -= 1
-            self._refuse(request)
+    async def open(self, sock: socket.socket) -> None:
+        """Start serving the listening socket `sock` on the running loop."""
+        self.loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self.loop.set_exception_handler(self._loop_error)
+        self.broker.on_settled(self.settle_soon)
+        handshake = min(self.limits.request_timeout, self.limits.first_request_timeout) if self.tls else None
+        self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, ssl=self.tls,
+                                                       ssl_handshake_timeout=handshake, backlog=1024)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_changed:
-                self._active -= 1
-
-    def _refuse(self, request: socket.socket) -> None:
-        """Beyond the connection limit: hand the connection to the one refuser thread, which answers 503. Over TLS,
-        or when the refuser is itself behind, the connection is just closed: nothing here may stall accepting."""
-        with self._connections_changed:
-            if self.tls is None and len(self._refusals) < 64:
-                if self._refuser is None:
-                    refuser = threading.Thread(target=self._refuse_forever, name="katar_http refusals", daemon=True)
-                    with contextlib.suppress(RuntimeError):  # no thread to be had: the plain close below
-                        refuser.start()
-                        self._refuser = refuser
-                if self._refuser is not None:
-                    self._refusals.append(request)
-                    self._connections_changed.notify_all()
-                    return
-        super().shutdown_request(request)  # a plain close: this is the accepting thread, which must not linger
-
-    def _refuse_forever(self) -> None:
-        while True:
-            with self._connections_changed:
-                while not self._refusals:
-                    self._connections_changed.wait()
-                request = self._refusals.popleft()
-            try:
-                request.settimeout(0.5)
-                request.sendall(REFUSAL)
-            except OSError:
-                pass
-            _close_lingering(request)
-
-    def shutdown_request(self, request: Any) -> None:
-        """End a connection when its thread is done with it."""
-        _close_lingering(request)
+    def _loop_error(self, loop: Any, context: Dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
+            return  # a client that went away mid-way, or spoke bad TLS: nothing to tell the operator
+        self.internal_errors += 1
+        warn(f"event loop: {context.get('message')}: {exc!r}")
+        if exc is not None:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
 
     def count(self, route: str, status: int) -> None:
-        with self._requests_lock:
-            self._requests[(route[6:] if route.startswith("route_") else route, int(status))] += 1
+        self._requests[(route[6:] if route.startswith("route_") else route, int(status))] += 1
 
     def request_counts(self) -> Dict[Tuple[str, int], int]:
-        with self._requests_lock:
-            return dict(self._requests)
+        return dict(self._requests)
 
-    def track(self, connection: socket.socket, is_open: bool) -> None:
-        with self._connections_changed:
-            if is_open:
-                self._connections.add(connection)
+    @property
+    def max_connections(self) -> int:
+        return self.limits.max_connections or self.fd_connections
+
+    @property
+    def active(self) -> int:
+        """Connections being served."""
+        return len(self.connections)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the loop: queued directly from the loop's own thread, through its wake-up pipe from
+        any other (a thread of the Python API that served a parked poll, the journal's flusher)."""
+        loop = self.loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            loop.call_soon(callback)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(callback)
+
+    # -- answers held back for the disk ----------------------------------------------------------------------------
+
+    def hold(self, ticket: int, connection: "Connection") -> None:
+        """An answer of `connection` waits for journal ticket `ticket`; the flusher is asked once, at the end of the
+        pass, so that everything handled in this pass shares one write and one fsync."""
+        self._held.append((ticket, connection))
+        if not self._flush_asked:
+            self._flush_asked = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_asked = False
+        self.broker.request_flush()
+
+    def settle_soon(self) -> None:
+        """The journal made tickets durable (or lost them): release the answers waiting for them. Any thread."""
+        if not self._settle_asked:
+            self._settle_asked = True
+            self.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        self._settle_asked = False
+        held, settled = self._held, self.broker.settled
+        while held:
+            ticket, connection = held[0]
+            if settled(ticket) is None:
+                break
+            held.popleft()
+            connection.send_answers()
+        if held:  # written after the flush began: the next one takes them
+            self.broker.request_flush()
+
+    # -- the broker's clock ----------------------------------------------------------------------------------------
+
+    def arm_clock(self) -> None:
+        """While waits are parked, hand them what a delay ending or a lease running out frees, at that moment."""
+        if not self.parked:
+            return
+        with self.broker.deferring():  # (what the clock changes is answered by the waits it serves)
+            delay = self.broker.next_due()
+        if delay is None:
+            return
+        at = self.loop.time() + max(delay, 0.002)
+        if self._clock is not None:
+            if self._clock_at <= at:
+                return
+            self._clock.cancel()
+        self._clock_at, self._clock = at, self.loop.call_at(at, self._run_clock)
+
+    def _run_clock(self) -> None:
+        self._clock = None
+        self.arm_clock()
+
+    # -- stopping --------------------------------------------------------------------------------------------------
+
+    async def stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # (not wait_closed: from Python 3.12 on it waits for every connection)
+
+    async def drain(self, timeout: float) -> None:
+        """Read no more requests; let the answers under way (held for the disk, or being written) go out, for at
+        most `timeout` seconds; then close every connection."""
+        self.closing = True
+        deadline = self.loop.time() + timeout
+        for connection in list(self.connections):
+            connection.stop_reading()
+        while any(connection.answers for connection in self.connections) and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        for connection in list(self.connections):
+            connection.close()
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection on the event loop. It reads without blocking, frames requests one after another
+    (pipelined ones in order, a bounded number a pass), has its Handler serve each, and writes the answers in
+    request order, each once the journal holds what it acknowledges. Its one timer enforces the deadline of the
+    moment: a new connection's first authorised request, a request's (from its first byte to the end of its body),
+    the idle one between requests, a client that does not read its answers, the lingering close."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.transport: Any = None
+        self.handler: Optional[Handler] = None
+        self.buffer = bytearray()
+        self.answers: "collections.deque[List[Any]]" = collections.deque()  # [bytes or None, ticket, close]
+        self.head: Optional[Tuple[str, str, str, Dict[str, str]]] = None  # a framed head whose body is awaited
+        self.body_at, self.length, self.continued = 0, None, False
+        self.parked: Optional[Parked] = None
+        self.park_timer: Optional[asyncio.TimerHandle] = None
+        self.gone = False           # the client closed its end, or the connection broke
+        self.closing = False        # the last answer is out or on its way: what comes is read and dropped
+        self.reading = True
+        self.write_paused = False
+        self.processing = False
+        self.request_started = 0.0  # loop time of the first byte of the request being read
+        self.first_deadline = 0.0
+        self.deadline: Optional[float] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.timer_at = 0.0
+
+    # -- the transport's callbacks -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        server = self.server
+        if len(server.connections) >= server.max_connections or server.closing:
+            transport.write(REFUSAL)
+            self.linger()
+            return
+        server.connections.add(self)
+        self.handler = Handler(self, transport.get_extra_info("peername") or ("-", 0), server)
+        self.first_deadline = server.loop.time() + server.limits.first_request_timeout
+        self.watch()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.handler is None:
+            return  # lingering: read and dropped
+        if not self.buffer and self.head is None:
+            self.request_started = self.server.loop.time()
+        self.buffer += data
+        self.process()
+
+    def eof_received(self) -> bool:
+        if self.closing:
+            return False  # the lingering close is done: close now
+        self.gone = True
+        if self.parked is not None:  # a worker that hung up while it waited: its wait ends now
+            self.resume()
+        else:
+            self.process()  # what was asked before the end is answered, then the connection closes
+        return not self.closing
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.gone = self.closing = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.parked is not None:
+            self.resume()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True  # a client that does not read its answers: read none of its requests either
+        self.throttle()
+        self.watch()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.throttle()
+        self.watch()
+
+    # -- requests ----------------------------------------------------------------------------------------------------
+
+    def process(self) -> None:
+        """Serve the complete requests in the buffer, in order, until one parks, a bounded number a pass."""
+        if self.processing:
+            return
+        self.processing = True
+        try:
+            served = 0
+            while self.buffer and self.parked is None and not self.closing and len(self.answers) < MAX_PIPELINED:
+                if served == REQUESTS_PER_PASS:
+                    self.server.loop.call_soon(self.process)  # the other connections' turn first
+                    break
+                request = self.frame()
+                if request is None:
+                    break
+                served += 1
+                self.serve(*request)
+        finally:
+            self.processing = False
+        if self.gone and not self.closing and not self.answers and self.parked is None:
+            if self.head is not None:  # the client ended its side in the middle of a body
+                self.refuse(BadRequest("the body ended before the length its head gives (Content-Length, chunks)"))
             else:
-                self._connections.discard(connection)
-                self._connections_changed.notify_all()
+                self.close()  # everything it asked is answered (a head cut short gets no answer)
+            return
+        self.throttle()
+        self.watch()
 
-    def drain(self, timeout: float) -> None:
-        """Stop reading from every connection (a response being written still completes), then wait for the
-        handler threads to finish, at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        with self._connections_changed:
-            for connection in self._connections:
-                try:
-                    connection.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-            while self._connections and time.monotonic() < deadline:
-                self._connections_changed.wait(deadline - time.monotonic())
+    def frame(self) -> Optional[Tuple[Tuple[str, str, str, Dict[str, str]], Optional[bytes]]]:
+        """The next complete request (its head, and its body or None if it cannot be framed), or None."""
+        limits = self.server.limits
+        try:
+            if self.head is None:
+                found = frame_head(self.buffer, limits)
+                if found is None:
+                    return None
+                self.body_at, self.head = found
+                self.length, self.continued = body_length(self.head[2], self.head[3], limits), False
+            if self.length is None:
+                body, end = None, self.body_at
+            elif self.length >= 0:
+                end = self.body_at + self.length
+                if len(self.buffer) < end:
+                    self.send_continue()
+                    return None
+                body = bytes(self.buffer[self.body_at:end])
+            else:
+                chunked = frame_chunked(self.buffer, self.body_at, limits)
+                if chunked is None:
+                    self.send_continue()
+                    return None
+                body, end = chunked
+        except KatarError as exc:
+            self.refuse(exc)
+            return None
+        head, self.head = self.head, None
+        del self.buffer[:end]
+        return head, body
 
+    def refuse(self, error: KatarError) -> None:
+        """Answer a request that cannot be read to its end (a head or a body that breaks a rule, a body that
+        stalls or stops), and close."""
+        self.head = None
+        self.answers.append([None, 0, True])
+        assert self.handler is not None
+        self.handler.refuse_head(error)
+        self.send_answers()
 
-def _close_lingering(connection: socket.socket, seconds: float = 0.5) -> None:
-    """Half-close, read what the client still sends until it closes (at most about `seconds`), then close.
-    Closing with part of a request unread resets the connection, and a reset can destroy the answer before the
-    client reads it: the 414 to a long request line, the 503 to one connection too many."""
-    try:
-        connection.shutdown(socket.SHUT_WR)
-        connection.settimeout(seconds)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and connection.recv(65536):
-            pass
-    except (OSError, ValueError):
-        pass
-    connection.close()
+    def send_continue(self) -> None:
+        """Expect: 100-continue: tell a client that waits before sending its body to go on (curl waits a second
+        otherwise); once per request, and only when no earlier answer is still to come before it."""
+        assert self.head is not None
+        if (not self.continued and not self.answers and self.head[2] == "HTTP/1.1"
+                and self.head[3].get("expect", "").lower() == "100-continue"):
+            self.continued = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def serve(self, head: Tuple[str, str, str, Dict[str, str]], body: Optional[bytes]) -> None:
+        self.answers.append([None, 0, False])
+        assert self.handler is not None
+        with self.server.broker.deferring() as promise:
+            self.handler.handle_request(head, body)
+        self.hold(promise.ticket)
+        if self.buffer:
+            self.request_started = self.server.loop.time()  # the next request is here already: its time runs
+        if self.parked is None:
+            self.send_answers()
+
+    def hold(self, ticket: int) -> None:
+        if ticket:
+            answer = self.answers[-1]
+            answer[1] = max(answer[1], ticket)
+            self.server.hold(ticket, self)
+
+    def deliver(self, data: bytes, close: bool) -> None:
+        """The Handler's answer to the request being served (the last one begun)."""
+        answer = self.answers[-1]
+        answer[0], answer[2] = data, close
+        if close:
+            self.closing = True  # nothing after this request is read
+
+    def send_answers(self) -> None:
+        """Write the answers that are ready, in order: each once the journal holds its ticket (a ticket the disk
+        lost turns its answer into a 503); after the last one of a connection that closes, close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        settled = self.server.broker.settled
+        answers = self.answers
+        while answers:
+            data, ticket, close = answers[0]
+            if data is None:
+                break
+            if ticket:
+                state = settled(ticket)
+                if state is None:
+                    return
+                if state is False:
+                    assert self.handler is not None
+                    data = self.handler.lost_answer(close)
+            answers.popleft()
+            transport.write(data)
+            if close:
+                self.linger()
+                return
+        if self.buffer and not self.processing and self.parked is None:
+            self.process()
+        elif self.gone and not answers and self.parked is None:
+            self.close()
+        else:
+            self.watch()
+
+    # -- parked waits ------------------------------------------------------------------------------------------------
+
+    def park(self, parked: Parked) -> None:
+        """The request being served waits (Handler: a route returned Parked): until the core wakes it, or its
+        deadline. The connection reads no further request meanwhile: answers go out in order."""
+        self.parked = parked
+        self.server.parked += 1
+        self.park_timer = self.server.loop.call_at(parked.waiter.deadline, self.resume)  # (both time.monotonic)
+        self.server.arm_clock()
+
+    def wake(self) -> None:
+        """The core answered the parked wait (any thread, broker lock held): resume on the loop."""
+        self.server.call_soon(self.resume)
+
+    def resume(self) -> None:
+        parked = self.parked
+        if parked is None:
+            return  # resumed already (woken, and out of time in the same pass)
+        self.parked = None
+        self.server.parked -= 1
+        if self.park_timer is not None:
+            self.park_timer.cancel()
+            self.park_timer = None
+        assert self.handler is not None
+        with self.server.broker.deferring() as promise:
+            self.handler.resume(parked)
+        self.hold(promise.ticket)
+        self.send_answers()
+
+    # -- deadlines and closing ---------------------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Set the deadline of the moment, and the timer if it must ring sooner than it is set to."""
+        if self.closing or self.handler is None:
+            return
+        limits, now = self.server.limits, self.server.loop.time()
+        deadline: Optional[float]
+        if self.write_paused:
+            deadline = now + limits.idle_timeout
+        elif self.parked is not None or self.answers:
+            deadline = None  # the wait has its own deadline; the disk answers, or fails, in its time
+        elif self.buffer or self.head is not None:
+            deadline = self.request_started + limits.request_timeout
+        else:
+            deadline = now + limits.idle_timeout
+        if not self.handler.authorised:
+            deadline = self.first_deadline if deadline is None else min(deadline, self.first_deadline)
+        self.set_deadline(deadline)
+
+    def set_deadline(self, deadline: Optional[float]) -> None:
+        self.deadline = deadline
+        if deadline is not None and (self.timer is None or deadline < self.timer_at):
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at, self.timer = deadline, self.server.loop.call_at(deadline, self.ring)
+
+    def ring(self) -> None:
+        self.timer = None
+        if self.deadline is None:
+            return
+        if self.server.loop.time() < self.deadline:  # moved later since the timer was set: set it again
+            self.set_deadline(self.deadline)
+            return
+        if self.closing or self.write_paused:
+            self.transport.abort()  # lingered long enough, or a client that does not read
+        elif self.head is not None and self.trusted(self.head[3]):
+            self.refuse(RequestTimeout(f"the body did not arrive within {self.server.limits.request_timeout:g} s"))
+        else:
+            self.close()  # quiet too long, or a head that trickles: closed without a word
+
+    def trusted(self, headers: Dict[str, str]) -> bool:
+        """Whether a request with these headers would pass authentication (a stranger's stalled request is cut
+        off without a word, as a head that trickles is)."""
+        access = self.server.access
+        if access.open:
+            return True
+        try:
+            access.scope(headers.get("authorization"))
+        except KatarError:
+            return False
+        return True
+
+    def throttle(self) -> None:
+        """Read while the client reads its answers and its requests waiting here stay within one request's size."""
+        limits = self.server.limits
+        want = (not self.write_paused and len(self.answers) < MAX_PIPELINED and
+                len(self.buffer) <= limits.max_head_bytes + limits.max_body + 65536)
+        if want != self.reading and not self.transport.is_closing():
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def linger(self) -> None:
+        """After the last answer: stop sending and read (dropping it) what the client still sends, until it closes
+        or LINGER_SECONDS pass. Closing with part of a request unread resets the connection, and a reset can
+        destroy the answer before the client reads it: the 414 to a long request line, the 503 to one connection
+        too many."""
+        self.closing = True
+        self.buffer = bytearray()
+        transport = self.transport
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is buffered
+            self.deadline = None
+            self.set_deadline(self.server.loop.time() + LINGER_SECONDS + transport.get_write_buffer_size() / 1e5)
+        else:
+            transport.close()
+
+    def stop_reading(self) -> None:
+        """The server stops: serve no further request; close now if nothing is under way."""
+        if self.parked is None and not self.answers:
+            self.close()
+        else:
+            self.gone = True  # close once the answers under way are out
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # (what is buffered is written first)
 
 
 def tls_context(cert_file: str, key_file: Optional[str] = None) -> ssl.SSLContext:
@@ -3967,18 +4298,28 @@ def tls_context(cert_file: str, key_file: Optional[str] = None) -> ssl.SSLContex
 
 
 class KatarServer:
-    """A running HTTP(S) front for a broker. `serve()` starts one in a background thread; `close()` stops it,
-    answering waiting long polls first. `access` holds the tokens (none: open), `tls` an ssl.SSLContext,
-    `allow_origins` the web pages (origins, like https://dash.example) that may use the API from a browser, and
-    `allow_hosts` the names besides localhost and IP addresses by which a server without a token may be reached."""
+    """A running HTTP(S) front for a broker: one event loop in a background thread. `start()` (or serve())
+    starts it; `close()` stops accepting, answers parked waits with 204, lets the writes in flight finish and the
+    journal fsync, and closes. `access` holds the tokens (none: open), `tls` an ssl.SSLContext, `allow_origins`
+    the web pages (origins, like https://dash.example) that may use the API from a browser, and `allow_hosts`
+    the names besides localhost and IP addresses by which a server without a token may be reached.
+    `limits.max_connections` 0 serves as many connections as the file-descriptor limit allows (raised, at start,
+    to the hard limit): `max_connections` is the figure in force."""
 
     def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = 3000, *, limits: Limits = Limits(),
                  access: Optional[Access] = None, tls: Optional[ssl.SSLContext] = None, quiet: bool = True,
                  allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = ()) -> None:
         self.broker = broker
-        self.httpd = _HTTPServer((host, port), broker, limits, access or Access(), tls, quiet, allow_origins,
-                                 allow_hosts)
-        self.host, self.port = self.httpd.server_address[:2]
+        self.fd_limit = raise_fd_limit()
+        self.max_connections = limits.max_connections or max(16, self.fd_limit - FD_RESERVE)
+        self.httpd = HTTPServer(broker, limits, access or Access(), tls, quiet, allow_origins, allow_hosts,
+                                self.max_connections)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # Connections the kernel completes before they are accepted (it caps this at net.core.somaxconn): a fleet
+        # of workers reconnecting at once must not wait seconds for dropped SYNs to be sent again.
+        self._socket = socket.create_server((host, port), family=family, backlog=1024)
+        self.host, self.port = self._socket.getsockname()[:2]
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -3987,20 +4328,45 @@ class KatarServer:
         return "%s://%s:%d" % ("https" if self.httpd.tls else "http", host, self.port)
 
     def start(self) -> "KatarServer":
-        # serve_forever notices shutdown() only between polls: a short poll makes close() quick.
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="katar_http", daemon=True)
+        loop = self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failed: List[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.httpd.open(self._socket))
+            except BaseException as exc:  # reported to start()'s caller
+                failed.append(exc)
+                return
+            finally:
+                started.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="katar_http loop", daemon=True)
         self._thread.start()
+        started.wait()
+        if failed:
+            self._thread.join()
+            self._thread = None
+            loop.close()
+            raise failed[0]
         return self
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting, answer long polls and result waits, let responses being written finish, close."""
-        if self._thread is not None:
-            self.httpd.shutdown()  # only once serve_forever runs: it would block forever otherwise
-            self._thread.join()
+        """Stop accepting, answer parked waits, let the answers under way go out (their records fsync'd), close."""
+        loop, thread = self._loop, self._thread
+        if thread is not None and loop is not None:
+            asyncio.run_coroutine_threadsafe(self.httpd.stop_listening(), loop).result()
+        self.broker.close()  # parked waits wake and answer; the journal writes and fsyncs what is pending
+        if thread is not None and loop is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.httpd.drain(timeout), loop).result(timeout + 5)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
             self._thread = None
-        self.broker.close()
-        self.httpd.drain(timeout)
-        self.httpd.server_close()
+        self._socket.close()
 
     def config(self, queue: Union[str, Queue], config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Get, or set (replacing it, `interval` defaulting to 30000), the configuration workers receive."""

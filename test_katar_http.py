@@ -980,7 +980,8 @@ class FirstHourTest(ServerTestCase):
         self.assertEqual(self.poll({"tasks": [{"_id": second, "status": "done"}]}, expect=200)[1][0]["data"], 3)
 
     def park_a_poll_and_vanish(self, then=b""):
-        """Send a long poll on a raw connection, wait until it is parked, send `then`, and close the connection."""
+        """Send a long poll on a raw connection, wait until it is parked, send `then`, and close the connection;
+        the server must end the parked wait at once (no thread, no task kept for nobody)."""
         body = b'{"wait": 5000}'
         with socket.create_connection((self.server.host, self.server.port)) as connection:
             connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -990,31 +991,53 @@ class FirstHourTest(ServerTestCase):
                 self.assertLess(time.monotonic(), deadline)
                 time.sleep(0.01)
             connection.sendall(then)
-        # A poll answered within 50 ms is not asked whether its client is there: give it longer.
-        time.sleep(0.1)
-
-    def insert_and_see_it_handed_back(self):
-        """Insert a task (the vanished poll takes it), wait until it comes back; it must be queued, unspent."""
-        task_id = self.insert({"data": 1})[0]
-        deadline = time.monotonic() + 10
-        while not [entry for entry in self.jobs.task(task_id)["history"] if entry["outcome"]]:
-            self.assertLess(time.monotonic(), deadline)
+        while self.jobs.stats()["waiting_workers"]:
+            self.assertLess(time.monotonic(), deadline, "the vanished worker's poll still waits")
             time.sleep(0.01)
-        task = self.jobs.task(task_id)
-        self.assertEqual((task["status"], task["attempts_spent"]), ("queued", 0))  # not leased to nobody
-        self.assertEqual([entry["outcome"] for entry in task["history"]], ["queued"])
-        return task_id
 
-    def test_a_long_poll_whose_worker_hung_up_hands_its_task_back_unspent(self):
-        self.park_a_poll_and_vanish()  # the worker (curl killed, a phone gone to sleep) is gone; its poll waits on
-        task_id = self.insert_and_see_it_handed_back()
+    def test_a_long_poll_whose_worker_hung_up_ends_at_once_and_takes_no_task(self):
+        self.park_a_poll_and_vanish()  # the worker (curl killed, a phone gone to sleep) is gone; its poll ends
+        task_id = self.insert({"data": 1})[0]
+        task = self.jobs.task(task_id)
+        self.assertEqual((task["status"], task["history"]), ("queued", []))  # not leased to nobody
         leased = self.lease_one()
-        self.assertEqual((leased["_id"], leased["attempt"]), (task_id, 2))
+        self.assertEqual((leased["_id"], leased["attempt"]), (task_id, 1))
         self.poll({"tasks": [{"_id": task_id, "status": "done"}], "max": 0}, expect=204)
         # A client that sent another request behind its poll and then closed (bytes unread before its close, as a
         # TLS close_notify is) is gone too.
         self.park_a_poll_and_vanish(then=b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        self.insert_and_see_it_handed_back()
+        task_id = self.insert({"data": 2})[0]
+        self.assertEqual(self.jobs.task(task_id)["history"], [])
+
+    def test_a_task_leased_to_a_poll_whose_worker_hung_up_at_that_moment_is_handed_back_unspent(self):
+        # The race the test above cannot time: the task is handed to the parked poll in the same pass as the
+        # worker's hang-up is read. The poll is parked through HTTP, the insert that serves it comes from another
+        # thread, and the hang-up is sent first, so both are waiting when the loop resumes the poll.
+        broker = self.server.broker
+        body = b'{"wait": 5000}'
+        connection = socket.create_connection((self.server.host, self.server.port))
+        connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while self.jobs.stats()["waiting_workers"] < 1:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        with broker._lock:  # the loop cannot end the wait while the lock is held: hang up, then insert
+            connection.close()
+            time.sleep(0.05)
+            inserted = threading.Thread(target=self.jobs.insert, args=({"data": "raced"},))
+            inserted.start()
+        inserted.join(10)
+        while True:
+            tasks = self.jobs.tasks()["tasks"]
+            history = tasks[0]["history"] if tasks else []
+            if tasks and tasks[0]["status"] == "queued" and (not history or history[-1]["outcome"]):
+                break
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        task = self.jobs.task(tasks[0]["_id"])
+        self.assertEqual(task["attempts_spent"], 0)  # handed back (or never handed out), never spent
+        self.assertIn([entry["outcome"] for entry in task["history"]], ([], ["queued"]))
 
     def test_an_insert_without_a_body_or_without_data_is_400(self):
         for raw in (b"", b"{}", b"  "):
@@ -3558,13 +3581,13 @@ class LimitsTest(GuardedStateTestCase):
     def test_connections_beyond_the_limit_get_a_quick_503(self):
         self.set_limits(max_connections=3)
         deadline = time.monotonic() + 5
-        while self.server.httpd._active:  # the connections of setUp end in their own time
+        while self.server.httpd.active:  # the connections of setUp end in their own time
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
         held = [socket.create_connection((self.server.host, self.server.port), timeout=5) for _ in range(3)]
         for connection in held:
             self.addCleanup(connection.close)
-        while self.server.httpd._active < 3:
+        while self.server.httpd.active < 3:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
         started = time.monotonic()
@@ -3574,13 +3597,13 @@ class LimitsTest(GuardedStateTestCase):
         self.assertIn(b"connection limit", answer)
         self.assertLess(time.monotonic() - started, 1)
         held.pop().close()
-        while self.server.httpd._active >= 3:
+        while self.server.httpd.active >= 3:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
         self.assertTrue(self.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200"))  # a place again
         for connection in held:
             connection.close()
-        while self.server.httpd._active:
+        while self.server.httpd.active:
             self.assertLess(time.monotonic() - deadline, 0)
             time.sleep(0.005)
         self.assert_nothing_lost()
@@ -4195,8 +4218,6 @@ class FuzzTest(unittest.TestCase):
                           max_head_bytes=4096, idle_timeout=0.5, request_timeout=0.5, max_connections=64)
         server = K.serve(broker, port=0, limits=limits)
         self.addCleanup(server.close)
-        crashes = []
-        server.httpd.handle_error = lambda request, address: crashes.append(traceback.format_exc())
         seen, bad, lock = collections.Counter(), [], threading.Lock()
 
         def client(seed, count):
@@ -4224,15 +4245,15 @@ class FuzzTest(unittest.TestCase):
         for thread in threads:
             thread.join(120)
         self.assertEqual(bad, [])
-        self.assertEqual(crashes, [])
+        # internal_errors counts the 500s answered and every exception the event loop caught.
         self.assertEqual(server.httpd.internal_errors, 0, "a 500 was answered, if only to a client already gone")
         self.assertGreater(sum(seen.values()), self.requests // 2)
         for code in (200, 201, 204, 400, 404, 405, 409, 413, 415, 431, 501):
             self.assertIn(code, seen, f"the fuzzer never provoked a {code}: {dict(seen)}")
         # No handler thread is left hanging: the limits close every connection.
         deadline = time.monotonic() + 5
-        while server.httpd._active:
-            self.assertLess(time.monotonic(), deadline, f"{server.httpd._active} connections still open")
+        while server.httpd.active:
+            self.assertLess(time.monotonic(), deadline, f"{server.httpd.active} connections still open")
             time.sleep(0.01)
         with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
             self.assertEqual(response.status, 200)
