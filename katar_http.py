@@ -2685,7 +2685,8 @@ class Limits(NamedTuple):
     idle_timeout: float = 60.0             # seconds a connection may wait between requests
     request_timeout: float = 30.0          # seconds from a request's first byte to the end of its body (408)
     first_request_timeout: float = 10.0    # seconds a new connection has to complete its first authorised request
-    max_connections: int = 256             # connections served at once; beyond, a quick 503 and close
+    max_connections: int = 0               # connections served at once (0: as the file-descriptor limit allows);
+                                           # beyond, a quick 503 and close
 
 
 @functools.lru_cache(maxsize=256)  # each request asks, and a server is asked for by a few names only
@@ -4780,7 +4781,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="a new connection must complete one authorised request within this "
                                                "long, or be closed (default %(default)s)")
     group.add_argument("--max-connections", type=int, default=defaults.max_connections, metavar="N",
-                       help="connections served at once; more get a quick 503 (default %(default)s)")
+                       help="connections served at once; more get a quick 503 (default: as many as the "
+                            "file-descriptor limit allows, which the server raises to its hard limit at start)")
     group.add_argument("--max-memory", type=_memory_size, metavar="BYTES",
                        help="bound on the estimate of what the queues hold (tasks, histories, keys, results); "
                             "inserts beyond it are 503 while leases, reports and purges go on. Takes K, M, G "
@@ -5029,7 +5031,8 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
-    print(f"katar_http {__version__} listening on {server.url}", file=sys.stderr, flush=True)
+    print(f"katar_http {__version__} (up to {server.max_connections} connections at once; open files "
+          f"{server.fd_limit}) listening on {server.url}", file=sys.stderr, flush=True)
     for queue in broker.queues():
         print(f"  queue {queue.name}: {server.url}/v1/queue/{queue.name}", file=sys.stderr, flush=True)
     stop.wait()
