@@ -3779,6 +3779,7 @@ refresh(); setInterval(refresh, 2000);
 REQUESTS_PER_PASS = 32   # requests of one connection served in a pass before the other connections get a turn
 MAX_PIPELINED = 64       # answers a connection may have held back for the disk before its requests wait
 LINGER_SECONDS = 0.5     # after a last answer, how long what the client still sends is read (and dropped)
+CLOCK_SECONDS = 0.1      # while waits are parked, the broker's clock runs at least this often
 FD_RESERVE = 64          # file descriptors kept for the journal, a compaction, the listener and the interpreter
 
 
@@ -3920,9 +3921,9 @@ class HTTPServer:
             return
         with self.broker.deferring():  # (what the clock changes is answered by the waits it serves)
             delay = self.broker.next_due()
-        if delay is None:
-            return
-        at = self.loop.time() + max(delay, 0.002)
+        # A change made through the Python API (a delayed insert from another thread) does not reach this timer:
+        # while waits are parked, it rings at least every CLOCK_SECONDS.
+        at = self.loop.time() + min(CLOCK_SECONDS, max(delay if delay is not None else CLOCK_SECONDS, 0.002))
         if self._clock is not None:
             if self._clock_at <= at:
                 return
@@ -4029,8 +4030,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.throttle()
-        self.watch()
+        self.process()
 
     # -- requests ----------------------------------------------------------------------------------------------------
 
@@ -4041,7 +4041,8 @@ class Connection(asyncio.Protocol):
         self.processing = True
         try:
             served = 0
-            while self.buffer and self.parked is None and not self.closing and len(self.answers) < MAX_PIPELINED:
+            while (self.buffer and self.parked is None and not self.closing and not self.write_paused and
+                   len(self.answers) < MAX_PIPELINED):
                 if served == REQUESTS_PER_PASS:
                     self.server.loop.call_soon(self.process)  # the other connections' turn first
                     break
@@ -4120,6 +4121,8 @@ class Connection(asyncio.Protocol):
             self.request_started = self.server.loop.time()  # the next request is here already: its time runs
         if self.parked is None:
             self.send_answers()
+        if self.server.parked:
+            self.server.arm_clock()  # this request may have put in a delayed task, or leased one
 
     def hold(self, ticket: int) -> None:
         if ticket:

@@ -5363,5 +5363,242 @@ class ReadmeTest(unittest.TestCase):
         self.assertIn("cannot listen", result.stderr)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The event loop: one thread serves every connection; waits are parked, not threads
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_answers(connection, count, timeout=10.0):
+    """Read `count` whole HTTP/1.1 answers (Content-Length framed, or 204) from a keep-alive connection."""
+    connection.settimeout(timeout)
+    data, answers = b"", []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end].decode("latin-1")
+            found = re.search(r"(?im)^content-length: *(\d+)", head)
+            length = int(found.group(1)) if found else 0
+            if len(data) >= end + 4 + length:
+                answers.append((int(head.split(" ")[1]), data[end + 4:end + 4 + length]))
+                data = data[end + 4 + length:]
+                continue
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the server closed after {len(answers)} of {count} answers")
+        data += chunk
+    return answers
+
+
+class EventLoopTest(ServerTestCase):
+    real_clock = True
+
+    def request(self, method, path, body=None):
+        data = b"" if body is None else json.dumps(body).encode()
+        return (b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (method.encode(), path.encode(), len(data), data))
+
+    def test_requests_pipelined_in_one_packet_are_answered_in_order(self):
+        packet = (self.request("POST", "/v1/queue/jobs/tasks", {"data": 1}) +
+                  self.request("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": 2}, {"data": 3}]}) +
+                  self.request("GET", "/v1/queue/jobs/stats") +
+                  self.request("POST", "/v1/queue/jobs", {"max": 2}) +
+                  self.request("GET", "/nowhere") +
+                  self.request("POST", "/v1/queue/jobs", {"max": 5}))
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.sendall(packet)  # one write: the server finds six requests in one read
+            answers = read_answers(connection, 6)
+        self.assertEqual([status for status, _ in answers], [201, 201, 200, 200, 404, 200])
+        self.assertEqual(json.loads(answers[2][1])["counts"]["queued"], 3)  # it saw both inserts before it
+        self.assertEqual([task["data"] for task in json.loads(answers[3][1])["tasks"]], [1, 2])
+        self.assertEqual([task["data"] for task in json.loads(answers[5][1])["tasks"]], [3])
+
+    def test_a_long_poll_parked_in_a_pipeline_holds_back_the_requests_behind_it(self):
+        packet = (self.request("POST", "/v1/queue/jobs", {"wait": 5000}) + self.request("GET", "/v1/queue/jobs/stats"))
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.sendall(packet)
+            deadline = time.monotonic() + 10
+            while self.jobs.stats()["waiting_workers"] < 1:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.005)
+            inserted = self.jobs.insert({"data": "late"})["_id"]
+            (first, body), (second, stats) = read_answers(connection, 2)
+        self.assertEqual((first, json.loads(body)["tasks"][0]["_id"]), (200, inserted))
+        self.assertEqual((second, json.loads(stats)["counts"]["in progress"]), (200, 1))  # answered after, in order
+
+    def test_a_thousand_parked_long_polls_each_get_one_task_once(self):
+        count = 1000
+        try:
+            import resource
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft < 3 * count:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * count), hard))
+        except (ImportError, ValueError, OSError):
+            pass
+        self.set_limits(max_connections=count + 50)
+        address, poll = (self.server.host, self.server.port), self.request("POST", "/v1/queue/jobs", {"wait": 5000})
+        connections = []
+        for _ in range(count):
+            connection = socket.create_connection(address)
+            self.addCleanup(connection.close)
+            connection.sendall(poll)
+            connections.append(connection)
+        deadline = time.monotonic() + 30
+        while self.jobs.stats()["waiting_workers"] < count:
+            self.assertLess(time.monotonic(), deadline, self.jobs.stats()["waiting_workers"])
+            time.sleep(0.01)
+        self.assertEqual(threading.active_count(), self.threads_before)  # parked waits hold no thread
+        inserted = [task["_id"] for task in self.jobs.insert([{"data": n} for n in range(count)])]
+        delivered = []
+        for connection in connections:
+            [(status, body)] = read_answers(connection, 1)
+            self.assertEqual(status, 200)
+            delivered.extend(task["_id"] for task in json.loads(body)["tasks"])
+        self.assertEqual(sorted(delivered), sorted(inserted))  # every task to one worker, none twice
+        # The one who came first was served first.
+        self.assertEqual(self.jobs.stats()["counts"]["in progress"], count)
+        late = socket.create_connection(address)  # a worker arriving now is still served
+        self.addCleanup(late.close)
+        late.sendall(self.request("GET", "/v1/queue/jobs"))
+        self.assertEqual(read_answers(late, 1)[0][0], 200)
+
+    def setUp(self):
+        self.threads_before = threading.active_count()
+        super().setUp()
+        self.threads_before = threading.active_count()
+
+    def test_a_parked_poll_first_in_line_is_served_first(self):
+        address = (self.server.host, self.server.port)
+        first, second = socket.create_connection(address), socket.create_connection(address)
+        for connection in (first, second):
+            self.addCleanup(connection.close)
+        first.sendall(self.request("POST", "/v1/queue/jobs", {"wait": 5000}))
+        deadline = time.monotonic() + 10
+        while self.jobs.stats()["waiting_workers"] < 1:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        second.sendall(self.request("POST", "/v1/queue/jobs", {"wait": 5000}))
+        while self.jobs.stats()["waiting_workers"] < 2:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        task_id = self.jobs.insert({"data": "one"})["_id"]
+        [(status, body)] = read_answers(first, 1)
+        self.assertEqual((status, json.loads(body)["tasks"][0]["_id"]), (200, task_id))
+        self.assertEqual(self.jobs.stats()["waiting_workers"], 1)
+
+    def test_a_delayed_task_reaches_a_parked_poll_when_its_delay_ends(self):
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.sendall(self.request("POST", "/v1/queue/jobs", {"wait": 5000}))
+            deadline = time.monotonic() + 10
+            while self.jobs.stats()["waiting_workers"] < 1:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.005)
+            started = time.monotonic()
+            task_id = self.jobs.insert({"data": 1, "delay": 300})["_id"]
+            [(status, body)] = read_answers(connection, 1)
+        # The loop's clock timer, not a thread or a later request, handed it over once its delay ended.
+        self.assertEqual((status, json.loads(body)["tasks"][0]["_id"]), (200, task_id))
+        self.assertGreaterEqual(time.monotonic() - started, 0.29)
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_a_client_that_does_not_read_its_answers_is_read_no_further(self):
+        self.set_limits(idle_timeout=1.0)
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            connection.settimeout(0.5)
+            # The page (a large answer) asked for again and again, each request padded to a kilobyte.
+            request, sent = self.request("GET", "/").replace(b"Host:", b"X-Pad: %s\r\nHost:" % (b"p" * 1000)), 0
+            try:
+                for _ in range(20000):
+                    connection.sendall(request)
+                    sent += 1
+            except OSError:
+                pass  # the server stopped reading: our sends filled the socket's buffers and stalled
+            self.assertLess(sent, 20000, "the server kept reading requests whose answers nobody read")
+        with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:  # others are served meanwhile
+            self.assertEqual(response.status, 200)
+
+
+class TlsHandshakeTest(TlsTest):
+
+    def test_a_tls_client_that_stops_mid_handshake_is_cut_off_and_others_are_served(self):
+        pem = self.certificate()
+        broker = K.Broker()
+        broker.queue("jobs")
+        limits = K.Limits(first_request_timeout=0.5, request_timeout=0.5)
+        server = K.serve(broker, port=0, tls=K.tls_context(pem), access=K.Access([ADMIN]), limits=limits)
+        self.addCleanup(server.close)
+        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03")  # the start of a ClientHello, no more
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # says nothing at all
+        self.addCleanup(silent.close)
+        started = time.monotonic()
+        client = ssl.create_default_context(cafile=pem)
+        with urllib.request.urlopen(server.url + "/healthz", context=client, timeout=5) as response:
+            self.assertEqual(response.status, 200)  # served while the other two stall
+        for connection in (stalled, silent):
+            self.assertEqual(connection.recv(65536), b"")  # closed by the server, with nothing sent
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertGreaterEqual(time.monotonic() - started, 0.4)
+
+
+class StopTest(CommandLineTest):
+
+    def test_sigterm_answers_parked_polls_finishes_writes_in_flight_and_loses_no_acknowledged_insert(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        journal = os.path.join(directory, "tasks.journal")
+        process, url = self.start("--journal", journal, "--queue", "jobs", "--queue", "idle", "--quiet")
+        address = urlsplit(url)
+        address = (address.hostname, address.port)
+        polls = [socket.create_connection(address) for _ in range(20)]
+        for connection in polls:
+            self.addCleanup(connection.close)
+            connection.sendall(b'POST /v1/queue/idle HTTP/1.1\r\nHost: localhost\r\nContent-Length: 15\r\n\r\n{"wait": 20000}')
+        deadline = time.monotonic() + 10
+        while self.get(url + "/v1/queue/idle/stats")["waiting_workers"] < len(polls):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        # Inserts pipelined on a few connections, fsync always: when SIGTERM lands, some are written and fsync'd,
+        # some are being fsync'd, some not yet read. Each 201 must survive; the rest may be refused or cut off.
+        writers = [socket.create_connection(address) for _ in range(4)]
+        for index, connection in enumerate(writers):
+            self.addCleanup(connection.close)
+            connection.sendall(b"".join(
+                b'POST /v1/queue/jobs/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Length: 15\r\n\r\n{"data": %5d}' %
+                (index * 1000 + n) for n in range(200)))
+        time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        acknowledged = []
+        for connection in writers:
+            connection.settimeout(10)
+            data = b""
+            while True:
+                try:
+                    chunk = connection.recv(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            for found in re.finditer(rb'HTTP/1\.1 201 Created\r\n.*?\r\n\r\n(\{.*?\}\]\})', data, re.S):
+                acknowledged.extend(task["_id"] for task in json.loads(found.group(1))["tasks"])
+        for connection in polls:
+            self.assertEqual(read_answers(connection, 1)[0][0], 204)  # answered, not dropped
+        self.assertEqual(process.wait(10), 0)
+        self.assertTrue(acknowledged, "no insert was answered before the stop")
+        restarted, url = self.start("--journal", journal, "--quiet")
+        held = set()
+        after = None
+        while True:
+            page = self.get(url + "/v1/queue/jobs/tasks?limit=1000" + (f"&after={after}" if after else ""))
+            held.update(task["_id"] for task in page["tasks"])
+            after = page["next"]
+            if after is None:
+                break
+        self.assertEqual(set(acknowledged) - held, set())  # every 201 is on disk
+        restarted.send_signal(signal.SIGTERM)
+        self.assertEqual(restarted.wait(10), 0)
+
+
 if __name__ == "__main__":
     unittest.main()
