@@ -32,14 +32,22 @@ Prometheus text, GET / an operator's page, GET /v1/openapi.json the API's descri
 
 The file reads top to bottom as the architecture:
   1. constants and errors (each error carries its HTTP status; error_reply turns any error into an answer);
-  2. the queue core (Broker, Queue, Task): thread-safe behind one lock, knowing nothing of HTTP. Every change of
-     state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and replays
-     them through the same function, so memory and disk cannot disagree. A commit encodes its records first and
-     notes how to put back what applying them changes, so a failure halfway leaves nothing behind;
-  3. the journal (Journal: append, group commit, compaction, recovery; its lock is the file's own);
-  4. the HTTP layer (one BaseHTTPRequestHandler subclass: parse, authenticate, call the core, serialise);
+  2. the queue core (Broker, Queue, Task): pure Python behind one lock, knowing nothing of HTTP or sockets. Every
+     change of state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and
+     replays them through the same function, so memory and disk cannot disagree. A commit encodes its records
+     first and notes how to put back what applying them changes, so a failure halfway leaves nothing behind. A wait
+     (a long poll, a result wait) is a parked Waiter with a deadline, never a blocked thread: begin_poll/begin_task
+     park it, the change that answers it calls its wake, end_wait ends it (the Python API blocks on it itself);
+  3. the journal (Journal: append, group commit, fsync, compaction, recovery) and Durability, which decides when a
+     change may be acknowledged: a thread of the Python API waits for its records; the event loop collects the
+     ticket instead and answers once the journal's flusher thread has written and fsync'd it;
+  4. the HTTP layer: framing (frame_head, body_length, frame_chunked: from bytes in memory, never a socket) and
+     one BaseHTTPRequestHandler subclass whose methods are the routes (check, call the core, serialise);
   5. large data: the API's description (OpenAPI 3.1, built from the bounds the server enforces) and the page;
-  6. the server object;
+  6. the server: one asyncio event loop in a thread of its own owns every socket (Connection per client):
+     it frames pipelined requests in order, has the Handler serve them, holds each answer until its journal
+     records are durable (one write and one fsync per pass, while it goes on parsing), and runs every deadline
+     (request, idle, first authorised request, parked waits, the broker's clock) from its timer heap;
   7. the client and the worker runner (Client, Runner);
   8. the command line.
 
