@@ -3016,11 +3016,13 @@ class Handler(BaseHTTPRequestHandler):
         self.authorised = False
         self.command, self.path, self.request_version, self.headers = "", "", "HTTP/1.1", {}
         self.close_connection = True
+        self.undo: Optional[Callable[[], None]] = None  # what to put back if the answer never leaves
 
     def handle_request(self, head: Tuple[str, str, str, Dict[str, str]], body: Optional[bytes]) -> None:
         """Serve one framed request: `body` is None when it could not be framed (read_object then says why)."""
         self.command, self.path, self.request_version, self.headers = head
         self.body, self.body_read, self.body_size = body, False, 0
+        self.undo = None
         tokens = {token.strip().lower() for token in self.headers.get("connection", "").split(",")}
         self.close_connection = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
         if body is None and self._declared_body():
@@ -3174,7 +3176,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.request_version == "HTTP/1.0":
             headers.append(("Connection", "keep-alive"))  # RFC 9112 9.3: an HTTP/1.0 client keeps it only if told
         head, body = http_response(status, payload, headers, self.server_version)
-        self.channel.deliver(head if self.command == "HEAD" else head + body, self.close_connection)
+        self.channel.deliver(head if self.command == "HEAD" else head + body, self.close_connection, self.undo)
+        self.undo = None
         return len(body)
 
     # -- request parts -------------------------------------------------------------------------------------------
@@ -3322,17 +3325,27 @@ class Handler(BaseHTTPRequestHandler):
                                    wake=self.channel.wake)
         if isinstance(outcome, Waiter):
             return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_poll, queue, outcome))
-        return (HTTPStatus.OK, {"tasks": outcome}) if outcome else (HTTPStatus.NO_CONTENT, None)
+        return self.leased(queue, outcome)
 
     def finish_poll(self, queue: Queue, waiter: Waiter) -> Reply:
         leased = queue.end_wait(waiter)
         if leased and self.channel.gone:
-            # The worker hung up while it waited: hand the tasks back now, unspent, rather than when their lease
-            # runs out (that would count as a failed attempt and hold them from live workers for a lease).
-            with contextlib.suppress(KatarError):
-                queue.report([{"_id": task["_id"], "attempt": task["attempt"], "status": QUEUED} for task in leased])
+            self.hand_back(queue, leased)  # the worker hung up while it waited
             return HTTPStatus.NO_CONTENT, None
-        return (HTTPStatus.OK, {"tasks": leased}) if leased else (HTTPStatus.NO_CONTENT, None)
+        return self.leased(queue, leased)
+
+    def leased(self, queue: Queue, tasks: List[Dict[str, Any]]) -> Reply:
+        if not tasks:
+            return HTTPStatus.NO_CONTENT, None
+        self.undo = functools.partial(self.hand_back, queue, tasks)  # if the answer never reaches the worker
+        return HTTPStatus.OK, {"tasks": tasks}
+
+    @staticmethod
+    def hand_back(queue: Queue, tasks: List[Dict[str, Any]]) -> None:
+        """Give back leased tasks whose worker hung up before their answer could reach it: now, unspent, rather
+        than when their lease runs out (that would count as a failed attempt and hold them from live workers)."""
+        with contextlib.suppress(KatarError):
+            queue.report([{"_id": task["_id"], "attempt": task["attempt"], "status": QUEUED} for task in tasks])
 
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
@@ -3843,6 +3856,8 @@ class HTTPServer:
         self._settle_asked = False
         self._clock: Optional[asyncio.TimerHandle] = None
         self._clock_at = 0.0
+        self._resources_warned = -10.0
+        self.refusing = 0         # connections past the cap being answered 503 and closed
 
     async def open(self, sock: socket.socket) -> None:
         """Start serving the listening socket `sock` on the running loop."""
@@ -3857,6 +3872,13 @@ class HTTPServer:
         exc = context.get("exception")
         if isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
             return  # a client that went away mid-way, or spoke bad TLS: nothing to tell the operator
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now >= self._resources_warned + 10:  # asyncio retries the accept: say it once in a while
+                self._resources_warned = now
+                warn(f"cannot accept connections: {exc.strerror} (open files: raise ulimit -n, or lower "
+                     f"--max-connections below it)")
+            return
         self.internal_errors += 1
         warn(f"event loop: {context.get('message')}: {exc!r}")
         if exc is not None:
@@ -3975,12 +3997,14 @@ class Connection(asyncio.Protocol):
         self.transport: Any = None
         self.handler: Optional[Handler] = None
         self.buffer = bytearray()
-        self.answers: "collections.deque[List[Any]]" = collections.deque()  # [bytes or None, ticket, close]
+        # [bytes or None, ticket, close, undo]: undo puts back what the answer hands out if it is never written
+        self.answers: "collections.deque[List[Any]]" = collections.deque()
         self.head: Optional[Tuple[str, str, str, Dict[str, str]]] = None  # a framed head whose body is awaited
         self.body_at, self.length, self.continued = 0, None, False
         self.parked: Optional[Parked] = None
         self.park_timer: Optional[asyncio.TimerHandle] = None
         self.gone = False           # the client closed its end, or the connection broke
+        self.refused = False        # past the connection cap: answered 503, lingering
         self.closing = False        # the last answer is out or on its way: what comes is read and dropped
         self.reading = True
         self.write_paused = False
@@ -3998,6 +4022,12 @@ class Connection(asyncio.Protocol):
         server = self.server
         if len(server.connections) >= server.max_connections or server.closing:
             transport.write(REFUSAL)
+            if server.refusing >= 64:  # a flood: no lingering, the descriptors are what is short
+                self.closing = True
+                transport.close()
+                return
+            server.refusing += 1
+            self.refused = True
             self.linger()
             return
         server.connections.add(self)
@@ -4024,12 +4054,26 @@ class Connection(asyncio.Protocol):
         return not self.closing
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.refused:
+            self.server.refusing -= 1
         self.gone = self.closing = True
         self.server.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.parked is not None:
             self.resume()
+        self.drop_answers()
+
+    def drop_answers(self) -> None:
+        """The client is gone with answers unwritten (held for the disk, say): what they hand out goes back."""
+        undos = [answer[3] for answer in self.answers if answer[3] is not None]
+        self.answers.clear()
+        if undos:
+            with self.server.broker.deferring() as promise:
+                for undo in undos:
+                    undo()
+            if promise.ticket:
+                self.server.broker.request_flush()
 
     def pause_writing(self) -> None:
         self.write_paused = True  # a client that does not read its answers: read none of its requests either
@@ -4047,21 +4091,23 @@ class Connection(asyncio.Protocol):
         if self.processing:
             return
         self.processing = True
+        exhausted = False  # every complete request in the buffer has been served
         try:
             served = 0
-            while (self.buffer and self.parked is None and not self.closing and not self.write_paused and
-                   len(self.answers) < MAX_PIPELINED):
+            while self.parked is None and not self.closing and not self.write_paused and \
+                    len(self.answers) < MAX_PIPELINED:
                 if served == REQUESTS_PER_PASS:
                     self.server.loop.call_soon(self.process)  # the other connections' turn first
                     break
-                request = self.frame()
+                request = self.frame() if self.buffer else None
                 if request is None:
+                    exhausted = True
                     break
                 served += 1
                 self.serve(*request)
         finally:
             self.processing = False
-        if self.gone and not self.closing and not self.answers and self.parked is None:
+        if self.gone and exhausted and not self.closing and not self.answers and self.parked is None:
             if self.head is not None:  # the client ended its side in the middle of a body
                 self.refuse(BadRequest("the body ended before the length its head gives (Content-Length, chunks)"))
             else:
@@ -4105,7 +4151,7 @@ class Connection(asyncio.Protocol):
         """Answer a request that cannot be read to its end (a head or a body that breaks a rule, a body that
         stalls or stops), and close."""
         self.head = None
-        self.answers.append([None, 0, True])
+        self.answers.append([None, 0, True, None])
         assert self.handler is not None
         self.handler.refuse_head(error)
         self.send_answers()
@@ -4120,7 +4166,7 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def serve(self, head: Tuple[str, str, str, Dict[str, str]], body: Optional[bytes]) -> None:
-        self.answers.append([None, 0, False])
+        self.answers.append([None, 0, False, None])
         assert self.handler is not None
         with self.server.broker.deferring() as promise:
             self.handler.handle_request(head, body)
@@ -4138,10 +4184,11 @@ class Connection(asyncio.Protocol):
             answer[1] = max(answer[1], ticket)
             self.server.hold(ticket, self)
 
-    def deliver(self, data: bytes, close: bool) -> None:
-        """The Handler's answer to the request being served (the last one begun)."""
+    def deliver(self, data: bytes, close: bool, undo: Optional[Callable[[], None]] = None) -> None:
+        """The Handler's answer to the request being served (the last one begun); `undo` puts back what it hands
+        out (leased tasks) should it never be written."""
         answer = self.answers[-1]
-        answer[0], answer[2] = data, close
+        answer[0], answer[2], answer[3] = data, close, undo
         if close:
             self.closing = True  # nothing after this request is read
 
@@ -4154,7 +4201,7 @@ class Connection(asyncio.Protocol):
         settled = self.server.broker.settled
         answers = self.answers
         while answers:
-            data, ticket, close = answers[0]
+            data, ticket, close, _ = answers[0]
             if data is None:
                 break
             if ticket:
@@ -4169,10 +4216,8 @@ class Connection(asyncio.Protocol):
             if close:
                 self.linger()
                 return
-        if self.buffer and not self.processing and self.parked is None:
-            self.process()
-        elif self.gone and not answers and self.parked is None:
-            self.close()
+        if not self.processing and self.parked is None:
+            self.process()  # what is buffered behind; a client that has hung up is closed once all is answered
         else:
             self.watch()
 
@@ -4184,6 +4229,8 @@ class Connection(asyncio.Protocol):
         self.parked = parked
         self.server.parked += 1
         self.park_timer = self.server.loop.call_at(parked.waiter.deadline, self.resume)  # (both time.monotonic)
+        if self.gone:  # the client has closed its end already: nobody would read what the wait brings
+            self.server.loop.call_soon(self.resume)
         self.server.arm_clock()
 
     def wake(self) -> None:

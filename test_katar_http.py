@@ -5516,6 +5516,52 @@ class EventLoopTest(ServerTestCase):
         with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:  # others are served meanwhile
             self.assertEqual(response.status, 200)
 
+    def test_a_half_closed_client_gets_every_answer_it_pipelined(self):
+        with socket.create_connection((self.server.host, self.server.port)) as connection:
+            connection.sendall(self.request("GET", "/v1/queue/jobs/stats") * 100 +
+                               self.request("POST", "/v1/queue/jobs", {"wait": 2000}) +
+                               self.request("GET", "/v1/queue/jobs"))
+            connection.shutdown(socket.SHUT_WR)  # (more than one pass's worth, behind a long poll)
+            started = time.monotonic()
+            answers = read_answers(connection, 102)
+            self.assertEqual(connection.recv(100), b"")  # then it closes
+        self.assertEqual([status for status, _ in answers], [200] * 100 + [204, 200])
+        self.assertLess(time.monotonic() - started, 1.5, "the poll of a client that hung up waited")
+
+    def test_a_task_whose_answer_waits_for_the_disk_when_its_worker_hangs_up_is_handed_back(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        broker = K.Broker(journal=K.Journal(os.path.join(directory, "tasks.journal")))
+        jobs = broker.queue("jobs")
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        journal, syncing = broker._journal, threading.Event()
+
+        def slow_fsync(fd):  # the disk takes its time: the answer with the task is held meanwhile
+            syncing.set()
+            time.sleep(0.3)
+            os.fsync(fd)
+        with socket.create_connection((server.host, server.port)) as connection:
+            connection.sendall(self.request("POST", "/v1/queue/jobs", {"wait": 5000}))
+            deadline = time.monotonic() + 10
+            while jobs.stats()["waiting_workers"] < 1:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.005)
+            journal._fsync = slow_fsync
+            inserter = threading.Thread(target=jobs.insert, args=({"data": "held"},))
+            inserter.start()
+            self.assertTrue(syncing.wait(5))
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        inserter.join(10)
+        journal._fsync = os.fsync
+        while True:
+            [task] = jobs.tasks()["tasks"]
+            if task["status"] == "queued":
+                break
+            self.assertLess(time.monotonic(), deadline, task)
+            time.sleep(0.01)
+        self.assertEqual((task["attempts_spent"], jobs.stats()["totals"]["released"]), (0, 1))
+
 
 class TlsHandshakeTest(TlsTest):
 
