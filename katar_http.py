@@ -2369,6 +2369,46 @@ class Promise:
         self.ticket = 0
 
 
+class _Change:
+    """`with durability.changing():` (a class, not a generator: it wraps every request's change)."""
+
+    __slots__ = ("durability",)
+
+    def __init__(self, durability: "Durability") -> None:
+        self.durability = durability
+
+    def __enter__(self) -> None:
+        durability = self.durability
+        durability._lock.acquire()
+        try:
+            durability.writable()  # after a disk failure, memory is put back first: never in the middle of a change
+        except BaseException:
+            durability._lock.release()
+            raise
+
+    def __exit__(self, kind: Any, value: Any, trace: Any) -> None:
+        if kind is not None:
+            self.durability._lock.release()  # a change that raised has nothing to wait for
+            return
+        self.durability.finish_change()
+
+
+class _Deferral:
+    """`with durability.deferring() as promise:` for one thread."""
+
+    __slots__ = ("local", "promise")
+
+    def __init__(self, local: threading.local) -> None:
+        self.local, self.promise = local, Promise()
+
+    def __enter__(self) -> Promise:
+        self.local.promise = self.promise
+        return self.promise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.local.promise = None
+
+
 class Durability:
     """The coordination of durability: when a change made in memory may be acknowledged, and what happens when
     the disk refuses it. The Broker owns one and holds its lock (`lock`, the broker's) around every change; the
@@ -2389,17 +2429,16 @@ class Durability:
         self._local = threading.local()  # per thread: the Promise of a deferring caller
         self._compaction: Optional[threading.Thread] = None
 
-    @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
+    def changing(self) -> "_Change":
         """Hold the lock for a change; on leaving, wait (without the lock) until what was committed is durable,
         or note its ticket for a deferring caller. This is what makes a 2xx mean "on disk"."""
-        with self._lock:
-            self.writable()  # after a disk failure, memory is put back first: never in the middle of a change
-            yield
-            ticket = self.journal.ticket if self.journal is not None else 0
-            if ticket <= self._rebuilt_upto:
-                ticket = 0  # memory was rebuilt from the disk since: what it shows is there already
-        if ticket:
+        return _Change(self)
+
+    def finish_change(self) -> None:
+        """Lock held, as a change ends: release the lock, then require what the change needs durable."""
+        ticket = self.journal.ticket if self.journal is not None else 0
+        self._lock.release()
+        if ticket and ticket > self._rebuilt_upto:  # else memory was rebuilt from the disk since: it is there
             self.require(ticket)
 
     def require(self, ticket: int) -> None:
@@ -2418,14 +2457,9 @@ class Durability:
                 self.writable()  # put memory back to what the disk holds, if the disk lets us already
             raise
 
-    @contextlib.contextmanager
-    def deferring(self) -> Iterator[Promise]:
+    def deferring(self) -> "_Deferral":
         """Inside, this thread's changes are not waited for: their ticket goes to the Promise yielded."""
-        promise = self._local.promise = Promise()
-        try:
-            yield promise
-        finally:
-            self._local.promise = None
+        return _Deferral(self._local)
 
     def request_flush(self) -> None:
         """Have the journal write what is pending without waiting for it (see Journal.request_flush)."""
@@ -2978,6 +3012,9 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_STATUS_LINES = {int(status): "HTTP/1.1 %d %s" % (status, status.phrase) for status in HTTPStatus}
+
+
 def http_response(status: int, payload: Any, headers: Iterable[Tuple[str, str]] = (),
                   server: Optional[str] = None) -> Tuple[bytes, bytes]:
     """An answer as bytes: its head and its body. A payload is JSON, or a Text (the metrics, the page)."""
@@ -2987,7 +3024,7 @@ def http_response(status: int, payload: Any, headers: Iterable[Tuple[str, str]] 
         body, content_type = payload.encode(), payload.content_type
     else:
         body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
-    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase)]
+    lines = [_STATUS_LINES.get(status) or "HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase)]
     if server:
         lines += ["Server: " + server, "Date: " + _http_date()]
     if status != HTTPStatus.NO_CONTENT:
@@ -3023,7 +3060,8 @@ class Handler(BaseHTTPRequestHandler):
         self.command, self.path, self.request_version, self.headers = head
         self.body, self.body_read, self.body_size = body, False, 0
         self.undo = None
-        tokens = {token.strip().lower() for token in self.headers.get("connection", "").split(",")}
+        connection = self.headers.get("connection")
+        tokens = {token.strip().lower() for token in connection.split(",")} if connection else ()
         self.close_connection = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
         if body is None and self._declared_body():
             self.close_connection = True  # the body was not read: the stream can no longer be framed
