@@ -2618,6 +2618,9 @@ _BAD_HEAD_BYTE = re.compile(rb"[\r\n\x00]")
 BAD_FRAMING = "a request head may not hold a bare LF, a bare CR or a NUL: end each line with CRLF"
 # RFC 9110 5.5: a field value is visible characters, spaces and tabs (and obs-text); no other control character.
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Header lines (a head decoded as latin-1, after its request line): each a name, a colon, a value as above.
+_FIELDS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:"
+                     r"[\t\x20-\x7e\x80-\xff]*)*")
 # RFC 9112 3.2 and RFC 3986 3.2.2: Host is uri-host [":" port]; an IP literal in brackets, or a reg-name.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
@@ -2656,6 +2659,20 @@ def _authority(target: str, host_header: str) -> str:
         if netloc:
             return netloc.lower()
     return host_header.strip().lower()
+
+
+@functools.lru_cache(maxsize=256)  # a server is asked for by a few names only
+def _host_of(authority: str) -> str:
+    """The host of an authority (host[:port], [v6]:port), a trailing dot taken off a name; the whole authority
+    when what follows the host is not a port (not a name this server has)."""
+    if authority.startswith("["):
+        host, _, port = authority[1:].partition("]")
+    else:
+        host, _, port = authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
+    host = host[:-1] if host.endswith(".") and ":" not in host else host
+    if port and not (port.startswith(":") and port[1:].isdigit()) and not port.isdigit():
+        return authority
+    return host
 
 
 @functools.lru_cache(maxsize=256)
@@ -2856,16 +2873,17 @@ def frame_head(buffer: bytearray, limits: "Limits") -> Optional[Tuple[int, Tuple
         if crlf > limits.max_headers + 1:
             raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
         return None
-    return end + 4, parse_head(bytes(head).split(b"\r\n"), limits)
+    return end + 4, parse_head(head.decode("latin-1"), limits)
 
 
-def parse_head(lines: List[bytes], limits: "Limits") -> Tuple[str, str, str, Dict[str, str]]:
-    """The request line and header lines (CRLFs already taken off) as (method, target, version, headers); header
-    names lowercase, a repeated header joined with commas (or refused where repeats would be read two ways)."""
-    request_line = lines[0]
+def parse_head(head: str, limits: "Limits") -> Tuple[str, str, str, Dict[str, str]]:
+    """The request line and header lines (CRLF-separated, without the empty line) as (method, target, version,
+    headers); header names lowercase, a repeated header joined with commas (or refused where repeats would be read
+    two ways)."""
+    request_line, _, fields = head.partition("\r\n")
     if len(request_line) > limits.max_head_bytes - 4:
         raise URITooLong(f"the request line is longer than {limits.max_head_bytes} bytes")
-    parts = request_line.decode("latin-1").split(" ")  # RFC 9112 3: single spaces, no other whitespace
+    parts = request_line.split(" ")  # RFC 9112 3: single spaces, no other whitespace
     if len(parts) != 3 or not _HEADER_NAME.fullmatch(parts[0]):
         raise BadRequest("the request line must be METHOD TARGET HTTP/1.1")
     method, target, version = parts
@@ -2875,16 +2893,19 @@ def parse_head(lines: List[bytes], limits: "Limits") -> Tuple[str, str, str, Dic
     if found.group(1) != "1":
         raise VersionNotSupported(f"this server speaks HTTP/1.1 and HTTP/1.0, not {version}")
     version = "HTTP/1.0" if found.group(2) == "0" else "HTTP/1.1"  # RFC 9110 2.5: a later 1.x is read as 1.1
-    if len(lines) - 1 > limits.max_headers:
+    lines = fields.split("\r\n") if fields else []
+    if len(lines) > limits.max_headers:
         raise RequestHeaderFieldsTooLarge(f"a request may have at most {limits.max_headers} header lines")
+    if fields and not _FIELDS.fullmatch(fields):  # one pass for the usual head; line by line to say what is wrong
+        for line in lines:
+            name, colon, value = line.partition(":")
+            if not colon or not _HEADER_NAME.fullmatch(name):
+                raise BadRequest("a header line must be Name: value")
+            raise BadRequest(f"the value of header {name[:100].lower()} holds a control character")
     headers: Dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon or not _HEADER_NAME.fullmatch(name):
-            raise BadRequest("a header line must be Name: value")
+    for line in lines:
+        name, _, value = line.partition(":")
         name, value = name.lower(), value.strip(" \t")  # RFC 9110 5.5: only spaces and tabs around a value
-        if _BAD_VALUE.search(value):
-            raise BadRequest(f"the value of header {name[:100]} holds a control character")
         if name not in headers:
             headers[name] = value
         elif name == "host":
@@ -3159,14 +3180,7 @@ class Handler(BaseHTTPRequestHandler):
     def check_host(self) -> None:
         """Without a token, answer only requests addressed to this machine by an IP address, localhost, or a
         name of --allow-host: a web page whose own name is made to point here (DNS rebinding) sends its own."""
-        authority = _authority(self.path, self.headers.get("host", ""))
-        if authority.startswith("["):
-            host, _, port = authority[1:].partition("]")
-        else:
-            host, _, port = authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
-        host = host[:-1] if host.endswith(".") and ":" not in host else host
-        if port and not (port.startswith(":") and port[1:].isdigit()) and not port.isdigit():
-            host = authority  # anything but a port after the host: not a name this server has
+        host = _host_of(_authority(self.path, self.headers.get("host", "")))
         if not host or host == "localhost" or host in self.server.allowed_hosts or _is_address(host):
             return
         raise MisdirectedRequest(f"this server answers requests for an IP address or localhost; to use the name "
