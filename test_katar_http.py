@@ -979,18 +979,26 @@ class FirstHourTest(ServerTestCase):
         self.insert({"data": 3})
         self.assertEqual(self.poll({"tasks": [{"_id": second, "status": "done"}]}, expect=200)[1][0]["data"], 3)
 
-    def park_a_poll_and_vanish(self, then=b""):
-        """Send a long poll on a raw connection, wait until it is parked, send `then`, and close the connection;
-        the server must end the parked wait at once (no thread, no task kept for nobody)."""
+    def park_a_poll(self):
+        """Send a long poll on a raw connection and wait until the stats say it is parked; returns the connection."""
         body = b'{"wait": 5000}'
-        with socket.create_connection((self.server.host, self.server.port)) as connection:
-            connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            deadline = time.monotonic() + 10
-            while self.jobs.stats()["waiting_workers"] < 1:
-                self.assertLess(time.monotonic(), deadline)
-                time.sleep(0.01)
-            connection.sendall(then)
+        connection = socket.create_connection((self.server.host, self.server.port))
+        self.addCleanup(connection.close)
+        connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while self.jobs.stats()["waiting_workers"] < 1:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
+        return connection
+
+    def park_a_poll_and_vanish(self, then=b""):
+        """Park a long poll, send `then`, and close the connection; the server must end the parked wait at once
+        (no thread, no task kept for nobody)."""
+        connection = self.park_a_poll()
+        connection.sendall(then)
+        connection.close()
+        deadline = time.monotonic() + 10
         while self.jobs.stats()["waiting_workers"]:
             self.assertLess(time.monotonic(), deadline, "the vanished worker's poll still waits")
             time.sleep(0.01)
@@ -1014,14 +1022,8 @@ class FirstHourTest(ServerTestCase):
         # worker's hang-up is read. The poll is parked through HTTP, the insert that serves it comes from another
         # thread, and the hang-up is sent first, so both are waiting when the loop resumes the poll.
         broker = self.server.broker
-        body = b'{"wait": 5000}'
-        connection = socket.create_connection((self.server.host, self.server.port))
-        connection.sendall(b"POST /v1/queue/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        connection = self.park_a_poll()
         deadline = time.monotonic() + 10
-        while self.jobs.stats()["waiting_workers"] < 1:
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.01)
         with broker._lock:  # the loop cannot end the wait while the lock is held: hang up, then insert
             connection.close()
             time.sleep(0.05)
