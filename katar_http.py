@@ -2901,7 +2901,8 @@ def parse_head(head: str, limits: "Limits") -> Tuple[str, str, str, Dict[str, st
             name, colon, value = line.partition(":")
             if not colon or not _HEADER_NAME.fullmatch(name):
                 raise BadRequest("a header line must be Name: value")
-            raise BadRequest(f"the value of header {name[:100].lower()} holds a control character")
+            if _BAD_VALUE.search(value):
+                raise BadRequest(f"the value of header {name[:100].lower()} holds a control character")
     headers: Dict[str, str] = {}
     for line in lines:
         name, _, value = line.partition(":")
