@@ -2474,7 +2474,10 @@ class Durability:
         state = self.journal.settled(ticket)
         if state is False:
             with self._lock:
-                self.writable()
+                try:
+                    self.writable()
+                except Exception as exc:  # a bug in the rebuild: the next change tries again; answer the 503 now
+                    warn(f"memory could not be put back to what the journal holds yet: {exc!r}")
         return state
 
     def writable(self) -> bool:
@@ -3142,6 +3145,13 @@ class Handler(BaseHTTPRequestHandler):
         head, body = http_response(status, payload, headers + ([("Connection", "close")] if close else []),
                                    self.server_version)
         return head + body
+
+    def handed_back_answer(self, close: bool) -> bytes:
+        """What a poll's answer becomes when its worker hung up before it could be written: no tasks (they went
+        back)."""
+        head, body = http_response(HTTPStatus.NO_CONTENT, None, [("Connection", "close")] if close else [],
+                                   self.server_version)
+        return head
 
     def failure(self, exc: Exception) -> Reply:
         """An error as an answer; one that is not a KatarError is a bug: counted, logged, answered JSON."""
@@ -4058,6 +4068,7 @@ class Connection(asyncio.Protocol):
         self.park_timer: Optional[asyncio.TimerHandle] = None
         self.gone = False           # the client closed its end, or the connection broke
         self.refused = False        # past the connection cap: answered 503, lingering
+        self.hung_up = False        # the client closed its end (a FIN, which a plain close() sends too)
         self.closing = False        # the last answer is out or on its way: what comes is read and dropped
         self.reading = True
         self.write_paused = False
@@ -4099,7 +4110,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.closing:
             return False  # the lingering close is done: close now
-        self.gone = True
+        self.gone = self.hung_up = True
         if self.parked is not None:  # a worker that hung up while it waited: its wait ends now
             self.resume()
         else:
@@ -4109,7 +4120,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.refused:
             self.server.refusing -= 1
-        self.gone = self.closing = True
+        self.gone = self.hung_up = self.closing = True
         self.server.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -4117,10 +4128,15 @@ class Connection(asyncio.Protocol):
             self.resume()
         self.drop_answers()
 
-    def drop_answers(self) -> None:
-        """The client is gone with answers unwritten (held for the disk, say): what they hand out goes back."""
-        undos = [answer[3] for answer in self.answers if answer[3] is not None]
-        self.answers.clear()
+    def drop_answers(self, upto: Optional[int] = None) -> None:
+        """The client is gone with answers unwritten (held for the disk, say): what they hand out goes back (of the
+        first `upto` answers, which stay in line; of all, which are dropped)."""
+        answers = list(self.answers)[:upto] if upto is not None else list(self.answers)
+        undos = [answer[3] for answer in answers if answer[3] is not None]
+        for answer in answers:
+            answer[3] = None
+        if upto is None:
+            self.answers.clear()
         if undos:
             with self.server.broker.deferring() as promise:
                 for undo in undos:
@@ -4254,16 +4270,22 @@ class Connection(asyncio.Protocol):
         settled = self.server.broker.settled
         answers = self.answers
         while answers:
-            data, ticket, close, _ = answers[0]
+            data, ticket, close, undo = answers[0]
             if data is None:
                 break
             if ticket:
                 state = settled(ticket)
                 if state is None:
                     return
+                assert self.handler is not None
                 if state is False:
-                    assert self.handler is not None
                     data = self.handler.lost_answer(close)
+                elif undo is not None and self.hung_up:
+                    # Tasks held back for the disk while their worker closed its end: a client that closes after
+                    # asking (a timeout, a killed process) cannot be told from one that only stopped sending, and
+                    # a task written to nobody would sit in progress for a whole lease. Handed back instead.
+                    self.drop_answers(upto=1)
+                    data = self.handler.handed_back_answer(close)
             answers.popleft()
             transport.write(data)
             if close:

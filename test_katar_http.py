@@ -5531,6 +5531,11 @@ class EventLoopTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, 1.5, "the poll of a client that hung up waited")
 
     def test_a_task_whose_answer_waits_for_the_disk_when_its_worker_hangs_up_is_handed_back(self):
+        for hang_up in ("reset", "close"):  # a reset (RST), and a plain close (FIN), as a client's timeout does
+            with self.subTest(hang_up=hang_up):
+                self.hang_up_while_the_disk_holds_the_answer(hang_up)
+
+    def hang_up_while_the_disk_holds_the_answer(self, hang_up):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         broker = K.Broker(journal=K.Journal(os.path.join(directory, "tasks.journal")))
@@ -5553,7 +5558,8 @@ class EventLoopTest(ServerTestCase):
             inserter = threading.Thread(target=jobs.insert, args=({"data": "held"},))
             inserter.start()
             self.assertTrue(syncing.wait(5))
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+            if hang_up == "reset":
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         inserter.join(10)
         journal._fsync = os.fsync
         while True:
