@@ -40,7 +40,8 @@ The file reads top to bottom as the architecture:
      park it, the change that answers it calls its wake, end_wait ends it (the Python API blocks on it itself);
   3. the journal (Journal: append, group commit, fsync, compaction, recovery) and Durability, which decides when a
      change may be acknowledged: a thread of the Python API waits for its records; the event loop collects the
-     ticket instead and answers once the journal's flusher thread has written and fsync'd it;
+     ticket instead and answers once the journal's flusher thread has written and fsync'd it (with --fsync interval
+     or never, the loop makes the write itself, as redis does, and only the interval's fsync is off the loop);
   4. the HTTP layer: framing (frame_head, body_length, frame_chunked: from bytes in memory, never a socket) and
      one BaseHTTPRequestHandler subclass whose methods are the routes (check, call the core, serialise);
   5. large data: the API's description (OpenAPI 3.1, built from the bounds the server enforces) and the page;
@@ -2101,11 +2102,17 @@ class Journal:
             return False if self.failed is not None or self._closed else None
 
     def request_flush(self) -> None:
-        """Have what is pending written (and fsync'd, with "always") by the flusher thread, for a caller that must
-        not block on the disk: the event loop asks once per pass, so everything it handled in that pass shares one
-        write and one fsync while it goes on parsing. The settle listeners hear when it is done."""
+        """Have what is pending written soon, for a caller that must not block on the disk (the event loop asks
+        once per pass, so everything it handled in that pass shares one write). With fsync "always" the flusher
+        thread writes and fsyncs while the caller goes on. With "interval" and "never" the write (to the page cache,
+        no fsync) is made here and now, as redis writes its append-only file from its event loop: handing it to a
+        thread would cost more than the write. The settle listeners hear when it is done."""
         with self._cond:
             if self._closed:
+                return
+            if self.fsync != "always":
+                if self._pending and not self._flushing and self.failed is None:
+                    self._flush_locked()  # (if another write is under way, its end calls the listeners: ask again)
                 return
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_forever, name="katar_http flusher", daemon=True)
@@ -2416,8 +2423,8 @@ class Durability:
 
     A caller that may block (a thread of the Python API) waits after leaving the lock until the journal holds what
     it changed (changing, require). The event loop must not block: inside deferring() the ticket to wait for is
-    collected instead, and the loop answers once settled(ticket), having asked the journal's flusher thread to
-    write (Journal.request_flush). After a disk failure, memory is rebuilt from the durable part of the file at the
+    collected instead, and the loop answers once settled(ticket), having asked the journal to write
+    (Journal.request_flush: the flusher thread writes and fsyncs for "always"). After a disk failure, memory is rebuilt from the durable part of the file at the
     start of the next change (writable), never in the middle of one. Compactions start here, in a thread of their
     own, when the journal has grown well past the state (`snapshot` gives the state as records, lock held)."""
 
@@ -3856,7 +3863,7 @@ refresh(); setInterval(refresh, 2000);
 # 6. The server: one asyncio event loop, in a thread of its own, owns every socket. It frames requests from the
 #    bytes it has read, has each connection's Handler serve them in order, and holds an answer back until the
 #    journal records behind it are durable (the journal's flusher thread writes what a pass produced with one write
-#    and one fsync, while the loop goes on). Every deadline is a timer in the loop's heap: the first authorised
+#    and one fsync, while the loop goes on; with --fsync interval or never the loop makes that one write itself). Every deadline is a timer in the loop's heap: the first authorised
 #    request's, a request's, the idle one, parked waits, the broker's clock. Nothing on the loop blocks.
 # ---------------------------------------------------------------------------------------------------------------
 
