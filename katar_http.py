@@ -2547,10 +2547,13 @@ class Durability:
             self._compaction.join(timeout)
 
     def close(self) -> None:
-        """Let a compaction under way finish, then close the journal (writing what is pending)."""
+        """Let a compaction under way finish, then close the journal (writing what is pending). The lock is held
+        meanwhile: a change cannot slip its records in after the last write (they would never be written, and every
+        answer after them would wait for them in vain)."""
         self.join_compaction()
         if self.journal is not None:
-            self.journal.close()
+            with self._lock:
+                self.journal.close()
 
 
 def _write_all(fd: int, data: bytes, write: Callable[[int, Any], int] = os.write) -> int:
@@ -3934,9 +3937,9 @@ class HTTPServer:
         self.loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self.loop.set_exception_handler(self._loop_error)
         self.broker.on_settled(self.settle_soon)
-        handshake = min(self.limits.request_timeout, self.limits.first_request_timeout) if self.tls else None
-        self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, ssl=self.tls,
-                                                       ssl_handshake_timeout=handshake, backlog=1024)
+        # TLS is started by each Connection (start_tls), so that a connection in its handshake already counts
+        # against the cap: strangers who stall handshakes cannot take every file descriptor.
+        self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024)
 
     def _loop_error(self, loop: Any, context: Dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -4076,6 +4079,7 @@ class Connection(asyncio.Protocol):
         self.gone = False           # the client closed its end, or the connection broke
         self.refused = False        # past the connection cap: answered 503, lingering
         self.hung_up = False        # the client closed its end (a FIN, which a plain close() sends too)
+        self.handshaking = False    # TLS: start_tls has not returned the encrypted transport yet
         self.closing = False        # the last answer is out or on its way: what comes is read and dropped
         self.reading = True
         self.write_paused = False
@@ -4092,6 +4096,10 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         if len(server.connections) >= server.max_connections or server.closing:
+            if server.tls is not None:  # a TLS client could not read a plain answer
+                self.closing = True
+                transport.abort()
+                return
             transport.write(REFUSAL)
             if server.refusing >= 64:  # a flood: no lingering, the descriptors are what is short
                 self.closing = True
@@ -4104,7 +4112,28 @@ class Connection(asyncio.Protocol):
         server.connections.add(self)
         self.handler = Handler(self, transport.get_extra_info("peername") or ("-", 0), server)
         self.first_deadline = server.loop.time() + server.limits.first_request_timeout
+        if server.tls is not None:
+            transport.pause_reading()  # the handshake's bytes are for TLS, not for the HTTP framing
+            self.handshaking = True
+            server.loop.create_task(self.start_tls())
+            return
         self.watch()
+
+    async def start_tls(self) -> None:
+        """The TLS handshake, without blocking, within the first request's deadline (and the request timeout);
+        a client that stalls or fails it is closed without a word."""
+        limits, plain = self.server.limits, self.transport
+        try:
+            self.transport = await self.server.loop.start_tls(
+                plain, self, self.server.tls, server_side=True,
+                ssl_handshake_timeout=min(limits.request_timeout, limits.first_request_timeout))
+        except Exception:  # a reset, a timeout, bad TLS: whatever it was, the connection is over
+            self.transport = plain
+            plain.abort()
+            self.connection_lost(None)  # (the plain transport no longer reports to this protocol)
+            return
+        self.handshaking = False
+        self.process()  # what arrived in the moment between the handshake's end and this
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.handler is None:
@@ -4112,7 +4141,8 @@ class Connection(asyncio.Protocol):
         if not self.buffer and self.head is None:
             self.request_started = self.server.loop.time()
         self.buffer += data
-        self.process()
+        if not self.handshaking:  # (until start_tls returns, answers would go out unencrypted)
+            self.process()
 
     def eof_received(self) -> bool:
         if self.closing:
