@@ -3937,9 +3937,11 @@ class HTTPServer:
         self.loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self.loop.set_exception_handler(self._loop_error)
         self.broker.on_settled(self.settle_soon)
-        # TLS is started by each Connection (start_tls), so that a connection in its handshake already counts
-        # against the cap: strangers who stall handshakes cannot take every file descriptor.
-        self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024)
+        # (The handshake is asyncio's, on the loop, with its own deadline; loop.start_tls per connection, which would
+        # count a connection in its handshake against the cap, loses the ClientHello on Python 3.8.)
+        handshake = min(self.limits.request_timeout, self.limits.first_request_timeout) if self.tls else None
+        self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, ssl=self.tls,
+                                                       ssl_handshake_timeout=handshake, backlog=1024)
 
     def _loop_error(self, loop: Any, context: Dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -4079,7 +4081,6 @@ class Connection(asyncio.Protocol):
         self.gone = False           # the client closed its end, or the connection broke
         self.refused = False        # past the connection cap: answered 503, lingering
         self.hung_up = False        # the client closed its end (a FIN, which a plain close() sends too)
-        self.handshaking = False    # TLS: start_tls has not returned the encrypted transport yet
         self.closing = False        # the last answer is out or on its way: what comes is read and dropped
         self.reading = True
         self.write_paused = False
@@ -4096,10 +4097,6 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         if len(server.connections) >= server.max_connections or server.closing:
-            if server.tls is not None:  # a TLS client could not read a plain answer
-                self.closing = True
-                transport.abort()
-                return
             transport.write(REFUSAL)
             if server.refusing >= 64:  # a flood: no lingering, the descriptors are what is short
                 self.closing = True
@@ -4112,28 +4109,7 @@ class Connection(asyncio.Protocol):
         server.connections.add(self)
         self.handler = Handler(self, transport.get_extra_info("peername") or ("-", 0), server)
         self.first_deadline = server.loop.time() + server.limits.first_request_timeout
-        if server.tls is not None:
-            transport.pause_reading()  # the handshake's bytes are for TLS, not for the HTTP framing
-            self.handshaking = True
-            server.loop.create_task(self.start_tls())
-            return
         self.watch()
-
-    async def start_tls(self) -> None:
-        """The TLS handshake, without blocking, within the first request's deadline (and the request timeout);
-        a client that stalls or fails it is closed without a word."""
-        limits, plain = self.server.limits, self.transport
-        try:
-            self.transport = await self.server.loop.start_tls(
-                plain, self, self.server.tls, server_side=True,
-                ssl_handshake_timeout=min(limits.request_timeout, limits.first_request_timeout))
-        except Exception:  # a reset, a timeout, bad TLS: whatever it was, the connection is over
-            self.transport = plain
-            plain.abort()
-            self.connection_lost(None)  # (the plain transport no longer reports to this protocol)
-            return
-        self.handshaking = False
-        self.process()  # what arrived in the moment between the handshake's end and this
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.handler is None:
@@ -4141,8 +4117,7 @@ class Connection(asyncio.Protocol):
         if not self.buffer and self.head is None:
             self.request_started = self.server.loop.time()
         self.buffer += data
-        if not self.handshaking:  # (until start_tls returns, answers would go out unencrypted)
-            self.process()
+        self.process()
 
     def eof_received(self) -> bool:
         if self.closing:

@@ -5594,28 +5594,6 @@ class TlsHandshakeTest(TlsTest):
         self.assertLess(time.monotonic() - started, 5)
         self.assertGreaterEqual(time.monotonic() - started, 0.4)
 
-    def test_connections_in_their_tls_handshake_count_against_the_cap(self):
-        pem = self.certificate()
-        broker = K.Broker()
-        limits = K.Limits(first_request_timeout=0.6, request_timeout=0.6, max_connections=3)
-        server = K.serve(broker, port=0, tls=K.tls_context(pem), limits=limits)
-        self.addCleanup(server.close)
-        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
-        for connection in stalled:
-            self.addCleanup(connection.close)
-        deadline = time.monotonic() + 5
-        while server.httpd.active < 3:  # counted from the moment they connect, before any handshake
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.01)
-        client = ssl.create_default_context(cafile=pem)
-        with self.assertRaises((OSError, ssl.SSLError)):  # one too many: closed at once, no handshake
-            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
-                client.wrap_socket(extra, server_hostname="localhost")
-        for connection in stalled:
-            self.assertEqual(connection.recv(100), b"")  # cut at the handshake deadline
-        with urllib.request.urlopen(server.url + "/healthz", context=client, timeout=5) as response:
-            self.assertEqual(response.status, 200)  # and the slots are free again
-
 
 class StopTest(CommandLineTest):
 
