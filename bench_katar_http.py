@@ -41,7 +41,6 @@ import argparse
 import collections
 import contextlib
 import errno
-import http.client
 import json
 import multiprocessing
 import os

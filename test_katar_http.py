@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import unittest
 import urllib.error
 import urllib.request
@@ -277,7 +276,7 @@ class LeaseTest(ServerTestCase):
     queue_options = {"lease": 10000, "max_attempts": 3, "backoff": 1000, "max_backoff": 8000}
 
     def test_higher_priority_first_and_first_in_first_out_within_a_priority(self):
-        ids = self.insert({"data": "n1"}, {"data": "low", "priority": "low"}, {"data": "h1", "priority": "high"},
+        self.insert({"data": "n1"}, {"data": "low", "priority": "low"}, {"data": "h1", "priority": "high"},
                           {"data": "n2", "priority": "normal"}, {"data": "h2", "priority": 10}, {"data": "p5", "priority": 5})
         status, tasks = self.poll({"max": 10}, expect=200)
         self.assertEqual([task["data"] for task in tasks], ["h1", "h2", "p5", "n1", "n2", "low"])
