@@ -4808,9 +4808,11 @@ class ToolsTest(unittest.TestCase):
         client = K.Client(url)
         self.addCleanup(client.close)
         task_id = client.insert("jobs", [{"data": 1}])[0]["_id"]
+        worker_log = open(os.path.join(directory, "worker.log"), "w+")  # shown if the test fails
+        self.addCleanup(worker_log.close)
         worker = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", url, "jobs",
                                    "--wait", "200", "--", "sh", "-c", "sleep 1.5; echo survived"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=worker_log)
         self.addCleanup(stop_process, worker)
         deadline = time.monotonic() + 10
         while client.task("jobs", task_id)["status"] != "in progress":
@@ -4827,7 +4829,8 @@ class ToolsTest(unittest.TestCase):
         task = client.task("jobs", task_id, wait=20000)
         while task["status"] == "in progress" and time.monotonic() < deadline:
             task = client.task("jobs", task_id, wait=20000)
-        self.assertEqual((task["status"], task["attempt"]), ("done", 1))
+        worker_log.seek(0)
+        self.assertEqual((task["status"], task["attempt"]), ("done", 1), (task, worker_log.read()[-3000:]))
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(20), 0)
 
