@@ -3924,6 +3924,7 @@ class HTTPServer:
         self._held: "collections.deque[Tuple[int, Connection]]" = collections.deque()  # (ticket, connection)
         self._flush_asked = False
         self._settle_asked = False
+        self.settling = False     # _settle is releasing held answers (the only place they leave)
         self._clock: Optional[asyncio.TimerHandle] = None
         self._clock_at = 0.0
         self._resources_warned = -10.0
@@ -4004,14 +4005,21 @@ class HTTPServer:
             self.call_soon(self._settle)
 
     def _settle(self) -> None:
+        """Release the held answers whose tickets are durable, in ticket order (answers held for the disk leave
+        only from here: one whose records are durable never overtakes an earlier one, so whoever sees a task
+        leased knows its worker has been sent it)."""
         self._settle_asked = False
         held, settled = self._held, self.broker.settled
-        while held:
-            ticket, connection = held[0]
-            if settled(ticket) is None:
-                break
-            held.popleft()
-            connection.send_answers()
+        self.settling = True
+        try:
+            while held:
+                ticket, connection = held[0]
+                if settled(ticket) is None:
+                    break
+                held.popleft()
+                connection.send_answers()
+        finally:
+            self.settling = False
         if held:  # written after the flush began: the next one takes them
             self.broker.request_flush()
 
@@ -4283,6 +4291,9 @@ class Connection(asyncio.Protocol):
             if data is None:
                 break
             if ticket:
+                if not self.server.settling:  # held answers leave from HTTPServer._settle, in ticket order
+                    self.server.settle_soon()
+                    return
                 state = settled(ticket)
                 if state is None:
                     return
