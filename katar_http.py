@@ -2075,10 +2075,10 @@ class Journal:
                 # A ticket a failure lost stays lost, even once a reset lets later ones be written (a waiter woken
                 # by the failure may only get here after that reset). After a failure nothing more is written
                 # until reset(): the file may end in half a batch.
-                lost = self._lost and any(after < ticket <= upto for after, upto in self._lost)
-                if not lost and self._durable >= ticket:
+                state = self._state(ticket)
+                if state:
                     return
-                if lost or self.failed is not None or self._closed:
+                if state is False:
                     raise Unavailable(f"the journal could not be written ({self.failed or 'closed'}); "
                                       f"nothing was acknowledged: retry later")
                 if self._flushing:
@@ -2092,11 +2092,14 @@ class Journal:
         """Whether the records up to `ticket` are durable: True, False if a failure lost them, None while they are
         pending (request_flush writes them)."""
         with self._cond:
-            if self._lost and any(after < ticket <= upto for after, upto in self._lost):
-                return False
-            if self._durable >= ticket:
-                return True
-            return False if self.failed is not None or self._closed else None
+            return self._state(ticket)
+
+    def _state(self, ticket: int) -> Optional[bool]:
+        if self._lost and any(after < ticket <= upto for after, upto in self._lost):
+            return False
+        if self._durable >= ticket:
+            return True
+        return False if self.failed is not None or self._closed else None
 
     def request_flush(self) -> None:
         """Have what is pending written soon, for a caller that must not block on the disk (the event loop asks
@@ -2621,7 +2624,8 @@ LENIENT_MEDIA = ("application/x-www-form-urlencoded", "text/plain")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "content-type", "authorization", "host", "expect")
 Reply = Tuple[int, Any]
 # RFC 9110 5.1: a header name is a token; "Bad Name" or "Name :" is how a request gets read two ways by two servers.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER_NAME = re.compile(_TOKEN)
 # RFC 9112 2.2: lines end with CRLF. A bare LF, a bare CR or a NUL is refused wherever it is, however the bytes
 # arrive: a server that takes a bare LF as a line end in one place and not in another frames requests two ways.
 _BAD_HEAD_BYTE = re.compile(rb"[\r\n\x00]")
@@ -2629,8 +2633,8 @@ BAD_FRAMING = "a request head may not hold a bare LF, a bare CR or a NUL: end ea
 # RFC 9110 5.5: a field value is visible characters, spaces and tabs (and obs-text); no other control character.
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Header lines (a head decoded as latin-1, after its request line): each a name, a colon, a value as above.
-_FIELDS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:"
-                     r"[\t\x20-\x7e\x80-\xff]*)*")
+_FIELD = _TOKEN + r":[\t\x20-\x7e\x80-\xff]*"  # the complement of _BAD_VALUE, in a value
+_FIELDS = re.compile(_FIELD + r"(?:\r\n" + _FIELD + r")*")
 # RFC 9112 3.2 and RFC 3986 3.2.2: Host is uri-host [":" port]; an IP literal in brackets, or a reg-name.
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
@@ -3056,7 +3060,7 @@ def http_response(status: int, payload: Any, headers: Iterable[Tuple[str, str]] 
         body, content_type = payload.encode(), payload.content_type
     else:
         body = b"" if status == HTTPStatus.NO_CONTENT else _encode(payload).encode()
-    lines = [_STATUS_LINES.get(status) or "HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase)]
+    lines = [_STATUS_LINES[status]]
     if server:
         lines += ["Server: " + server, "Date: " + _http_date()]
     if status != HTTPStatus.NO_CONTENT:
@@ -3149,16 +3153,18 @@ class Handler(BaseHTTPRequestHandler):
         status, payload, headers = error_reply(Unavailable(
             f"the journal could not be written ({self.server.broker.lost_because()}); nothing was acknowledged: "
             f"retry later"))
-        head, body = http_response(status, payload, headers + ([("Connection", "close")] if close else []),
-                                   self.server_version)
-        return head + body
+        return self.answer_bytes(status, payload, headers, close)
 
     def handed_back_answer(self, close: bool) -> bytes:
         """What a poll's answer becomes when its worker hung up before it could be written: no tasks (they went
         back)."""
-        head, body = http_response(HTTPStatus.NO_CONTENT, None, [("Connection", "close")] if close else [],
+        return self.answer_bytes(HTTPStatus.NO_CONTENT, None, [], close)
+
+    def answer_bytes(self, status: int, payload: Any, headers: List[Tuple[str, str]], close: bool) -> bytes:
+        """An answer put in place of one already made (its request's Connection choice kept)."""
+        head, body = http_response(status, payload, headers + ([("Connection", "close")] if close else []),
                                    self.server_version)
-        return head
+        return head + body
 
     def failure(self, exc: Exception) -> Reply:
         """An error as an answer; one that is not a KatarError is a bug: counted, logged, answered JSON."""
