@@ -84,6 +84,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -124,6 +125,8 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "max_in_flight": 0,      # cap on tasks in progress at once; 0 is no cap
     "backoff": 1000,         # ms before the first retry; doubled for each later one
     "max_backoff": 300000,   # ms, the cap on that doubling
+    "max_lease": 43200000,   # ms, the longest lease a worker may ask for (a poll's or a heartbeat's `lease`): 12 h
+    "max_run": 0,            # ms a delivery may run, heartbeats or not, before it fails ("run time exceeded"); 0: no cap
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "lease_wait_ms")
@@ -135,7 +138,11 @@ LIST_ORDERS = ("oldest", "newest")  # the orders of a listing
 MAX_DELAY_MS = 366 * 86400 * 1000
 # Bounds of the queue options, as (lowest, highest).
 QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
-                "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS)}
+                "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS), "max_lease": (1, MAX_DELAY_MS),
+                "max_run": (0, MAX_DELAY_MS)}
+RUN_TIME_EXCEEDED = "run time exceeded"  # the error of a delivery that ran past its queue's max_run
+WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgotten (GET /v1/workers)
+MAX_WORKERS_SEEN = 10000      # workers remembered at once; past that, the one heard from least recently goes
 MAX_PRIORITY = 10 ** 9
 MAX_TEXT = 65536             # characters in an error
 MAX_KEY = 256                # characters in an insert key
@@ -458,11 +465,16 @@ class Task:
             return self.history[-1]
         return None
 
-    def outcome(self, attempt: int) -> Optional[str]:
+    def delivery(self, attempt: int) -> Optional[Dict[str, Any]]:
+        """The history entry of delivery `attempt`, if it is still remembered."""
         for entry in reversed(self.history):
             if entry["attempt"] == attempt:
-                return entry["outcome"]
+                return entry
         return None
+
+    def outcome(self, attempt: int) -> Optional[str]:
+        entry = self.delivery(attempt)
+        return entry["outcome"] if entry is not None else None
 
     def record(self, queue: str) -> Dict[str, Any]:
         """The whole task as one record, for a compacted journal."""
@@ -477,6 +489,7 @@ class Task:
             "_id": self.id, "queue": queue, "status": self.status, "data": self.data, "priority": self.priority,
             "key": self.key, "attempt": self.attempt, "attempts_spent": self.spent, "worker": self.worker,
             "lease_expires_at": self.lease_until, "run_at": self.run_at, "error": self.error, "result": self.result,
+            "progress": self.history[-1].get("progress") if self.history else None,
             "history": [dict(entry) for entry in self.history],
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
@@ -495,14 +508,59 @@ class Waiter:
     also ends it at its `deadline` (time.monotonic() seconds) if nothing came. The event loop's wake schedules
     the connection's answer; a thread using the Python API waits on a condition that wake notifies."""
 
-    __slots__ = ("max", "worker", "task_id", "deadline", "wake", "result", "parked")
+    __slots__ = ("max", "worker", "lease", "task_id", "deadline", "wake", "result", "parked")
 
     def __init__(self, wake: Callable[[], None], deadline: float, max_tasks: int = 0, worker: Optional[str] = None,
-                 task_id: Optional[str] = None) -> None:
-        self.max, self.worker, self.task_id = max_tasks, worker, task_id
+                 task_id: Optional[str] = None, lease: Optional[int] = None) -> None:
+        self.max, self.worker, self.lease, self.task_id = max_tasks, worker, lease, task_id
         self.deadline, self.wake = deadline, wake
         self.result: Any = None   # the leased tasks, or (the finished task's view, its journal ticket)
         self.parked = True        # until end_wait: a wait that ended is skipped where it still sits in a line
+
+
+class Seen:
+    """A worker heard from: a named one (its `worker` id), or an anonymous poller (by its `address`). `held` maps a
+    queue's name to the deliveries handed to it there ({task id: attempt}); each is checked against the task when
+    read, so none of this needs undoing or journalling."""
+
+    __slots__ = ("worker", "address", "held", "swept", "last_contact", "last_heartbeat", "waiting")
+
+    def __init__(self, worker: Optional[str], address: Optional[str]) -> None:
+        self.worker, self.address = worker, address
+        self.held: Dict[str, Dict[str, int]] = {}
+        self.swept: Dict[str, int] = {}  # per queue: deliveries still held when last swept
+        self.last_contact = 0
+        self.last_heartbeat: Optional[int] = None
+        self.waiting = 0  # its long polls parked now
+
+
+class Fleet:
+    """The workers heard from, for GET /v1/workers, the metrics, and the `cancel` a named worker is told. It is
+    observed, not state: it is neither journalled nor undone, and fills again after a restart as workers poll. A
+    worker is forgotten WORKER_IDLE_MS after its last contact, and at most MAX_WORKERS_SEEN are remembered (past
+    that, the one heard from least recently goes): each contact moves its worker to the end of an ordered table,
+    so forgetting only ever looks at the front."""
+
+    def __init__(self) -> None:
+        self._seen: "collections.OrderedDict[Tuple[Optional[str], Optional[str]], Seen]" = collections.OrderedDict()
+
+    def contact(self, worker: Optional[str], address: Optional[str], now: int) -> Seen:
+        """The worker `worker` (or, anonymous, the poller at `address`) is heard from at `now`."""
+        key = (worker, None if worker is not None else address)
+        seen = self._seen.get(key)
+        if seen is None:
+            seen = self._seen[key] = Seen(worker, address)
+        else:
+            self._seen.move_to_end(key)
+            seen.address = address
+        seen.last_contact = now
+        while len(self._seen) > MAX_WORKERS_SEEN or next(iter(self._seen.values())).last_contact < now - WORKER_IDLE_MS:
+            self._seen.popitem(last=False)
+        return seen
+
+    def workers(self) -> List[Seen]:
+        """Those remembered, the most recently heard from first."""
+        return list(reversed(self._seen.values()))
 
 
 class Queue:
@@ -541,8 +599,13 @@ class Queue:
         # in line, marked, until it reaches the front or the line is swept: ending a wait never searches the line.
         self._waiters: "collections.deque[Waiter]" = collections.deque()
         self._parked = 0  # long polls parked in _waiters
+        self._parked_by_worker: Dict[str, set] = {}  # a named worker's parked long polls
         self._result_waiters: Dict[str, List[Waiter]] = {}
         self.totals = {name: 0 for name in TOTALS}
+        # Observed, not state (neither journalled nor undone): when a worker last polled (ms), and since when tasks
+        # have been due with nobody polling since (katar_queue_unattended_seconds).
+        self.last_polled = broker._now()
+        self._due_since: Optional[int] = None
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
@@ -614,16 +677,19 @@ class Queue:
         self.poll(reports, max=0)
 
     def poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
-             worker: Optional[str] = None) -> List[Dict[str, Any]]:
+             worker: Optional[str] = None, lease: Optional[int] = None) -> List[Dict[str, Any]]:
         """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms.
         Without `max`, one task, as the original; but none when every report is a heartbeat or a hand-back: a
         worker keeping a lease alive, or giving a task back, is not asking for more work (a task leased then would
         sit unworked until its lease ran out, or come straight back to the worker that gave it up).
+        `lease` (ms, at most the queue's max_lease) is the lease of the tasks leased, and of the heartbeats among
+        the reports that give none of their own; without it, the queue's `lease`.
         The calling thread blocks while it waits (the Python API); the server parks the wait instead (begin_poll)."""
-        return self._block(functools.partial(self.begin_poll, reports, max, wait, worker))
+        return self._block(functools.partial(self.begin_poll, reports, max, wait, worker, lease))
 
     def begin_poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
-                   worker: Optional[str] = None, *, wake: Callable[[], None]) -> Union[List[Dict[str, Any]], Waiter]:
+                   worker: Optional[str] = None, lease: Optional[int] = None, *,
+                   wake: Callable[[], None]) -> Union[List[Dict[str, Any]], Waiter]:
         """poll() without blocking: the tasks leased now, or, when it must wait for some, a parked Waiter that
         `wake` announces; end it with end_wait. This is where a wait begins: no thread is held by it."""
         reports = _check_reports(reports)
@@ -633,19 +699,25 @@ class Queue:
         wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
         if worker is not None:
             worker = _check_text("worker", worker, MAX_WORKER)
+        if lease is not None:
+            lease = _check_int("lease", lease, 1, MAX_DELAY_MS)
         broker = self._broker
         with broker._changing():
             now = broker._now()
+            self._check_lease("lease", lease)
             self._tick(now)
+            self.last_polled = now
             if reports:
-                broker._commit(self._plan_reports(reports, now))
+                broker._commit(self._plan_reports(reports, now, lease))
             self._serve_waiters(now)  # earlier waiters come first, also for what these reports freed
-            leased = self._take(max, worker, now)
+            leased = self._take(max, worker, now, lease)
             if leased or not max or wait_ms <= 0 or broker._closed:
                 return leased
-            waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, max, worker)
+            waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, max, worker, lease=lease)
             self._waiters.append(waiter)
             self._parked += 1
+            if worker is not None:  # so that a cancel of what it holds answers it at once (see _tell)
+                self._parked_by_worker.setdefault(worker, set()).add(waiter)
             return waiter
 
     def task(self, task_id: str, wait: float = 0) -> Dict[str, Any]:
@@ -679,6 +751,12 @@ class Queue:
         what to wait for)."""
         broker = self._broker
         with broker._changing():
+            if waiter.worker is not None and waiter.task_id is None:
+                parked = self._parked_by_worker.get(waiter.worker)
+                if parked is not None:
+                    parked.discard(waiter)
+                    if not parked:
+                        del self._parked_by_worker[waiter.worker]
             if waiter.parked:
                 waiter.parked = False
                 if waiter.task_id is None:
@@ -720,8 +798,9 @@ class Queue:
         return self.end_wait(outcome)
 
     def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
-        """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`)."""
-        allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED, FAILED)}
+        """Pause a queued task, resume a paused one, retry a dead letter (`queued`), or cancel (`cancelled`); a task
+        in progress is cancelled at once, and its worker is refused (409) and told (`cancel`) when it next reports."""
+        allowed = {PAUSED: (QUEUED,), QUEUED: (PAUSED, FAILED), CANCELLED: (QUEUED, PAUSED, FAILED, IN_PROGRESS)}
         if not isinstance(status, str) or status not in allowed:
             raise BadRequest(f"status must be one of {', '.join(allowed)}, got {_shown(status)}")
         broker = self._broker
@@ -739,12 +818,15 @@ class Queue:
             if task.status != status:
                 if task.status not in allowed[status]:
                     raise Conflict(f"task {task_id} is {task.status}; it cannot become {status}", [task_id])
+                running = task.status == IN_PROGRESS
                 broker._commit([{"op": "status", "q": self.name, "id": task_id, "status": status, "at": now}])
+                if running:
+                    self._tell(task.worker)
                 self._serve_waiters(now)
             return self._task_view(task_id)
 
     def cancel(self, task_id: str) -> Dict[str, Any]:
-        """Cancel a queued or paused task, or a dead letter."""
+        """Cancel a queued, paused or running task, or a dead letter."""
         return self.set_status(task_id, CANCELLED)
 
     def purge(self, status: str) -> int:
@@ -788,6 +870,73 @@ class Queue:
                         return {"tasks": page, "next": page[-1]["_id"]}
                     page.append(task.snapshot(self.name))
             return {"tasks": page, "next": None}
+
+    def heard_from(self, worker: Optional[str], address: Optional[str], leased: Iterable[Dict[str, Any]] = (),
+                   heartbeat: bool = False, waiting: int = 0) -> List[str]:
+        """Note a worker's poll of this queue (GET /v1/workers): the tasks it was handed, whether it sent a
+        heartbeat, a long poll parked (`waiting` 1) or ended (-1). Returns, for a named worker, the ids of the
+        deliveries it was handed here that were taken from it since (cancelled, run past max_run, or leased again
+        after its lease ran out): its answer's `cancel`, told once. An anonymous poller (no worker id; several may
+        share an address) is told of a cancel only by the 409 of its next report."""
+        broker = self._broker
+        with broker._lock:
+            seen = broker.fleet.contact(worker, address, broker._now())
+            if heartbeat:
+                seen.last_heartbeat = seen.last_contact
+            seen.waiting = max(0, seen.waiting + waiting)
+            held = seen.held.setdefault(self.name, {})
+            for task in leased:
+                held[task["_id"]] = task["attempt"]
+            if worker is None and len(held) <= 2 * seen.swept.get(self.name, 0) + 64:
+                return []  # an anonymous poller's table is swept now and then: it is only read by GET /v1/workers
+            cancel = []
+            for task_id, attempt in list(held.items()):
+                state = self._delivery_state(task_id, attempt)
+                if state == "taken":
+                    cancel.append(task_id)
+                if state in ("taken", "ended"):
+                    del held[task_id]
+            seen.swept[self.name] = len(held)
+            return cancel if worker is not None else []
+
+    def _delivery_state(self, task_id: str, attempt: int) -> str:
+        """Delivery `attempt` of a task, as its worker should see it: "held" (in progress), "lapsed" (its lease ran
+        out, but nobody has taken the task since: a report still counts), "taken" (cancelled, run past max_run,
+        or leased again: stop), or "ended" (reported, or gone)."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            memo = self._finished.get(task_id)  # discarded: cancelled during this delivery, or ended otherwise
+            return "taken" if memo is not None and memo[0] == CANCELLED and memo[1] == attempt and \
+                memo[2] in ("cancelled", "expired") else "ended"
+        if task.attempt == attempt:
+            if task.status == IN_PROGRESS:
+                return "held"
+            if self._open_delivery(task):
+                return "lapsed"
+        return "taken" if self._taken_because(task, attempt) is not None else "ended"
+
+    def held_view(self, held: Dict[str, int]) -> List[Dict[str, Any]]:
+        """Lock held: the deliveries of `held` ({task id: attempt}) still in progress, with their lease deadlines."""
+        return [{"_id": task_id, "queue": self.name, "attempt": attempt, "lease_expires_at": self._tasks[task_id].lease_until}
+                for task_id, attempt in held.items() if self._delivery_state(task_id, attempt) == "held"]
+
+    def unattended_ms(self) -> int:
+        """How long tasks have been due with no worker polling this queue since (0 when none is due, or the queue
+        is paused): katar_queue_unattended_seconds, the alert that a backlog has nobody working on it."""
+        with self._broker._lock:
+            now = self._broker._now()
+            self._tick(now)
+            ready, tasks = self._ready, self._tasks
+            while ready:  # stale entries at the front are dropped, as a lease would drop them
+                task = tasks.get(ready[0][1])
+                if task is not None and task.status == QUEUED and task.run_at <= now:
+                    break
+                heapq.heappop(ready)
+            if not ready:
+                self._due_since = None
+            if not ready or self.options["paused"]:
+                return 0
+            return max(0, now - max(self.last_polled, self._due_since if self._due_since is not None else now))
 
     def stats(self) -> Dict[str, Any]:
         """Counts per status, the age of the oldest queued task, totals and waiting workers."""
@@ -846,10 +995,13 @@ class Queue:
         latest = task.latest()
         return latest is not None and latest["outcome"] == "expired" and task.status in (QUEUED, FAILED)
 
-    def _plan_reports(self, reports: List[Dict[str, Any]], now: int) -> List[Dict[str, Any]]:
+    def _plan_reports(self, reports: List[Dict[str, Any]], now: int, lease: Optional[int] = None
+                      ) -> List[Dict[str, Any]]:
         """Turn reports into records, or raise for the whole request: 404 before 409, each naming its ids. The done
-        reports of a request make one record (the common case, and a batch of a hundred is one journal line)."""
-        records, missing, conflicts = [], [], []
+        reports of a request make one record (the common case, and a batch of a hundred is one journal line). A
+        409 names in `cancel` the reported tasks whose delivery was taken from the worker (cancelled, run past
+        max_run, or leased again after its lease ran out): the worker should stop working on them."""
+        records, missing, conflicts, cancel = [], [], [], []
         done: Dict[str, Any] = {"op": "done", "q": self.name, "ids": [], "results": [], "at": now}
         for report in reports:
             task_id, status, attempt = report["_id"], report["status"], report.get("attempt")
@@ -859,20 +1011,27 @@ class Queue:
                 if memo is None:
                     missing.append(task_id)
                 elif not (_OUTCOME[status] is not None and memo[2] == _OUTCOME[status] and attempt in (None, memo[1])):
-                    conflicts.append((task_id, f"task {task_id} is {memo[0]}"))
+                    conflicts.append((task_id, f"task {task_id} was cancelled" if memo[0] == CANCELLED
+                                      else f"task {task_id} is {memo[0]}"))
+                    if memo[0] == CANCELLED:
+                        cancel.append(task_id)
                 continue
             if self._open_delivery(task) and attempt in (None, task.attempt):
                 if status == DONE:
                     done["ids"].append(task_id)
                     done["results"].append(report.get("result"))
                     continue
-                record = self._report_record(task, report, now)
+                record = self._report_record(task, report, now, lease)
                 if record is not None:
                     records.append(record)
                 continue
             if _OUTCOME[status] is not None and task.outcome(attempt or task.attempt) == _OUTCOME[status]:
                 continue  # this report was applied before: succeed without effect (a heartbeat never is)
-            if attempt is not None and attempt > task.attempt:
+            taken = self._taken_because(task, attempt or task.attempt)
+            if taken is not None:
+                conflicts.append((task_id, taken))
+                cancel.append(task_id)
+            elif attempt is not None and attempt > task.attempt:
                 conflicts.append((task_id, f"task {task_id} has had no delivery {attempt}"))
             elif attempt is not None and attempt < task.attempt:
                 conflicts.append((task_id, f"delivery {attempt} of task {task_id} was superseded by {task.attempt}"))
@@ -881,17 +1040,59 @@ class Queue:
         if missing:
             raise NotFound(f"no task {', '.join(missing)} in queue {self.name}", missing)
         if conflicts:
-            raise Conflict("; ".join(reason for _, reason in conflicts), [task_id for task_id, _ in conflicts])
+            raise Conflict("; ".join(reason for _, reason in conflicts), [task_id for task_id, _ in conflicts],
+                           **({"cancel": cancel} if cancel else {}))
         if done["ids"]:
             records.append(done)
         return records
 
-    def _report_record(self, task: Task, report: Dict[str, Any], now: int) -> Optional[Dict[str, Any]]:
+    def _taken_because(self, task: Task, attempt: int) -> Optional[str]:
+        """Why delivery `attempt` of `task` was taken from its worker (cancelled; run past max_run; its lease ran
+        out and the task went on without it), or None: it is open, ended otherwise, or is not remembered."""
+        entry = task.delivery(attempt)
+        outcome = entry["outcome"] if entry is not None else None
+        if outcome == "cancelled" or (outcome == "expired" and task.status == CANCELLED and attempt == task.attempt):
+            return f"task {task.id} was cancelled"
+        if outcome == "failed" and entry is not None and entry["error"] == RUN_TIME_EXCEEDED:
+            return f"task {task.id} ran past its queue's max_run ({RUN_TIME_EXCEEDED})"
+        if outcome == "expired" and not (attempt == task.attempt and self._open_delivery(task)):
+            if task.attempt > attempt:  # (the words an original worker's log shows)
+                return f"delivery {attempt} of task {task.id} was superseded by {task.attempt}"
+            return f"task {task.id} lost its lease (it ran out) and is {task.status}"
+        return None
+
+    def _check_lease(self, field: str, lease: Optional[int]) -> None:
+        """Lock held: a lease a worker asks for may be at most the queue's max_lease."""
+        if lease is not None and lease > self.options["max_lease"]:
+            raise BadRequest(f"{field} is {lease} ms; queue {self.name} allows at most its max_lease, "
+                             f"{self.options['max_lease']} ms: ask for less, or raise max_lease", field=field)
+
+    def _lease_until(self, now: int, lease: Optional[int], leased_at: int) -> int:
+        """When a lease taken or renewed at `now` runs out: `lease` ms (the queue's if None) from now, but never
+        past the delivery's max_run (counted from `leased_at`), which heartbeats cannot extend."""
+        until = now + (lease if lease is not None else self.options["lease"])
+        if self.options["max_run"]:
+            until = min(until, leased_at + self.options["max_run"])
+        return until
+
+    def _report_record(self, task: Task, report: Dict[str, Any], now: int,
+                       lease: Optional[int] = None) -> Optional[Dict[str, Any]]:
         status, base = report["status"], {"q": self.name, "id": task.id, "at": now}
         if status == IN_PROGRESS:
-            return dict(base, op="heartbeat", until=now + self.options["lease"])
+            lease = report.get("lease", lease)
+            self._check_lease("lease" if "lease" not in report else "tasks[].lease", lease)
+            latest = task.latest()
+            record = dict(base, op="heartbeat",
+                          until=self._lease_until(now, lease, latest["leased_at"] if latest else now))
+            if "progress" in report:
+                record["progress"] = report["progress"]
+            return record
         if status == QUEUED:
-            return dict(base, op="release") if task.status == IN_PROGRESS else None
+            if task.status != IN_PROGRESS:
+                return None
+            if report.get("retry_after"):  # snoozed: due later, no attempt spent
+                return dict(base, op="release", run_at=now + report["retry_after"])
+            return dict(base, op="release")
         # failed: retry after a backoff while attempts remain, unless the worker says not to.
         spent = task.spent + (1 if task.status == IN_PROGRESS else 0)  # an expiry already spent this attempt
         retry_at = None
@@ -919,6 +1120,8 @@ class Queue:
             task = tasks.get(task_id)
             if task is not None and task.status == QUEUED and task.run_at == run_at:
                 heapq.heappush(ready, (-task.priority, task_id))
+                if self._due_since is None:
+                    self._due_since = run_at
         if not writable:
             return  # the journal's disk fails: reads go on, expiries and hand-offs wait for it
         leases = self._leases
@@ -928,13 +1131,31 @@ class Queue:
             if task is None or task.status != IN_PROGRESS or task.attempt != attempt or task.lease_until != until:
                 continue
             dead = task.spent + 1 >= self.options["max_attempts"]
+            latest = task.latest()
+            if self.options["max_run"] and latest is not None and now >= latest["leased_at"] + self.options["max_run"]:
+                # Ran past its cap: a failed attempt, retried after a backoff or dead-lettered as a failure is.
+                record = {"op": "fail", "q": self.name, "id": task_id, "at": now, "outcome": "failed",
+                          "error": RUN_TIME_EXCEEDED, "retry_at": None if dead else now + self._backoff(task.spent + 1)}
+            else:
+                record = {"op": "fail", "q": self.name, "id": task_id, "at": now, "outcome": "expired",
+                          "error": "lease expired", "retry_at": None if dead else now}
             try:
-                self._broker._commit([{"op": "fail", "q": self.name, "id": task_id, "at": now, "outcome": "expired",
-                                       "error": "lease expired", "retry_at": None if dead else now}])
+                self._broker._commit([record])
             except Unavailable:
                 heapq.heappush(leases, (until, task_id, attempt))  # it expires on a later tick
                 return
+            if record["error"] == RUN_TIME_EXCEEDED:
+                self._tell(task.worker)
         self._serve_waiters(now)
+
+    def _tell(self, worker: Optional[str]) -> None:
+        """A delivery of `worker` was taken from it: answer its parked long polls now (with no tasks), so that it
+        hears `cancel` at once rather than when its wait ends."""
+        for waiter in list(self._parked_by_worker.get(worker, ())) if worker is not None else ():
+            if waiter.parked:
+                waiter.parked, waiter.result = False, []
+                self._parked -= 1
+                waiter.wake()
 
     def _next_due(self) -> Optional[int]:
         """When the next delayed task comes due or the next lease runs out (ms), if ever."""
@@ -943,7 +1164,8 @@ class Queue:
 
     # -- leasing and waiting ---------------------------------------------------------------------------------------
 
-    def _take(self, max_tasks: int, worker: Optional[str], now: int) -> List[Dict[str, Any]]:
+    def _take(self, max_tasks: int, worker: Optional[str], now: int, lease: Optional[int] = None
+              ) -> List[Dict[str, Any]]:
         """Lease up to `max_tasks` ready tasks (respecting pause and max_in_flight) and return what workers see."""
         limit = max_tasks
         if self.options["max_in_flight"]:
@@ -957,11 +1179,13 @@ class Queue:
             if task is not None and task.status == QUEUED and task.run_at <= now and task_id not in picked:
                 ids.append(task_id)
                 picked.add(task_id)
+        if not ready:
+            self._due_since = None  # nothing is due: nobody is missed
         if not ids:
             return []
         try:
             self._broker._commit([{"op": "lease", "q": self.name, "ids": ids, "worker": worker,
-                                   "until": now + self.options["lease"], "at": now}])
+                                   "until": self._lease_until(now, lease, now), "at": now}])
         except Unavailable:
             for task_id in ids:  # back in line (an entry the undo re-placed too is a harmless duplicate)
                 heapq.heappush(ready, (-tasks[task_id].priority, task_id))
@@ -977,7 +1201,7 @@ class Queue:
                 waiters.popleft()  # it ended already (out of time, its client gone)
                 continue
             try:
-                leased = self._take(waiter.max, waiter.worker, now)
+                leased = self._take(waiter.max, waiter.worker, now, waiter.lease)
             except Unavailable:
                 return  # the change that called for this stands; the waiter goes on waiting
             if not leased:
@@ -1045,6 +1269,8 @@ class Queue:
             task.worker, task.lease_until = worker, until
             if not task.history:
                 task.history = []
+            elif "progress" in task.history[-1]:  # progress is kept for the latest delivery only
+                task.size -= _value_bytes(task.history[-1].pop("progress"))
             task.history.append({"attempt": task.attempt, "worker": worker, "leased_at": at, "ended_at": None,
                                  "outcome": None, "error": None, "duration_ms": None})
             del task.history[:-HISTORY_LIMIT]
@@ -1063,6 +1289,13 @@ class Queue:
             task.spent -= 1
             latest.update(outcome=None, error=None, ended_at=None, duration_ms=None)
         task.lease_until = rec["until"]
+        if "progress" in rec and latest is not None:
+            if "progress" in latest:
+                task.size -= _value_bytes(latest["progress"])
+            latest["progress"] = rec["progress"]
+            task.size += _value_bytes(rec["progress"])
+            if task.id in self._result_waiters:  # those following the task hear of its progress
+                self._broker._answers.append((self._answer, task.id, task.snapshot(self.name)))
         self._move(task, IN_PROGRESS, rec["at"])
         heapq.heappush(self._leases, (rec["until"], task.id, task.attempt))
         self._hold(task)
@@ -1097,13 +1330,15 @@ class Queue:
         task = self._touch(self._tasks[rec["id"]])
         self._end_delivery(task, "queued", None, rec["at"])
         self.totals["released"] += 1
-        self._requeue(task, rec["at"], rec["at"])
+        self._requeue(task, rec.get("run_at", rec["at"]), rec["at"])  # run_at: snoozed
         self._hold(task)
 
     def _apply_status(self, rec: Dict[str, Any]) -> None:
         task, status, at = self._touch(self._tasks[rec["id"]]), rec["status"], rec["at"]
         if status == CANCELLED:
             self.totals["cancelled"] += 1
+            if task.status == IN_PROGRESS:  # its delivery ends here; its worker is told when it next reports
+                self._end_delivery(task, "cancelled", None, at)
             self._finish(task, CANCELLED, at)
             return
         if status == PAUSED:
@@ -1235,6 +1470,8 @@ class Queue:
         """Index a queued task in the ready or the delayed heap; earlier entries for it go stale."""
         if task.run_at <= now:
             heapq.heappush(self._ready, (-task.priority, task.id))
+            if self._due_since is None:
+                self._due_since = now
         else:
             heapq.heappush(self._delayed, (task.run_at, task.id))
         if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
@@ -1346,6 +1583,19 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
             retry_after = report.get("retry_after")
             if retry_after is not None:
                 retry_after = _check_int("retry_after", retry_after, 0, MAX_DELAY_MS)
+                if status not in (FAILED, QUEUED):
+                    raise BadRequest("retry_after goes with a failed report (the retry's delay) or a queued one (a "
+                                     "snooze)")
+            if report.get("lease") is not None:
+                if status != IN_PROGRESS:
+                    raise BadRequest("lease goes with an in progress report (a heartbeat): the new lease, from now")
+                item["lease"] = _check_int("lease", report["lease"], 1, MAX_DELAY_MS)
+            if "progress" in report:
+                if status != IN_PROGRESS:
+                    raise BadRequest("progress goes with an in progress report (a heartbeat)")
+                item["progress"] = _json_value("progress", report["progress"])
+            if status == QUEUED and retry_after is not None:
+                item["retry_after"] = retry_after
             if status == FAILED:
                 if error is None:
                     raise BadRequest("a failed report needs an error string")
@@ -1419,6 +1669,7 @@ class Broker:
         self._live = 0     # tasks held, all queues together: what a compacted journal would hold
         self._undo: Optional[List[Tuple[Any, ...]]] = None   # during a live commit: how to put back its changes
         self._answers: List[Tuple[Any, ...]] = []            # result waiters to answer once the commit stands
+        self.fleet = Fleet()  # the workers heard from (observed, not state; guarded by the lock too)
         self._latest = 0   # the latest time a replayed record carries
         self._journal: Optional[Journal] = None
         self._durability = Durability(self._lock, None, self._rebuild, self._snapshot)
@@ -1477,6 +1728,29 @@ class Broker:
     def queues(self) -> List[Queue]:
         with self._lock:
             return list(self._queues.values())
+
+    def worker_counts(self) -> Dict[str, int]:
+        """How many workers were heard from, per queue name (those the fleet remembers)."""
+        with self._lock:
+            return dict(collections.Counter(name for seen in self.fleet.workers() for name in seen.held))
+
+    def workers(self, queue: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The workers heard from in the last WORKER_IDLE_MS (of one queue, if named), the most recent first: each
+        its id (or null and its address, for an anonymous poller), the queues it polled, whether a long poll of
+        its waits now, the tasks it holds with their lease deadlines, its last contact and last heartbeat (ms)."""
+        if queue is not None:
+            self.get(queue)
+        with self._lock:
+            view = []
+            for seen in self.fleet.workers():
+                if queue is not None and queue not in seen.held:
+                    continue
+                tasks = [held for name, table in seen.held.items() if name in self._queues
+                         for held in self._queues[name].held_view(table)]
+                view.append({"worker": seen.worker, "address": seen.address, "queues": sorted(seen.held),
+                             "waiting": seen.waiting > 0, "tasks": tasks, "last_contact": seen.last_contact,
+                             "last_heartbeat": seen.last_heartbeat})
+            return view
 
     def close(self) -> None:
         """Answer every parked long poll and result wait now, make later waits return at once, and close the
@@ -2593,6 +2867,7 @@ ROUTE_TABLE: List[Tuple[str, Dict[str, str]]] = [
     ("/", {"GET": "route_page"}),
     ("/ui", {"GET": "route_page"}),
     ("/v1/queues", {"GET": "route_queues"}),
+    ("/v1/workers", {"GET": "route_workers"}),
     ("/v1/queue/{queue}", {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
     ("/v1/queue/{queue}/stats", {"GET": "route_stats"}),
     ("/v1/queue/{queue}/tasks", {"GET": "route_list", "POST": "route_insert", "DELETE": "route_purge"}),
@@ -2614,7 +2889,7 @@ OPEN_PATHS = ("/healthz", "/v1/openapi.json", "/", "/ui")  # answered without a 
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"  # what a page of an --allow-origin may send, after its preflight
 CORS_HEADERS = "authorization, content-type"
 # The fields of each request body; any other is a 400 that names it.
-POLL_FIELDS = ("tasks", "max", "wait", "worker")
+POLL_FIELDS = ("tasks", "max", "wait", "worker", "lease")
 QUEUE_FIELDS = ("configuration",) + tuple(QUEUE_DEFAULTS)
 WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
@@ -3040,6 +3315,12 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
            [("", f'queue="{s["queue"]}"', (s["oldest_queued_age_ms"] or 0) / 1000.0) for s in stats])
     family("katar_waiting_workers", "gauge", "Long polls waiting for a task.",
            [("", f'queue="{s["queue"]}"', s["waiting_workers"]) for s in stats])
+    seen = broker.worker_counts()
+    family("katar_queue_workers", "gauge", "Workers heard from in the last hour (named ones by id, anonymous "
+           "pollers by address).", [("", f'queue="{s["queue"]}"', seen.get(s["queue"], 0)) for s in stats])
+    family("katar_queue_unattended_seconds", "gauge", "How long tasks have been due with no worker polling the "
+           "queue since: a backlog that nobody works on.",
+           [("", f'queue="{queue.name}"', queue.unattended_ms() / 1000.0) for queue in broker.queues()])
     used, bound = broker.memory()
     family("katar_memory_bytes", "gauge", "The estimate of the memory the queues hold, and its bound "
            "(--max-memory; 0: none).", [("", 'kind="estimate"', used), ("", 'kind="bound"', bound)])
@@ -3382,6 +3663,9 @@ class Handler(BaseHTTPRequestHandler):
     def route_queues(self) -> Reply:
         return HTTPStatus.OK, {"queues": [queue.stats() for queue in self.server.broker.queues()]}
 
+    def route_workers(self) -> Reply:
+        return HTTPStatus.OK, {"workers": self.server.broker.workers(self.query_value("queue"))}
+
     def route_configuration(self, name: str) -> Reply:
         return HTTPStatus.OK, {"configuration": self.server.broker.get(name).configuration}
 
@@ -3392,29 +3676,38 @@ class Handler(BaseHTTPRequestHandler):
         reports = body.get("tasks", [])
         self.check_count("tasks", reports)
         self.check_values("tasks", reports, "result")
+        self.check_values("tasks", reports, "progress")
         self.check_errors(reports)
         max_tasks = body.get("max")
         if max_tasks is not None:
             max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
         wait = self.capped_wait(body.get("wait", 0))
-        outcome = queue.begin_poll(reports, max=max_tasks, wait=wait, worker=body.get("worker"),
+        worker = body.get("worker")
+        outcome = queue.begin_poll(reports, max=max_tasks, wait=wait, worker=worker, lease=body.get("lease"),
                                    wake=self.channel.wake)
+        heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
         if isinstance(outcome, Waiter):
+            queue.heard_from(worker, self.client_address[0], heartbeat=heartbeat, waiting=1)
             return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_poll, queue, outcome))
-        return self.leased(queue, outcome)
+        return self.leased(queue, outcome, queue.heard_from(worker, self.client_address[0], outcome, heartbeat))
 
     def finish_poll(self, queue: Queue, waiter: Waiter) -> Reply:
         leased = queue.end_wait(waiter)
         if leased and self.channel.gone:
             self.hand_back(queue, leased)  # the worker hung up while it waited
+            queue.heard_from(waiter.worker, self.client_address[0], waiting=-1)
             return HTTPStatus.NO_CONTENT, None
-        return self.leased(queue, leased)
+        return self.leased(queue, leased, queue.heard_from(waiter.worker, self.client_address[0], leased, waiting=-1))
 
-    def leased(self, queue: Queue, tasks: List[Dict[str, Any]]) -> Reply:
-        if not tasks:
+    def leased(self, queue: Queue, tasks: List[Dict[str, Any]], cancel: List[str]) -> Reply:
+        """A poll's answer: the tasks leased, and `cancel` (only when there is any, so that the original's
+        answer keeps its shape), the deliveries the worker should stop (see Queue.heard_from); 204 when there is
+        neither."""
+        if not tasks and not cancel:
             return HTTPStatus.NO_CONTENT, None
-        self.undo = functools.partial(self.hand_back, queue, tasks)  # if the answer never reaches the worker
-        return HTTPStatus.OK, {"tasks": tasks}
+        if tasks:
+            self.undo = functools.partial(self.hand_back, queue, tasks)  # if the answer never reaches the worker
+        return HTTPStatus.OK, dict(tasks=tasks, **({"cancel": cancel} if cancel else {}))
 
     @staticmethod
     def hand_back(queue: Queue, tasks: List[Dict[str, Any]]) -> None:
@@ -3537,7 +3830,8 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "_id": _ref("TaskId"),
             "status": _schema("string", enum=[DONE, FAILED, IN_PROGRESS, QUEUED],
                               description="done; failed (needs `error`); in progress: a heartbeat that extends "
-                                          "the lease; queued: hand the task back unworked"),
+                                          "the lease; queued: hand the task back unworked (with retry_after: "
+                                          "snooze it, no attempt spent)"),
             "attempt": _schema(["integer", "null"], minimum=1, maximum=MAX_ATTEMPT,
                                description="the delivery this report answers (fencing); null or absent: the latest"),
             "error": _schema(["string", "null"], maxLength=min(MAX_TEXT, limits.max_data),
@@ -3546,7 +3840,13 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
                                                  f"bytes of JSON (413), nested at most {limits.max_depth} deep"),
             "retry": _schema(["boolean", "null"], description="false: a dead letter at once (with status failed)"),
             "retry_after": _schema(["integer", "null"], minimum=0, maximum=MAX_DELAY_MS,
-                                   description="ms before the retry (with status failed)")},
+                                   description="ms before the retry (with status failed), or before the task is "
+                                               "due again (with status queued: a snooze, no attempt spent)"),
+            "lease": _schema(["integer", "null"], minimum=1, maximum=MAX_DELAY_MS,
+                             description="with status in progress: the new lease, ms from now (at most the "
+                                         "queue's max_lease; never past its max_run)"),
+            "progress": dict(any_json, description=f"with status in progress: how far it has come, kept on the "
+                                                   f"task (at most {limits.max_data} bytes of JSON)")},
             required=["_id", "status"], closed=False,
             **{"if": {"properties": {"status": {"const": FAILED}}, "required": ["status"]},
                "then": {"required": ["error"], "properties": {"error": _schema("string")}}}),
@@ -3558,10 +3858,28 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "wait": _schema("number", minimum=0, maximum=MAX_WAIT_MS,
                             description=f"ms to wait for a task when none is ready (long poll; the server cuts it "
                                         f"to {limits.max_wait} ms)"),
-            "worker": _schema("string", maxLength=MAX_WORKER, description="a name for the worker, kept in history")}),
+            "worker": _schema("string", maxLength=MAX_WORKER, description="a name for the worker, kept in history; "
+                                                                           "a named worker is told `cancel`"),
+            "lease": _integer(1, MAX_DELAY_MS, description="ms of lease for the tasks leased, and for the heartbeats "
+                                                           "without their own (at most the queue's max_lease)")}),
         "LeasedTask": _object({"_id": _ref("TaskId"), "data": any_json, "attempt": _integer(1, MAX_ATTEMPT)},
                               required=["_id", "data", "attempt"], closed=False),
-        "Leased": _object({"tasks": _schema("array", items=_ref("LeasedTask"), minItems=1)}, required=["tasks"]),
+        "Leased": _object({
+            "tasks": _schema("array", items=_ref("LeasedTask")),
+            "cancel": _schema("array", items=_ref("TaskId"), description="tasks this (named) worker was handed that "
+                              "were taken from it since (cancelled, run past max_run, leased again after its lease "
+                              "ran out): stop working on them, report nothing. Absent when there is none")},
+            required=["tasks"]),
+        "WorkerTask": _object({"_id": _ref("TaskId"), "queue": _schema("string"), "attempt": _schema("integer"),
+                               "lease_expires_at": nullable_int}, required=["_id", "queue", "attempt"]),
+        "Worker": _object({
+            "worker": _schema(["string", "null"], description="its id; null: an anonymous poller, known by address"),
+            "address": nullable_text, "queues": _schema("array", items=_schema("string")),
+            "waiting": _schema("boolean", description="a long poll of its waits now"),
+            "tasks": _schema("array", items=_ref("WorkerTask"), description="the deliveries it holds"),
+            "last_contact": _schema("integer"), "last_heartbeat": nullable_int},
+            required=["worker", "address", "queues", "waiting", "tasks", "last_contact", "last_heartbeat"]),
+        "WorkerList": _object({"workers": _schema("array", items=_ref("Worker"))}, required=["workers"]),
         "TaskInput": _object({
             "data": dict(any_json, description=f"the task's data, handed to the worker as it is (null for none): at "
                                                f"most {limits.max_data} bytes of JSON (413), nested at most "
@@ -3584,13 +3902,15 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
         "HistoryEntry": _object({
             "attempt": _schema("integer"), "worker": nullable_text, "leased_at": _schema("integer"),
             "ended_at": nullable_int, "outcome": _schema(["string", "null"], enum=[
-                "done", "failed", "expired", "released", "cancelled", "stopped", None]),
-            "error": nullable_text, "duration_ms": nullable_int}, closed=False),
+                "done", "failed", "expired", "queued", "released", "cancelled", "stopped", None]),
+            "error": nullable_text, "duration_ms": nullable_int,
+            "progress": dict(any_json, description="the latest delivery's last progress")}, closed=False),
         "Task": _object({
             "_id": _ref("TaskId"), "queue": _schema("string"), "status": _schema("string", enum=list(STATUSES)),
             "data": any_json, "priority": _schema("integer"), "key": nullable_text, "attempt": _schema("integer"),
             "attempts_spent": _schema("integer"), "worker": nullable_text, "lease_expires_at": nullable_int,
             "run_at": _schema("integer"), "error": nullable_text, "result": any_json,
+            "progress": dict(any_json, description="the last progress its latest delivery reported (null: none)"),
             "history": _schema("array", items=_ref("HistoryEntry")), "created_at": _schema("integer"),
             "updated_at": _schema("integer"),
             "discarded": _schema("boolean", description="true: the queue is not persistent, and dropped the task "
@@ -3626,7 +3946,9 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "queue": _schema("string", description="with Queue not found: the queue asked for"),
             "queues": _schema("array", items=_schema("string"), description="with Queue not found: those there are"),
             "field": _schema("string", description="the field to blame"),
-            "closest": _schema("string", description="with a path no route has: the route most like it")},
+            "closest": _schema("string", description="with a path no route has: the route most like it"),
+            "cancel": _schema("array", items=_ref("TaskId"), description="with a refused poll (409): the reported "
+                              "tasks taken from the worker (cancelled, run past max_run, leased again): stop them")},
             required=["error"], closed=False),
     }
 
@@ -3693,12 +4015,16 @@ def _openapi(limits: "Limits") -> Dict[str, Any]:
             "/ui": {"get": _operation("pageUi", "The operator's page", {"200": page}, open_route=True)},
             "/v1/queues": {"get": _operation("listQueues", "Every queue's stats", {
                 "200": _json("stats", _ref("QueueList"))})},
+            "/v1/workers": {"get": _operation("listWorkers", "The workers heard from in the last hour", {
+                "200": _json("the workers, the most recently heard from first", _ref("WorkerList"))}, query=[
+                    {"name": "queue", "schema": _schema("string"), "description": "only those that polled it"}])},
             "/v1/queue/{queue}": {
                 "get": _operation("getConfiguration", "The queue's configuration, for its workers", {
                     "200": _json("configuration", _ref("ConfigurationReply"))}, path=queue),
                 "post": _operation("poll", "Report tasks, then lease the next ones", {
-                    "200": _json("leased tasks", _ref("Leased")),
-                    "204": {"description": "no task to hand out (the reports, if any, were applied)"}},
+                    "200": _json("leased tasks, and those to stop", _ref("Leased")),
+                    "204": {"description": "no task to hand out and none to stop (the reports, if any, were "
+                                           "applied)"}},
                     body="PollRequest", path=queue, body_required=False,  # the original's workers send none
                     example={"tasks": [{"_id": "5f0c2a9e-000000000001", "status": "done"}], "max": 1, "wait": 20000}),
                 "put": _operation("putQueue", "Create or reconfigure the queue", {
@@ -3727,11 +4053,12 @@ def _openapi(limits: "Limits") -> Dict[str, Any]:
                 "get": _operation("getTask", "One task; with wait, hold until it ends", {
                     "200": _json("the task", _ref("Task"))}, path=task, query=[
                         {"name": "wait", "schema": _schema("number", minimum=0, maximum=MAX_WAIT_MS),
-                         "description": "ms to wait for the task to be done, failed or cancelled"}]),
+                         "description": "ms to wait for the task to be done, failed or cancelled, or to report "
+                                        "progress"}]),
                 "patch": _operation("changeTaskStatus", "Pause, resume, retry or cancel", {
                     "200": _json("the task", _ref("Task"))}, body="StatusChange", path=task,
                     example={"status": "queued"}),
-                "delete": _operation("cancelTask", "Cancel a queued or paused task, or a dead letter", {
+                "delete": _operation("cancelTask", "Cancel a task: queued, paused, running, or a dead letter", {
                     "200": _json("the task", _ref("Task"))}, path=task)},
         },
     }
@@ -3748,7 +4075,7 @@ table{border-collapse:collapse}td,th{padding:.25em .6em;border-bottom:1px solid 
 td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-left:.3em}.scroll{overflow-x:auto}
 .dead{margin:.5em 0 1.5em;font-size:13px;table-layout:fixed;width:100%;max-width:70em}.dead td{text-align:left}
 .dead td.error{color:#a00;overflow-wrap:anywhere;white-space:pre-wrap}.dead td.actions{width:11em}
-.dead td.id{width:14em;overflow-wrap:anywhere}.dead td.attempt{width:6em}
+.dead td.id{width:14em;overflow-wrap:anywhere}.dead td.attempt{width:6em}.dead td.progress{overflow-wrap:anywhere}
 @media (max-width:40em){.dead,.dead tr,.dead td,.dead td.id,.dead td.attempt,.dead td.actions{display:block;width:auto}
 .dead tr{padding:.4em 0;border-bottom:1px solid #ddd}.dead td{border:0;padding:.1em 0}}
 </style></head><body>
@@ -3758,12 +4085,17 @@ td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-l
 <div class="scroll"><table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
 <th>failed</th><th>cancelled</th><th>waiting workers</th><th>oldest queued task</th><th></th></tr></thead>
 <tbody></tbody></table></div>
+<h2>Workers heard from in the last hour</h2>
+<div class="scroll"><table id="workers"><thead><tr><th>worker</th><th>queues</th><th>waiting</th><th>holds</th>
+<th>last contact</th><th>last heartbeat</th></tr></thead><tbody></tbody></table></div>
+<div id="running"></div>
 <div id="letters"></div>
 <script>
 "use strict";
 // Rows are kept by key and updated in place: a refresh never replaces a button under the pointer.
 const statuses = ["queued", "in progress", "paused", "done", "failed", "cancelled"];
 const LETTERS = 20;  // dead letters shown per queue, the newest first
+const RUNNING = 20;  // running tasks shown per queue, the oldest first
 const tokenInput = document.getElementById("token");
 tokenInput.value = sessionStorage.getItem("katar_token") || "";
 document.getElementById("auth").onsubmit = event => {
@@ -3800,16 +4132,60 @@ function cells(row, count, classes) {
 }
 function prune(parent, keys) { for (const r of Array.from(parent.rows)) if (!keys.has(r.dataset.key)) r.remove(); }
 const q = name => encodeURIComponent(name);
-function section(name) {
-  const id = "letters-" + name;
+function section(kind, name) {
+  const id = kind + "-" + name;
   let box = document.getElementById(id);
   if (!box) {
     box = document.createElement("div"); box.id = id;
     box.appendChild(document.createElement("h2"));
     const table = document.createElement("table"); table.className = "dead"; box.appendChild(table);
-    document.getElementById("letters").appendChild(box);
+    document.getElementById(kind).appendChild(box);
   }
   return box;
+}
+const ago = ms => ms === null ? "-" : ((Date.now() - ms) / 1000).toFixed(1) + " s ago";
+async function refreshWorkers() {
+  const {workers} = await call("GET", "/v1/workers");
+  const body = document.querySelector("#workers tbody"), keys = new Set();
+  workers.forEach((w, index) => {
+    const key = w.worker === null ? "@" + w.address : "=" + w.worker;
+    keys.add(key);
+    const row = keep(body, key, index, r => cells(r, 6, []));
+    row.cells[0].textContent = w.worker === null ? "anonymous at " + w.address : w.worker;
+    row.cells[1].textContent = w.queues.join(", ");
+    row.cells[2].textContent = w.waiting ? "yes" : "no";
+    row.cells[3].textContent = w.tasks.length ? w.tasks.map(t => t._id + " (lease " +
+      ((t.lease_expires_at - Date.now()) / 1000).toFixed(0) + " s)").join(", ") : "-";
+    row.cells[4].textContent = ago(w.last_contact);
+    row.cells[5].textContent = ago(w.last_heartbeat);
+  });
+  prune(body, keys);
+}
+async function refreshRunning(queues) {
+  const sections = new Set();
+  for (const s of queues) {
+    if (!s.counts["in progress"]) continue;
+    sections.add("running-" + s.queue);
+    const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=in%20progress&limit=" + RUNNING);
+    const box = section("running", s.queue), table = box.querySelector("table");
+    box.querySelector("h2").textContent =
+      "Running in " + s.queue + ": the oldest " + tasks.length + " of " + s.counts["in progress"];
+    const keys = new Set();
+    tasks.forEach((t, index) => {
+      keys.add(t._id);
+      const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
+      const row = keep(table, t._id, index, r => {
+        cells(r, 4, ["id", "attempt", "progress", "actions"]);
+        button(r.cells[3], "Cancel", () => confirm("Cancel running task " + t._id + "? Its worker is told to stop.")
+               ? call("DELETE", path) : Promise.resolve());
+      });
+      row.cells[0].textContent = t._id;
+      row.cells[1].textContent = "attempt " + t.attempt + (t.worker ? " by " + t.worker : "");
+      row.cells[2].textContent = t.progress === null ? "no progress reported" : "progress: " + JSON.stringify(t.progress);
+    });
+    prune(table, keys);
+  }
+  for (const box of Array.from(document.getElementById("running").children)) if (!sections.has(box.id)) box.remove();
 }
 async function refresh() {
   try {
@@ -3831,13 +4207,15 @@ async function refresh() {
       row.toggle.textContent = s.paused ? "Resume" : "Pause";
     });
     prune(body, shown);
+    await refreshWorkers();
+    await refreshRunning(queues);
     const sections = new Set();
     for (const s of queues) {
       if (!s.counts.failed) continue;
       sections.add("letters-" + s.queue);
       const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) +
                                  "/tasks?status=failed&order=newest&limit=" + LETTERS);
-      const box = section(s.queue), table = box.querySelector("table");
+      const box = section("letters", s.queue), table = box.querySelector("table");
       box.querySelector("h2").textContent =
         "Dead letters of " + s.queue + ": the newest " + tasks.length + " of " + s.counts.failed;
       const keys = new Set();
@@ -4605,7 +4983,8 @@ class Client:
         if response.status >= 400:
             details = payload if isinstance(payload, dict) else {"error": str(payload)}
             error = KatarError.__new__(_ERRORS_BY_STATUS.get(response.status, KatarError))
-            KatarError.__init__(error, details.get("error", "HTTP %d" % response.status), details.get("ids", ()))
+            KatarError.__init__(error, details.get("error", "HTTP %d" % response.status), details.get("ids", ()),
+                                **{name: value for name, value in details.items() if name not in ("error", "ids")})
             error.status = response.status
             raise error
         return response.status, payload
@@ -4623,20 +5002,34 @@ class Client:
         """Insert tasks ({"data", "priority"?, "delay"?, "key"?}); returns [{"_id", "status", "created"}]."""
         return self.request("POST", "/v1/queue/%s/tasks" % quote(queue, safe=""), {"tasks": tasks})[1]["tasks"]
 
-    def lease(self, queue: str, max: int = 1, wait: float = 0, worker: Optional[str] = None,
-              reports: Iterable[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
-        """Report `reports`, then lease up to `max` tasks, waiting up to `wait` ms; returns the tasks."""
+    def poll(self, queue: str, reports: Iterable[Dict[str, Any]] = (), max: int = 1, wait: float = 0,
+             worker: Optional[str] = None, lease: Optional[int] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
+        """Report `reports`, then lease up to `max` tasks, waiting up to `wait` ms: (the tasks, `cancel`: the
+        deliveries this worker should stop, see GET /v1/workers). A refused report raises Conflict, whose
+        fields["cancel"] names the reported tasks taken from the worker."""
         body: Dict[str, Any] = {"tasks": list(reports), "max": max, "wait": wait}
         if worker:
             body["worker"] = worker
+        if lease is not None:
+            body["lease"] = lease
         status, payload = self.request("POST", "/v1/queue/" + quote(queue, safe=""), body, wait_ms=wait)
-        return payload["tasks"] if status == HTTPStatus.OK else []
+        if status != HTTPStatus.OK:
+            return [], []
+        return payload["tasks"], payload.get("cancel", [])
+
+    def lease(self, queue: str, max: int = 1, wait: float = 0, worker: Optional[str] = None,
+              reports: Iterable[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+        """Report `reports`, then lease up to `max` tasks, waiting up to `wait` ms; returns the tasks."""
+        return self.poll(queue, reports, max=max, wait=wait, worker=worker)[0]
 
     def report(self, queue: str, reports: Iterable[Dict[str, Any]]) -> None:
         self.request("POST", "/v1/queue/" + quote(queue, safe=""), {"tasks": list(reports), "max": 0})
 
-    def heartbeat(self, queue: str, task_id: str, attempt: Optional[int] = None) -> None:
-        self.report(queue, [{"_id": task_id, "status": IN_PROGRESS, "attempt": attempt}])
+    def heartbeat(self, queue: str, task_id: str, attempt: Optional[int] = None, worker: Optional[str] = None,
+                  **more: Any) -> List[str]:
+        """Keep a lease; `more` may give `progress` and `lease` (ms from now). Returns `cancel` (see poll)."""
+        return self.poll(queue, [dict(more, _id=task_id, status=IN_PROGRESS, attempt=attempt)], max=0,
+                         worker=worker)[1]
 
     def task(self, queue: str, task_id: str, wait: float = 0) -> Dict[str, Any]:
         path = "/v1/queue/%s/tasks/%s" % (quote(queue, safe=""), quote(task_id, safe=""))
@@ -4653,26 +5046,33 @@ class Runner:
     """Runs a command once per task of a queue: the task's data as JSON on its stdin, KATAR_TASK_ID, KATAR_QUEUE
     and KATAR_ATTEMPT in its environment. Exit 0 reports done, with stdout as the result (JSON when it parses,
     else text, capped at `max_output` bytes); any other exit, a signal or the timeout reports failed with the tail
-    of stderr. Heartbeats keep the lease while the command runs. `stop()` (SIGTERM, SIGINT) takes no new task,
-    lets running ones finish for `grace` seconds, reports the rest failed, and returns.
+    of stderr. Heartbeats keep the lease while the command runs, every `heartbeat` seconds, and carry its progress:
+    the last line it wrote to the file named in KATAR_PROGRESS_FILE (JSON when it parses, else text). When the
+    server says a running delivery was taken from this worker (cancelled, run past the queue's max_run, or leased
+    again after its lease ran out: a heartbeat's 409, or `cancel` in an answer), the command is stopped at once
+    (SIGTERM to its process group, SIGKILL `cancel_grace` seconds later), nothing is reported for it, and one line
+    is logged: a cancel reaches a running command within `heartbeat` seconds and a round trip. `stop()` (SIGTERM,
+    SIGINT) takes no new task, lets running ones finish for `grace` seconds, reports the rest failed, and returns.
 
     Reports are retried with backoff and jitter until the server takes them: a report is idempotent, so a retry
     after a lost answer has no second effect, and a delivery that was superseded meanwhile is refused (409) and
     dropped. Leases are retried the same way, so a restarting server is simply waited for."""
 
     def __init__(self, client: Client, queue: str, command: List[str], concurrency: int = 1,
-                 timeout: Optional[float] = None, wait: int = 5000, heartbeat: float = 10.0, grace: float = 30.0,
-                 worker: Optional[str] = None, max_output: int = 65536,
+                 timeout: Optional[float] = None, wait: int = 5000, heartbeat: float = 2.0, grace: float = 30.0,
+                 worker: Optional[str] = None, max_output: int = 65536, cancel_grace: float = 5.0,
                  log: Callable[[str], None] = lambda line: print("katar_http work: " + line, file=sys.stderr,
                                                                   flush=True), quiet: bool = False) -> None:
         self.client, self.queue, self.command, self.concurrency = client, queue, command, concurrency
         self.timeout, self.wait, self.heartbeat, self.grace = timeout, wait, heartbeat, grace
+        self.cancel_grace = cancel_grace
         self.worker = worker or "%s:%d" % (socket.gethostname(), os.getpid())
         self.max_output, self.log, self.quiet = max_output, log, quiet
         self.stopping = threading.Event()
         self._changed = threading.Condition()
         self._running: Dict[str, subprocess.Popen] = {}
         self._stopped_ids: set = set()
+        self._taken: Dict[str, str] = {}  # running task id -> why the server took its delivery away
         self._random = random.Random()
 
     def stop(self) -> None:
@@ -4698,12 +5098,15 @@ class Runner:
                 free = self.concurrency - len(self._running)
             if self.stopping.is_set():
                 break
-            tasks = self._retry("lease", lambda: self.client.lease(self.queue, max=free, wait=self.wait,
+            polled = self._retry("lease", lambda: self.client.poll(self.queue, max=free, wait=self.wait,
                                                                    worker=self.worker))
-            if tasks is None:
+            if polled is None:
                 if self.stopping.is_set():
                     break
                 return 1
+            tasks, cancel = polled
+            for task_id in cancel:
+                self._take_away(task_id, "the server took it away (cancelled, past max_run, or its lease lost)")
             if self.stopping.is_set() and tasks:  # taken as we were told to stop: give them back untouched
                 self._report([{"_id": t["_id"], "attempt": t["attempt"], "status": QUEUED} for t in tasks])
                 break
@@ -4735,7 +5138,10 @@ class Runner:
 
     def _run_task(self, task: Dict[str, Any]) -> None:
         task_id, attempt = task["_id"], task["attempt"]
-        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=self.queue, KATAR_ATTEMPT=str(attempt))
+        descriptor, progress_file = tempfile.mkstemp(prefix="katar-progress-")
+        os.close(descriptor)
+        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=self.queue, KATAR_ATTEMPT=str(attempt),
+                           KATAR_PROGRESS_FILE=progress_file)
         report: Dict[str, Any] = {"_id": task_id, "attempt": attempt}
         started = time.monotonic()
         try:
@@ -4747,11 +5153,25 @@ class Runner:
         else:
             with self._changed:
                 self._running[task_id] = process
+                stop_now = task_id in self._taken  # taken away while it was starting
+            if stop_now:
+                _signal_group(process, signal.SIGTERM)
             beating = threading.Event()
-            heart = threading.Thread(target=self._beat, args=(task_id, attempt, beating), daemon=True)
+            heart = threading.Thread(target=self._beat, args=(task_id, attempt, beating, progress_file), daemon=True)
             heart.start()
             report.update(self._outcome(process, task))
             beating.set()
+        with contextlib.suppress(OSError):
+            os.unlink(progress_file)
+        with self._changed:
+            taken = self._taken.pop(task_id, None)
+        if taken is not None:  # the server ended this delivery: there is nothing to report
+            self.log("%s attempt %d stopped after %d ms: %s" % (task_id, attempt, (time.monotonic() - started) * 1000,
+                                                                taken))
+            with self._changed:
+                self._running.pop(task_id, None)
+                self._changed.notify_all()
+            return
         if not self.quiet:  # one line per task: what ran, how it ended, how long it took
             why = " (%s)" % report["error"].splitlines()[0][:200] if report["status"] == FAILED and report[
                 "error"].strip() else ""
@@ -4790,12 +5210,44 @@ class Runner:
         except ValueError:
             return out.decode("utf-8", "replace").rstrip("\n")
 
-    def _beat(self, task_id: str, attempt: int, done: threading.Event) -> None:
+    def _beat(self, task_id: str, attempt: int, done: threading.Event, progress_file: str) -> None:
+        sent = None  # the progress line last sent
         while not done.wait(self.heartbeat):
+            more, line = {}, _last_line(progress_file)
+            if line is not None and line != sent:
+                with contextlib.suppress(ValueError):
+                    more["progress"] = json.loads(line)
+                more.setdefault("progress", line)
             try:
-                self.client.heartbeat(self.queue, task_id, attempt)
+                cancel = self.client.heartbeat(self.queue, task_id, attempt, worker=self.worker, **more)
+                sent = line if more else sent
+            except Conflict as exc:
+                cancel = exc.fields.get("cancel") or []
+                if task_id not in cancel:
+                    self.log(f"heartbeat for {task_id} refused: {exc}")
+                else:
+                    self._take_away(task_id, str(exc))
+                    continue
             except CONNECTION_ERRORS + (KatarError,) as exc:
                 self.log(f"heartbeat for {task_id} failed: {exc}")
+                continue
+            for other in cancel:
+                self._take_away(other, "the server took it away (cancelled, past max_run, or its lease lost)")
+
+    def _take_away(self, task_id: str, why: str) -> None:
+        """The server ended a delivery this worker runs: stop its command (SIGTERM to its group, SIGKILL after
+        cancel_grace); _run_task then reports nothing for it."""
+        with self._changed:
+            process = self._running.get(task_id, False)
+            if process is False or task_id in self._taken:
+                return  # not running here (any more), or being stopped already
+            self._taken[task_id] = why
+        if process is None:
+            return  # not started yet: _run_task stops it as it starts
+        _signal_group(process, signal.SIGTERM)
+        killer = threading.Timer(self.cancel_grace, _signal_group, (process, signal.SIGKILL))
+        killer.daemon = True
+        killer.start()
 
     def _report(self, reports: List[Dict[str, Any]]) -> None:
         """Send reports until the server takes them (or refuses them for good); give up only when stopping and
@@ -4841,10 +5293,27 @@ class Runner:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
+    _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Signal a command's process group, unless the command has ended (its group may be gone, or reused)."""
+    if process.poll() is None:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signum)
+
+
+def _last_line(path: str, limit: int = 65536) -> Optional[str]:
+    """The last non-empty line of the file at `path` (of its last `limit` bytes), or None."""
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - limit))
+            lines = file.read().decode("utf-8", "replace").splitlines()
     except OSError:
-        pass
+        return None
+    lines = [line for line in lines if line.strip()]
+    return lines[-1] if lines else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -5056,8 +5525,12 @@ def build_tool_parser(tool: str) -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, metavar="SECONDS", help="fail a task that runs longer")
     parser.add_argument("--wait", type=int, default=5000, metavar="MS",
                         help="long-poll for this long (default %(default)s; 0 polls at the queue's interval)")
-    parser.add_argument("--heartbeat", type=float, default=10.0, metavar="SECONDS",
-                        help="extend the lease this often while a task runs; keep it below the queue's lease")
+    parser.add_argument("--heartbeat", type=float, default=2.0, metavar="SECONDS",
+                        help="extend the lease this often while a task runs, and hear of a cancel (default "
+                             "%(default)s); keep it below the queue's lease")
+    parser.add_argument("--cancel-grace", type=float, default=5.0, metavar="SECONDS",
+                        help="a command the server cancelled gets SIGTERM, then SIGKILL this much later "
+                             "(default %(default)s)")
     parser.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM or SIGINT, how long running tasks may still take (default %(default)s)")
     parser.add_argument("--worker", help="the id recorded on leased tasks (default host:pid)")
@@ -5101,7 +5574,7 @@ def run_worker(client: Client, args: argparse.Namespace) -> int:
         return 2
     runner = Runner(client, args.queue, command, concurrency=max(1, args.concurrency), timeout=args.timeout,
                     wait=args.wait, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,
-                    max_output=args.max_output, quiet=args.quiet)
+                    max_output=args.max_output, quiet=args.quiet, cancel_grace=args.cancel_grace)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: runner.stop())
     return runner.run()

@@ -840,14 +840,18 @@ class OperatorRoutesTest(ServerTestCase):
         self.assertEqual(detail["history"][0]["duration_ms"], 1500)
         self.assertEqual(self.call("GET", "/v1/queue/jobs/tasks/nope-9")[0], 404)
 
-    def test_cancel_a_queued_or_paused_task_but_not_one_in_progress(self):
-        a, b, c = self.insert({"data": 1}, {"data": 2, "status": "paused"}, {"data": 3})
+    def test_cancel_a_queued_paused_or_running_task_but_not_a_done_one(self):
+        a, b, c, d = self.insert({"data": 1}, {"data": 2, "status": "paused"}, {"data": 3}, {"data": 4})
         leased = self.lease_one()
         self.assertEqual(leased["_id"], a)
-        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{a}")[0], 409)
-        for task_id in (b, c):
-            status, payload, _ = self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
-            self.assertEqual((status, payload["status"]), (200, "cancelled"))
+        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{a}")[1]["status"], "cancelled")
+        done = self.lease_one()
+        self.assertEqual(done["_id"], c)
+        self.poll({"tasks": [{"_id": c, "status": "done"}], "max": 0}, expect=204)
+        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{c}")[0], 409)
+        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{d}")[1]["status"], "cancelled")
+        status, payload, _ = self.call("DELETE", f"/v1/queue/jobs/tasks/{b}")
+        self.assertEqual((status, payload["status"]), (200, "cancelled"))
         self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{b}")[0], 200)  # cancelling twice is harmless
         self.poll(expect=204)
         self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks/nope-1")[0], 404)
@@ -4665,8 +4669,8 @@ class DescriptionTest(ServerTestCase):
                 handle.write(re.search(r"<script>(.*)</script>", page, re.S).group(1))
             checked = subprocess.run(["node", "--check", script], capture_output=True, text=True, timeout=60)
             self.assertEqual(checked.returncode, 0, checked.stderr)
-        for route in ('"/v1/queues"', '"PATCH"', '"DELETE"', '"PUT"', "status=failed&order=newest", "Authorization",
-                      "confirm("):
+        for route in ('"/v1/queues"', '"/v1/workers"', '"PATCH"', '"DELETE"', '"PUT"', "status=failed&order=newest",
+                      "status=in%20progress", "Authorization", "confirm("):
             self.assertIn(route, page)
         # What its buttons send: retry and cancel a dead letter, pause and resume the queue.
         headers = {"Authorization": "Bearer " + ADMIN}
@@ -4681,6 +4685,25 @@ class DescriptionTest(ServerTestCase):
         self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{dead}", headers=headers)[1]["status"], "cancelled")
         self.assertTrue(self.call("PUT", "/v1/queue/jobs", {"paused": True}, headers=headers)[1]["paused"])
         self.assertFalse(self.call("PUT", "/v1/queue/jobs", {"paused": False}, headers=headers)[1]["paused"])
+
+    @unittest.skipUnless(shutil.which("chromium"), "chromium is not installed: the page cannot be run in a browser")
+    def test_the_page_in_a_browser_shows_the_fleet_and_the_running_tasks_with_their_progress(self):
+        running, _ = [t["_id"] for t in self.jobs.insert([{"data": 1}, {"data": 2}])]
+        status, leased = self.poll({"worker": "render-<1>", "max": 1}, expect=200)
+        self.poll({"tasks": [{"_id": running, "status": "in progress", "progress": {"frame": "<b>7</b>"}}],
+                   "worker": "render-<1>"}, expect=204)
+        self.poll({"max": 0})  # an anonymous poller
+        dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                              "--dump-dom", self.url + "/"], capture_output=True, text=True, timeout=60).stdout
+        workers = re.search(r'<table id="workers">(.*?)</table>', dom, re.S).group(1)
+        self.assertIn("render-&lt;1&gt;", workers)  # as text: a worker's name is the client's to choose
+        self.assertIn(running + " (lease ", workers)
+        self.assertIn("anonymous at 127.0.0.1", workers)
+        box = re.search(r'<div id="running-jobs">(.*?)</div>', dom, re.S).group(1)
+        self.assertIn("Running in jobs: the oldest 1 of 1", box)
+        self.assertIn('progress: {"frame":"&lt;b&gt;7&lt;/b&gt;"}', box)
+        self.assertIn("attempt 1 by render-&lt;1&gt;", box)
+        self.assertIn("Cancel", box)
 
 
 class ToolsTest(unittest.TestCase):
@@ -5655,6 +5678,485 @@ class StopTest(CommandLineTest):
         self.assertEqual(set(acknowledged) - held, set())  # every 201 is on disk
         restarted.send_signal(signal.SIGTERM)
         self.assertEqual(restarted.wait(10), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steering running work: cancel, lost leases, progress, chosen leases, snooze, max_run, the fleet
+# ---------------------------------------------------------------------------------------------------------------
+
+class SteeringTest(ServerTestCase):
+    """Through HTTP, with the fake clock: what a worker is told, and what the queue keeps."""
+
+    queue_options = {"persistent": True, "lease": 10000, "max_attempts": 3, "backoff": 1000, "max_backoff": 1000}
+
+    def heartbeat(self, task, worker="w1", expect=None, **more):
+        report = dict(more, _id=task["_id"], status="in progress", attempt=task["attempt"])
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"tasks": [report], "worker": worker})
+        if expect is not None:
+            self.assertEqual(status, expect, payload)
+        return status, payload
+
+    def start_long_poll(self, body):
+        """A long poll on its own thread; returns (its thread, where its (status, payload) lands)."""
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(self.call("POST", "/v1/queue/jobs", body)[:2]))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while self.jobs.stats()["waiting_workers"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.assertEqual(self.jobs.stats()["waiting_workers"], 1, "the long poll did not park")
+        return thread, answers
+
+    def test_cancel_of_a_running_task_reaches_its_long_polling_worker_and_refuses_its_late_done(self):
+        task_id, = self.insert({"data": "long job"})
+        task = self.lease_one(worker="w1")
+        thread, answers = self.start_long_poll({"worker": "w1", "wait": 5000})
+        began = time.monotonic()
+        status, cancelled, _ = self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
+        self.assertEqual((status, cancelled["status"]), (200, "cancelled"))
+        thread.join(10)
+        self.assertLess(time.monotonic() - began, 3, "the cancel should answer the parked poll at once")
+        self.assertEqual(answers, [(200, {"tasks": [], "cancel": [task_id]})])
+        before = self.task(task_id)
+        self.assertEqual(before["history"][-1]["outcome"], "cancelled")
+        status, refused, _ = self.call("POST", "/v1/queue/jobs", {"tasks": [
+            {"_id": task_id, "status": "done", "attempt": 1, "result": "too late"}], "max": 0})
+        self.assertEqual(status, 409)
+        self.assertEqual(refused["cancel"], [task_id])
+        self.assertIn("cancelled", refused["error"])
+        self.assertEqual(self.task(task_id), before)  # the late done changed nothing
+        self.assertEqual(self.heartbeat(task, expect=409)[1]["cancel"], [task_id])
+        self.assertEqual(self.poll({"worker": "w1"}, expect=204)[0], 204)  # told once
+
+    def test_an_original_worker_sees_only_the_409_it_already_handles(self):
+        task_id, = self.insert({"data": 1})
+        self.poll(expect=200)  # no worker id, no attempt: the original protocol
+        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")[0], 200)
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"tasks": [{"_id": task_id, "status": "done"}]})
+        self.assertEqual((status, payload["ids"]), (409, [task_id]))
+
+    def test_a_cancelled_task_whose_worker_never_comes_back_is_never_delivered_again(self):
+        task_id, = self.insert({"data": 1})
+        self.lease_one(worker="gone")
+        self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
+        self.clock.advance(60000)  # far past its lease
+        self.assertEqual(self.poll({"worker": "w2"})[0], 204)
+        self.assertEqual(self.task(task_id)["status"], "cancelled")
+        self.assertEqual(self.counts()["in progress"], 0)
+
+    def test_a_cancel_on_a_queue_that_discards_its_tasks_is_remembered_and_told(self):
+        self.broker.queue("mail", lease=10000)  # not persistent: the cancelled task is dropped, its end remembered
+        task_id, = self.insert({"data": 1}, queue="mail")
+        status, payload, _ = self.call("POST", "/v1/queue/mail", {"worker": "w1"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.call("DELETE", f"/v1/queue/mail/tasks/{task_id}")[0], 200)
+        status, payload, _ = self.call("POST", "/v1/queue/mail", {"worker": "w1"})
+        self.assertEqual((status, payload), (200, {"tasks": [], "cancel": [task_id]}))
+        status, payload, _ = self.call("POST", "/v1/queue/mail", {"tasks": [
+            {"_id": task_id, "status": "done", "attempt": 1}], "max": 0})
+        self.assertEqual((status, payload["cancel"]), (409, [task_id]))
+
+    def test_a_lost_lease_is_told_to_the_old_worker_while_the_new_one_finishes(self):
+        task_id, = self.insert({"data": 1})
+        first = self.lease_one(worker="w1")
+        self.clock.advance(11000)  # its lease runs out; nobody has it yet: w1 may still report
+        self.assertEqual(self.poll({"worker": "w1", "max": 0}, expect=204)[0], 204)
+        second = self.lease_one(worker="w2")
+        self.assertEqual(second["attempt"], 2)
+        status, payload = self.heartbeat(first, expect=409)
+        self.assertEqual(payload["cancel"], [task_id])
+        self.assertIn("superseded", payload["error"])
+        self.assertEqual(self.poll({"worker": "w1", "max": 0}, expect=200)[1], [])
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"worker": "w1", "max": 0})
+        self.assertEqual(payload, None)  # told once already (the poll above): 204 now
+        self.poll({"tasks": [{"_id": task_id, "status": "done", "attempt": 2}], "max": 0, "worker": "w2"}, expect=204)
+        self.assertEqual(self.task(task_id)["status"], "done")
+
+    def test_progress_is_kept_and_wakes_a_producer_waiting_for_the_task(self):
+        task_id, = self.insert({"data": 1})
+        task = self.lease_one(worker="w1")
+        self.assertIsNone(self.task(task_id)["progress"])
+        answers = []
+        follower = threading.Thread(target=lambda: answers.append(
+            self.call("GET", f"/v1/queue/jobs/tasks/{task_id}?wait=5000")[:2]))
+        follower.start()
+        deadline = time.monotonic() + 5
+        while not self.jobs._result_waiters and time.monotonic() < deadline:
+            time.sleep(0.005)
+        began = time.monotonic()
+        self.heartbeat(task, progress={"done": 3, "of": 10}, expect=204)
+        follower.join(10)
+        self.assertLess(time.monotonic() - began, 3)
+        status, seen = answers[0]
+        self.assertEqual((status, seen["status"], seen["progress"]), (200, "in progress", {"done": 3, "of": 10}))
+        self.heartbeat(task, progress="almost", expect=204)
+        self.assertEqual(self.task(task_id)["progress"], "almost")
+        self.poll({"tasks": [{"_id": task_id, "status": "done", "attempt": 1}], "max": 0}, expect=204)
+        self.assertEqual(self.task(task_id)["progress"], "almost")  # the last word of the delivery stays
+
+    def test_a_lease_the_worker_chooses_is_honoured_and_capped_by_max_lease(self):
+        self.broker.queue("jobs", max_lease=20000)
+        task_id, other = self.insert({"data": 1}, {"data": 2})
+        task = self.lease_one(worker="w1", lease=15000)
+        self.assertEqual(self.task(task_id)["lease_expires_at"], self.clock.ms + 15000)
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"lease": 20001})
+        self.assertEqual(status, 400)
+        self.assertIn("max_lease", payload["error"])
+        self.assertEqual(self.task(other)["status"], "queued")  # the refused poll took nothing
+        self.clock.advance(1000)
+        self.heartbeat(task, lease=19000, expect=204)
+        self.assertEqual(self.task(task_id)["lease_expires_at"], self.clock.ms + 19000)
+        status, payload = self.heartbeat(task, lease=25000, expect=400)
+        self.assertIn("max_lease", payload["error"])
+        self.assertEqual(self.task(task_id)["lease_expires_at"], self.clock.ms + 19000)
+        self.clock.advance(18000)  # the chosen lease, not the queue's 10 s, holds it
+        self.assertEqual(self.task(task_id)["status"], "in progress")
+        self.clock.advance(2000)  # now it ran out: the task is leased again, before the younger one
+        again = self.poll({"worker": "w2", "max": 1}, expect=200)[1][0]
+        self.assertEqual((again["_id"], again["attempt"]), (task_id, 2))
+
+    def test_snooze_hands_a_task_back_for_later_without_spending_an_attempt(self):
+        task_id, = self.insert({"data": 1})
+        task = self.lease_one(worker="w1")
+        self.poll({"tasks": [{"_id": task_id, "status": "queued", "attempt": 1, "retry_after": 5000}]}, expect=204)
+        snoozed = self.task(task_id)
+        self.assertEqual((snoozed["status"], snoozed["attempts_spent"], snoozed["run_at"]),
+                         ("queued", 0, self.clock.ms + 5000))
+        self.assertEqual(self.poll({"worker": "w1"})[0], 204)
+        self.clock.advance(5000)
+        again = self.lease_one(worker="w1")
+        self.assertEqual((again["_id"], again["attempt"]), (task_id, 2))
+        self.assertEqual(self.task(task_id)["attempts_spent"], 0)
+        self.assertEqual(task["attempt"], 1)
+
+    def test_max_run_ends_a_delivery_that_keeps_heartbeating(self):
+        self.broker.queue("jobs", max_run=3000, lease=1000)
+        task_id, = self.insert({"data": 1})
+        task = self.lease_one(worker="w1")
+        for _ in range(3):
+            self.clock.advance(800)
+            self.heartbeat(task, expect=204)
+        self.assertEqual(self.task(task_id)["lease_expires_at"], self.clock.ms - 2400 + 3000)  # capped at the run
+        self.clock.advance(700)
+        status, payload = self.heartbeat(task, expect=409)
+        self.assertEqual(payload["cancel"], [task_id])
+        ended = self.task(task_id)
+        self.assertEqual((ended["status"], ended["attempts_spent"]), ("queued", 1))
+        self.assertEqual((ended["history"][-1]["outcome"], ended["history"][-1]["error"]),
+                         ("failed", K.RUN_TIME_EXCEEDED))
+        self.assertGreater(ended["run_at"], self.clock.ms)  # retried after a backoff, as a failure is
+
+    def test_workers_are_seen_coming_waiting_holding_and_leaving(self):
+        task_id, = self.insert({"data": 1})
+        self.lease_one(worker="w1", lease=20000)
+        self.poll({"max": 0})  # an anonymous poller
+        thread, answers = self.start_long_poll({"worker": "w2", "wait": 5000})
+        workers = {w["worker"]: w for w in self.call("GET", "/v1/workers")[1]["workers"]}
+        self.assertEqual(set(workers), {"w1", "w2", None})
+        self.assertEqual(workers["w1"]["tasks"], [{"_id": task_id, "queue": "jobs", "attempt": 1,
+                                                   "lease_expires_at": self.clock.ms + 20000}])
+        self.assertEqual((workers["w2"]["waiting"], workers["w1"]["waiting"]), (True, False))
+        self.assertEqual(workers[None]["address"], "127.0.0.1")
+        self.assertEqual(workers["w1"]["queues"], ["jobs"])
+        self.insert({"data": 2})
+        thread.join(10)
+        self.assertEqual(answers[0][0], 200)
+        self.clock.advance(500)
+        self.poll({"tasks": [{"_id": task_id, "status": "in progress", "attempt": 1}], "max": 0, "worker": "w1"})
+        w1 = next(w for w in self.call("GET", "/v1/workers?queue=jobs")[1]["workers"] if w["worker"] == "w1")
+        self.assertEqual(w1["last_heartbeat"], self.clock.ms)
+        self.poll({"tasks": [{"_id": task_id, "status": "done", "attempt": 1}], "max": 0, "worker": "w1"})
+        w1 = next(w for w in self.call("GET", "/v1/workers")[1]["workers"] if w["worker"] == "w1")
+        self.assertEqual(w1["tasks"], [])
+        self.assertEqual(self.call("GET", "/v1/workers?queue=jobs")[0], 200)
+        self.assertEqual(self.call("GET", "/v1/workers?queue=nope")[0], 404)
+        self.clock.advance(K.WORKER_IDLE_MS + 1000)
+        self.poll({"worker": "w3", "max": 0})
+        self.assertEqual([w["worker"] for w in self.call("GET", "/v1/workers")[1]["workers"]], ["w3"])
+
+    def test_the_fleet_is_bounded(self):
+        original = K.MAX_WORKERS_SEEN
+        K.MAX_WORKERS_SEEN = 5
+        self.addCleanup(setattr, K, "MAX_WORKERS_SEEN", original)
+        for n in range(8):
+            self.poll({"worker": f"w{n}", "max": 0})
+        self.assertEqual([w["worker"] for w in self.call("GET", "/v1/workers")[1]["workers"]],
+                         ["w7", "w6", "w5", "w4", "w3"])
+
+    def test_bad_steering_input_is_refused_and_changes_nothing(self):
+        task_id, = self.insert({"data": 1})
+        task = self.lease_one(worker="w1")
+        before = self.task(task_id)
+        self.set_limits(max_data=1000)
+        deep = 1
+        for _ in range(200):
+            deep = [deep]
+        cases = [
+            ({"lease": "1000"}, 400), ({"lease": 0}, 400), ({"lease": -5}, 400), ({"lease": True}, 400),
+            ({"lease": 10 ** 20}, 400), ({"lease": 1.5}, 400), ({"lease": None}, 400),
+            ({"tasks": [{"_id": task_id, "status": "in progress", "lease": "x"}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "in progress", "lease": 0}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "done", "lease": 1000}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "done", "progress": 1}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "done", "retry_after": 1000}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "queued", "retry_after": -1}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "queued", "retry_after": "soon"}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "in progress", "progress": "x" * 5000}]}, 413),
+            ({"tasks": [{"_id": task_id, "status": "in progress", "progress": deep}]}, 400),
+            ({"tasks": [{"_id": "nope-1", "status": "in progress", "progress": 1}]}, 404),
+        ]
+        for body, expected in cases:
+            with self.subTest(body=str(body)[:80]):
+                status, payload, _ = self.call("POST", "/v1/queue/jobs", dict(body, worker="w1"))
+                self.assertEqual(status, expected, payload)
+        self.assertEqual(self.task(task_id), before)
+        for path, expected in [("/v1/queue/jobs/tasks/nope-1", 404), ("/v1/queue/nope/tasks/" + task_id, 404)]:
+            self.assertEqual(self.call("DELETE", path)[0], expected)
+        bad_options = [{"max_lease": 0}, {"max_lease": "1"}, {"max_run": -1}, {"max_run": True},
+                       {"max_run": 10 ** 20}]
+        for options in bad_options:
+            with self.subTest(options=options):
+                self.assertEqual(self.call("PUT", "/v1/queue/jobs", options)[0], 400)
+        self.assertEqual(self.jobs.describe()["max_run"], 0)
+        self.assertEqual(self.call("GET", "/v1/workers?queue=" + "x" * 300)[0], 404)
+        self.assertEqual(self.call("GET", "/v1/workers?queue=a&queue=b")[0], 400)
+        self.assertEqual(self.task(task_id), before)
+
+    def test_a_cancel_racing_a_done_report_lets_exactly_one_win(self):
+        for _ in range(25):
+            task_id, = self.insert({"data": 1})
+            self.lease_one(worker="w1")
+            results = {}
+            go = threading.Barrier(2)
+
+            def cancel():
+                go.wait()
+                results["cancel"] = self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")[0]
+
+            def done():
+                go.wait()
+                results["done"] = self.call("POST", "/v1/queue/jobs", {"tasks": [
+                    {"_id": task_id, "status": "done", "attempt": 1}], "max": 0})[0]
+
+            threads = [threading.Thread(target=cancel), threading.Thread(target=done)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            final = self.task(task_id)["status"]
+            if final == "done":
+                self.assertEqual((results["done"], results["cancel"]), (204, 409))
+            else:
+                self.assertEqual((final, results["cancel"], results["done"]), ("cancelled", 200, 409))
+
+    def test_a_worker_token_may_not_see_the_fleet(self):
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["jobs"]})
+        status, _, _ = self.call("GET", "/v1/workers", headers={"Authorization": "Bearer " + WORKER})
+        self.assertEqual(status, 403)
+        status, payload, _ = self.call("GET", "/v1/workers", headers={"Authorization": "Bearer " + ADMIN})
+        self.assertEqual(status, 200)
+
+
+class UnattendedMetricTest(ServerTestCase):
+    queue_options = {"lease": 10000}
+
+    def unattended(self):
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        found = re.search(r'^katar_queue_unattended_seconds\{queue="jobs"\} (\S+)$', text, re.M)
+        workers = re.search(r'^katar_queue_workers\{queue="jobs"\} (\S+)$', text, re.M)
+        return float(found.group(1)), int(workers.group(1))
+
+    def test_unattended_rises_while_nobody_polls_and_falls_when_a_worker_comes(self):
+        self.clock.advance(60000)  # an idle hour before anything is due does not count
+        self.assertEqual(self.unattended(), (0.0, 0))
+        self.insert({"data": 1}, {"data": 2})
+        self.clock.advance(10000)
+        self.assertEqual(self.unattended(), (10.0, 0))
+        self.lease_one(worker="w1")  # one is left due, but a worker was just here
+        self.assertEqual(self.unattended(), (0.0, 1))
+        self.clock.advance(5000)
+        self.assertEqual(self.unattended(), (5.0, 1))
+        self.lease_one(worker="w2")
+        self.clock.advance(5000)
+        self.assertEqual(self.unattended(), (0.0, 2))  # nothing due: nobody is missed
+        self.broker.queue("jobs", paused=True)
+        self.insert({"data": 3})
+        self.clock.advance(5000)
+        self.assertEqual(self.unattended()[0], 0.0)  # a paused queue is nobody's backlog
+
+
+class SteeringJournalTest(JournalOverHttpTestCase):
+    def test_a_cancel_a_chosen_lease_and_progress_survive_a_restart(self):
+        cancelled, chosen = self.insert({"data": 1}, {"data": 2})
+        status, leased = self.poll({"max": 2, "worker": "w1", "lease": 45000}, expect=200)
+        self.assertEqual([t["_id"] for t in leased], [cancelled, chosen])
+        self.poll({"tasks": [{"_id": chosen, "status": "in progress", "attempt": 1, "progress": {"step": 2},
+                              "lease": 50000}], "max": 0}, expect=204)
+        self.assertEqual(self.call("DELETE", f"/v1/queue/jobs/tasks/{cancelled}")[0], 200)
+        before = {task_id: self.task(task_id) for task_id in (cancelled, chosen)}
+        self.server.close()  # (and its broker)
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        jobs = again.get("jobs")
+        after = {task_id: jobs.task(task_id) for task_id in (cancelled, chosen)}
+        self.assertEqual(after, before)
+        self.assertEqual(after[chosen]["progress"], {"step": 2})
+        self.assertEqual(after[chosen]["lease_expires_at"], self.clock.ms + 50000)
+        self.assertEqual(after[cancelled]["status"], "cancelled")
+        with self.assertRaises(K.Conflict) as refused:
+            jobs.report([{"_id": cancelled, "status": "done", "attempt": 1}])
+        self.assertEqual(refused.exception.fields["cancel"], [cancelled])
+        again.compact()
+        again.close()
+        third = K.Broker(clock=self.clock, journal=self.path)  # and from a compacted journal
+        self.addCleanup(third.close)
+        self.assertEqual({task_id: third.get("jobs").task(task_id) for task_id in (cancelled, chosen)}, before)
+
+
+class WorkSteeringTest(unittest.TestCase):
+    """`work`, run as a user runs it, obeys the server: a cancel or a lost lease stops the running command."""
+
+    def setUp(self):
+        self.broker = K.Broker()
+        self.jobs = self.broker.queue("jobs", persistent=True, lease=30000, max_attempts=3)
+        self.server = K.serve(self.broker, port=0)
+        self.addCleanup(self.server.close)
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
+
+    def start_worker(self, *args):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", self.server.url,
+                                    "jobs", "--wait", "200", *args], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(stop_process, process)
+        return process
+
+    def command(self):
+        """Writes its pid to a file named after its task, then sleeps a minute if its data is "slow"."""
+        return ["sh", "-c", 'read data; echo $$ > "%s/$KATAR_TASK_ID"; '
+                            'if [ "$data" = \'"slow"\' ]; then exec sleep 60; fi; echo quick' % self.directory]
+
+    def running_pid(self, task_id):
+        path = os.path.join(self.directory, task_id)
+        until(self, lambda: os.path.exists(path) and read_file(path).strip(), "the command to start")
+        return int(read_file(path))
+
+    def wait_gone(self, pid, timeout):
+        def gone():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        until(self, gone, f"process {pid} to end", timeout)
+
+    def test_a_cancel_stops_the_running_command_within_the_heartbeat_and_work_moves_on(self):
+        slow = self.jobs.insert({"data": "slow"})["_id"]
+        worker = self.start_worker("--heartbeat", "0.5", "--", *self.command())
+        pid = self.running_pid(slow)
+        self.assertEqual(self.jobs.task(slow)["status"], "in progress")
+        began = time.monotonic()
+        self.jobs.cancel(slow)
+        self.wait_gone(pid, 10)
+        stopped_in = time.monotonic() - began
+        self.assertLess(stopped_in, 3.0, "a cancel reaches the command within --heartbeat and a round trip")
+        quick = self.jobs.insert({"data": "quick"})["_id"]  # the worker takes the next task
+        self.assertEqual(self.jobs.task(quick, wait=20000)["status"], "done")
+        task = self.jobs.task(slow)
+        self.assertEqual((task["status"], [entry["outcome"] for entry in task["history"]]), ("cancelled", ["cancelled"]))
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(20), 0)
+        log = worker.stderr.read()
+        self.assertIn(f"{slow} attempt 1 stopped after", log)
+        self.assertIn("was cancelled", log)
+        self.assertNotIn(f"{slow} attempt 1 failed", log)  # nothing reported for it
+
+    def test_a_lost_lease_stops_the_old_command_while_the_new_delivery_goes_on(self):
+        self.broker.queue("jobs", lease=500)
+        slow = self.jobs.insert({"data": "slow"})["_id"]
+        worker = self.start_worker("--heartbeat", "1.5", "--", *self.command())
+        pid = self.running_pid(slow)
+        until(self, lambda: self.jobs.stats()["counts"]["in progress"] == 0, "the lease to run out", 5)
+        self.broker.queue("jobs", lease=30000)
+        taken = self.jobs.lease(worker="thief")
+        self.assertEqual([(t["_id"], t["attempt"]) for t in taken], [(slow, 2)])
+        began = time.monotonic()
+        self.wait_gone(pid, 10)
+        self.assertLess(time.monotonic() - began, 5.0, "within --heartbeat (1.5 s) and a round trip")
+        self.jobs.report([{"_id": slow, "status": "done", "attempt": 2}])
+        task = self.jobs.task(slow)
+        self.assertEqual((task["status"], task["worker"], task["history"][-1]["outcome"]), ("done", "thief", "done"))
+        worker.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(20), 0)
+        self.assertIn(f"{slow} attempt 1 stopped after", worker.stderr.read())
+
+    def test_work_sends_the_progress_its_command_writes_and_a_producer_follows_it(self):
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        self.start_worker("--heartbeat", "0.2", "--", "sh", "-c",
+                          'echo "{\\"step\\": 1}" >> "$KATAR_PROGRESS_FILE"; sleep 2; '
+                          'echo "half way" >> "$KATAR_PROGRESS_FILE"; sleep 2; echo done')
+        seen = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            task = self.jobs.task(task_id, wait=5000)
+            if task["progress"] is not None and (not seen or task["progress"] != seen[-1]):
+                seen.append(task["progress"])
+            if task["status"] == "done":
+                break
+        self.assertEqual(seen, [{"step": 1}, "half way"])
+        self.assertEqual((task["status"], task["result"], task["progress"]), ("done", "done", "half way"))
+
+
+class SteeringCrashTest(unittest.TestCase):
+    """kill -9 after each kind of steering: what was acknowledged is what a restarted server holds."""
+
+    def start_server(self, directory):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
+             "--journal", os.path.join(directory, "tasks.journal"), "--config", os.path.join(directory, "queues.json")],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.addCleanup(stop_process, process)
+        self.addCleanup(process.stderr.close)
+        client = K.Client(wait_until_listening(self, process))
+        self.addCleanup(client.close)
+        return process, client
+
+    def test_a_cancel_a_chosen_lease_progress_a_snooze_and_a_run_time_failure_survive_kill_9(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "queues.json"), "w") as handle:
+            json.dump({"queues": {"jobs": {"persistent": True, "max_lease": 600000},
+                                  "capped": {"persistent": True, "max_run": 300, "backoff": 600000}}}, handle)
+        process, client = self.start_server(directory)
+        cancelled, chosen, snoozed = [t["_id"] for t in client.insert("jobs", [{"data": n} for n in range(3)])]
+        leased, _ = client.poll("jobs", max=3, worker="w1", lease=500000)
+        self.assertEqual([t["_id"] for t in leased], [cancelled, chosen, snoozed])
+        client.heartbeat("jobs", chosen, 1, worker="w1", progress={"step": 4}, lease=550000)
+        client.request("DELETE", f"/v1/queue/jobs/tasks/{cancelled}")
+        client.report("jobs", [{"_id": snoozed, "attempt": 1, "status": "queued", "retry_after": 500000}])
+        overran = client.insert("capped", [{"data": "long"}])[0]["_id"]
+        client.poll("capped", worker="w2")
+        time.sleep(0.4)
+        self.assertEqual(client.poll("capped", max=0, worker="w2"), ([], [overran]))  # the clock ran: told
+        before = {task_id: client.task("jobs", task_id) for task_id in (cancelled, chosen, snoozed)}
+        before[overran] = client.task("capped", overran)
+        self.assertEqual(before[overran]["history"][-1]["error"], K.RUN_TIME_EXCEEDED)
+        process.kill()  # kill -9: no chance to write anything more
+        process.wait()
+        client.close()
+        process, client = self.start_server(directory)
+        after = {task_id: client.task("jobs", task_id) for task_id in (cancelled, chosen, snoozed)}
+        after[overran] = client.task("capped", overran)
+        self.assertEqual(after, before)
+        self.assertEqual((after[cancelled]["status"], after[chosen]["progress"], after[snoozed]["attempts_spent"]),
+                         ("cancelled", {"step": 4}, 0))
+        self.assertGreater(after[snoozed]["run_at"], time.time() * 1000 + 400000)
+        self.assertEqual(client.poll("jobs", max=10, worker="w3"), ([], []))  # none due: nothing leased again
+        with self.assertRaises(K.Conflict) as refused:
+            client.report("jobs", [{"_id": cancelled, "attempt": 1, "status": "done"}])
+        self.assertEqual(refused.exception.fields["cancel"], [cancelled])
 
 
 if __name__ == "__main__":
