@@ -13,7 +13,9 @@ The worker protocol (GET the configuration; POST to lease a task and to report t
 the original katar HTTP worker server, kept exactly. Everything beyond it is opt-in: `max` and `wait` (batches and
 long polling) on the same POST, leases that run out when a worker dies, fenced reports carrying the `attempt` they
 answer, retries with exponential backoff, dead letters, idempotent reports and insert keys, and producer and
-operator routes (insert, list, inspect, wait for a result, cancel, pause, retry, purge, stats).
+operator routes (insert, list, inspect, wait for a result, cancel, pause, retry, purge, stats). Running work can
+be steered: cancelled (the worker is told in `cancel`), followed through its `progress`, leased for as long as its
+worker asks (up to `max_lease`), snoozed, capped in run time (`max_run`); GET /v1/workers shows the fleet.
 
 Task statuses, in katar's words: paused, queued, in progress, done, failed, cancelled. A task is `in progress`
 while leased; `failed` is final (a dead letter): a failure that will be retried puts the task back to `queued`.
@@ -37,7 +39,9 @@ The file reads top to bottom as the architecture:
      replays them through the same function, so memory and disk cannot disagree. A commit encodes its records
      first and notes how to put back what applying them changes, so a failure halfway leaves nothing behind. A wait
      (a long poll, a result wait) is a parked Waiter with a deadline, never a blocked thread: begin_poll/begin_task
-     park it, the change that answers it calls its wake, end_wait ends it (the Python API blocks on it itself);
+     park it, the change that answers it calls its wake, end_wait ends it (the Python API blocks on it itself).
+     The Fleet (the workers heard from, the deliveries handed to each) is observed, not state: never journalled,
+     each delivery checked against its task when read, so it needs no undoing;
   3. the journal (Journal: append, group commit, fsync, compaction, recovery) and Durability, which decides when a
      change may be acknowledged: a thread of the Python API waits for its records; the event loop collects the
      ticket instead and answers once the journal's flusher thread has written and fsync'd it (with --fsync interval
