@@ -1587,18 +1587,14 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
             retry_after = report.get("retry_after")
             if retry_after is not None:
                 retry_after = _check_int("retry_after", retry_after, 0, MAX_DELAY_MS)
-                if status not in (FAILED, QUEUED):
-                    raise BadRequest("retry_after goes with a failed report (the retry's delay) or a queued one (a "
-                                     "snooze)")
-            if report.get("lease") is not None:
-                if status != IN_PROGRESS:
-                    raise BadRequest("lease goes with an in progress report (a heartbeat): the new lease, from now")
-                item["lease"] = _check_int("lease", report["lease"], 1, MAX_DELAY_MS)
-            if "progress" in report:
-                if status != IN_PROGRESS:
-                    raise BadRequest("progress goes with an in progress report (a heartbeat)")
-                item["progress"] = _json_value("progress", report["progress"])
-            if status == QUEUED and retry_after is not None:
+            lease = None if report.get("lease") is None else _check_int("lease", report["lease"], 1, MAX_DELAY_MS)
+            progress = _json_value("progress", report["progress"]) if "progress" in report else None
+            if status == IN_PROGRESS:  # a heartbeat: its new lease, and how far the work has come
+                if lease is not None:
+                    item["lease"] = lease
+                if "progress" in report:
+                    item["progress"] = progress
+            if status == QUEUED and retry_after is not None:  # a snooze
                 item["retry_after"] = retry_after
             if status == FAILED:
                 if error is None:

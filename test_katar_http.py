@@ -5896,9 +5896,9 @@ class SteeringTest(ServerTestCase):
             ({"lease": 10 ** 20}, 400), ({"lease": 1.5}, 400), ({"lease": None}, 400),
             ({"tasks": [{"_id": task_id, "status": "in progress", "lease": "x"}]}, 400),
             ({"tasks": [{"_id": task_id, "status": "in progress", "lease": 0}]}, 400),
-            ({"tasks": [{"_id": task_id, "status": "done", "lease": 1000}]}, 400),
-            ({"tasks": [{"_id": task_id, "status": "done", "progress": 1}]}, 400),
-            ({"tasks": [{"_id": task_id, "status": "done", "retry_after": 1000}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "done", "lease": "long"}]}, 400),  # checked whatever the status
+            ({"tasks": [{"_id": task_id, "status": "done", "progress": float("nan")}]}, 400),
+            ({"tasks": [{"_id": task_id, "status": "failed", "error": "x", "retry_after": -5}]}, 400),
             ({"tasks": [{"_id": task_id, "status": "queued", "retry_after": -1}]}, 400),
             ({"tasks": [{"_id": task_id, "status": "queued", "retry_after": "soon"}]}, 400),
             ({"tasks": [{"_id": task_id, "status": "in progress", "progress": "x" * 5000}]}, 413),
