@@ -130,7 +130,7 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "backoff": 1000,         # ms before the first retry; doubled for each later one
     "max_backoff": 300000,   # ms, the cap on that doubling
     "max_lease": 43200000,   # ms, the longest lease a worker may ask for (a poll's or a heartbeat's `lease`): 12 h
-    "max_run": 0,            # ms a delivery may run, heartbeats or not, before it fails ("run time exceeded"); 0: no cap
+    "max_run": 0,            # ms a delivery may run, heartbeats or not, before it fails ("run time exceeded"); 0: none
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "lease_wait_ms")
@@ -147,6 +147,7 @@ QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_i
 RUN_TIME_EXCEEDED = "run time exceeded"  # the error of a delivery that ran past its queue's max_run
 WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgotten (GET /v1/workers)
 MAX_WORKERS_SEEN = 10000      # workers remembered at once; past that, the one heard from least recently goes
+WORKER_TASKS_SHOWN = 100      # tasks GET /v1/workers lists per worker (tasks_held counts them all)
 MAX_PRIORITY = 10 ** 9
 MAX_TEXT = 65536             # characters in an error
 MAX_KEY = 256                # characters in an insert key
@@ -527,12 +528,13 @@ class Seen:
     queue's name to the deliveries handed to it there ({task id: attempt}); each is checked against the task when
     read, so none of this needs undoing or journalling."""
 
-    __slots__ = ("worker", "address", "held", "swept", "last_contact", "last_heartbeat", "waiting")
+    __slots__ = ("worker", "address", "held", "swept", "notices", "last_contact", "last_heartbeat", "waiting")
 
     def __init__(self, worker: Optional[str], address: Optional[str]) -> None:
         self.worker, self.address = worker, address
         self.held: Dict[str, Dict[str, int]] = {}
         self.swept: Dict[str, int] = {}  # per queue: deliveries still held when last swept
+        self.notices: Dict[str, Dict[str, None]] = {}  # per queue: ids of deliveries taken from it, not yet told
         self.last_contact = 0
         self.last_heartbeat: Optional[int] = None
         self.waiting = 0  # its long polls parked now
@@ -558,12 +560,25 @@ class Fleet:
             self._seen.move_to_end(key)
             seen.address = address
         seen.last_contact = now
-        while len(self._seen) > MAX_WORKERS_SEEN or next(iter(self._seen.values())).last_contact < now - WORKER_IDLE_MS:
-            self._seen.popitem(last=False)
+        self.forget(now)
         return seen
 
-    def workers(self) -> List[Seen]:
-        """Those remembered, the most recently heard from first."""
+    def forget(self, now: int) -> None:
+        """Forget the workers not heard from for WORKER_IDLE_MS, and the least recent beyond MAX_WORKERS_SEEN."""
+        seen = self._seen
+        while seen and (len(seen) > MAX_WORKERS_SEEN or next(iter(seen.values())).last_contact < now - WORKER_IDLE_MS):
+            seen.popitem(last=False)
+
+    def notice(self, worker: str, queue: str, task_id: str) -> None:
+        """A delivery of task `task_id` handed to the named `worker` in `queue` was taken from it: it is told in
+        its next answer there (a worker not remembered is told by the 409 of its next report)."""
+        seen = self._seen.get((worker, None))
+        if seen is not None:
+            seen.notices.setdefault(queue, {})[task_id] = None
+
+    def workers(self, now: int) -> List[Seen]:
+        """Those remembered at `now`, the most recently heard from first."""
+        self.forget(now)
         return list(reversed(self._seen.values()))
 
 
@@ -822,10 +837,10 @@ class Queue:
             if task.status != status:
                 if task.status not in allowed[status]:
                     raise Conflict(f"task {task_id} is {task.status}; it cannot become {status}", [task_id])
-                running = task.status == IN_PROGRESS
+                latest = task.latest() if self._open_delivery(task) else None  # its worker may be at it still
                 broker._commit([{"op": "status", "q": self.name, "id": task_id, "status": status, "at": now}])
-                if running:
-                    self._tell(task.worker)
+                if latest is not None and status != QUEUED:
+                    self._tell(latest["worker"], task_id)
                 self._serve_waiters(now)
             return self._task_view(task_id)
 
@@ -891,17 +906,12 @@ class Queue:
             held = seen.held.setdefault(self.name, {})
             for task in leased:
                 held[task["_id"]] = task["attempt"]
-            if worker is None and len(held) <= 2 * seen.swept.get(self.name, 0) + 64:
-                return []  # an anonymous poller's table is swept now and then: it is only read by GET /v1/workers
-            cancel = []
-            for task_id, attempt in list(held.items()):
-                state = self._delivery_state(task_id, attempt)
-                if state == "taken":
-                    cancel.append(task_id)
-                if state in ("taken", "ended"):
-                    del held[task_id]
-            seen.swept[self.name] = len(held)
-            return cancel if worker is not None else []
+            if len(held) > 2 * seen.swept.get(self.name, 0) + 64:  # swept now and then: the cost stays constant
+                for task_id, attempt in list(held.items()):
+                    if self._delivery_state(task_id, attempt) in ("taken", "ended"):
+                        del held[task_id]
+                seen.swept[self.name] = len(held)
+            return list(seen.notices.pop(self.name, ()))
 
     def _delivery_state(self, task_id: str, attempt: int) -> str:
         """Delivery `attempt` of a task, as its worker should see it: "held" (in progress), "lapsed" (its lease ran
@@ -919,10 +929,13 @@ class Queue:
                 return "lapsed"
         return "taken" if self._taken_because(task, attempt) is not None else "ended"
 
-    def held_view(self, held: Dict[str, int]) -> List[Dict[str, Any]]:
-        """Lock held: the deliveries of `held` ({task id: attempt}) still in progress, with their lease deadlines."""
-        return [{"_id": task_id, "queue": self.name, "attempt": attempt, "lease_expires_at": self._tasks[task_id].lease_until}
-                for task_id, attempt in held.items() if self._delivery_state(task_id, attempt) == "held"]
+    def held_view(self, held: Dict[str, int], now: int) -> List[Dict[str, Any]]:
+        """Lock held: the deliveries of `held` ({task id: attempt}) in progress at `now`, with their lease deadlines
+        (one whose lease ran out by then is no longer held, though the clock may not have moved it yet)."""
+        return [{"_id": task_id, "queue": self.name, "attempt": attempt,
+                 "lease_expires_at": self._tasks[task_id].lease_until}
+                for task_id, attempt in held.items()
+                if self._delivery_state(task_id, attempt) == "held" and self._tasks[task_id].lease_until > now]
 
     def unattended_ms(self) -> int:
         """How long tasks have been due with no worker polling this queue since (0 when none is due, or the queue
@@ -1074,7 +1087,7 @@ class Queue:
     def _lease_until(self, now: int, lease: Optional[int], leased_at: int) -> int:
         """When a lease taken or renewed at `now` runs out: `lease` ms (the queue's if None) from now, but never
         past the delivery's max_run (counted from `leased_at`), which heartbeats cannot extend."""
-        until = now + (lease if lease is not None else self.options["lease"])
+        until = now + (min(lease, self.options["max_lease"]) if lease is not None else self.options["lease"])
         if self.options["max_run"]:
             until = min(until, leased_at + self.options["max_run"])
         return until
@@ -1149,13 +1162,16 @@ class Queue:
                 heapq.heappush(leases, (until, task_id, attempt))  # it expires on a later tick
                 return
             if record["error"] == RUN_TIME_EXCEEDED:
-                self._tell(task.worker)
+                self._tell(task.worker, task_id)
         self._serve_waiters(now)
 
-    def _tell(self, worker: Optional[str]) -> None:
-        """A delivery of `worker` was taken from it: answer its parked long polls now (with no tasks), so that it
-        hears `cancel` at once rather than when its wait ends."""
-        for waiter in list(self._parked_by_worker.get(worker, ())) if worker is not None else ():
+    def _tell(self, worker: Optional[str], task_id: str) -> None:
+        """A delivery of task `task_id` was taken from `worker`: note it for its next answer's `cancel`, and answer
+        its parked long polls now (with no tasks), so that it hears at once rather than when its wait ends."""
+        if worker is None:
+            return  # an anonymous worker learns from the 409 of its next report
+        self._broker.fleet.notice(worker, self.name, task_id)
+        for waiter in list(self._parked_by_worker.get(worker, ())):
             if waiter.parked:
                 waiter.parked, waiter.result = False, []
                 self._parked -= 1
@@ -1194,7 +1210,15 @@ class Queue:
             for task_id in ids:  # back in line (an entry the undo re-placed too is a harmless duplicate)
                 heapq.heappush(ready, (-tasks[task_id].priority, task_id))
             raise
-        return [{"_id": task_id, "data": tasks[task_id].data, "attempt": tasks[task_id].attempt} for task_id in ids]
+        leased = []
+        for task_id in ids:
+            task = tasks[task_id]
+            if task.attempt > 1:  # a delivery whose lease ran out is now superseded: its worker must stop
+                earlier = task.delivery(task.attempt - 1)
+                if earlier is not None and earlier["outcome"] == "expired" and earlier["worker"] != worker:
+                    self._tell(earlier["worker"], task_id)
+            leased.append({"_id": task_id, "data": task.data, "attempt": task.attempt})
+        return leased
 
     def _serve_waiters(self, now: int) -> None:
         """Hand ready tasks to parked long polls, oldest first, so that nobody barges ahead of them."""
@@ -1732,23 +1756,25 @@ class Broker:
     def worker_counts(self) -> Dict[str, int]:
         """How many workers were heard from, per queue name (those the fleet remembers)."""
         with self._lock:
-            return dict(collections.Counter(name for seen in self.fleet.workers() for name in seen.held))
+            return dict(collections.Counter(name for seen in self.fleet.workers(self._now()) for name in seen.held))
 
     def workers(self, queue: Optional[str] = None) -> List[Dict[str, Any]]:
         """The workers heard from in the last WORKER_IDLE_MS (of one queue, if named), the most recent first: each
         its id (or null and its address, for an anonymous poller), the queues it polled, whether a long poll of
-        its waits now, the tasks it holds with their lease deadlines, its last contact and last heartbeat (ms)."""
+        its waits now, the tasks it holds with their lease deadlines (the first WORKER_TASKS_SHOWN, and how many),
+        its last contact and last heartbeat (ms)."""
         if queue is not None:
             self.get(queue)
         with self._lock:
-            view = []
-            for seen in self.fleet.workers():
+            view, now = [], self._now()
+            for seen in self.fleet.workers(now):
                 if queue is not None and queue not in seen.held:
                     continue
                 tasks = [held for name, table in seen.held.items() if name in self._queues
-                         for held in self._queues[name].held_view(table)]
+                         for held in self._queues[name].held_view(table, now)]
                 view.append({"worker": seen.worker, "address": seen.address, "queues": sorted(seen.held),
-                             "waiting": seen.waiting > 0, "tasks": tasks, "last_contact": seen.last_contact,
+                             "waiting": seen.waiting > 0, "tasks": tasks[:WORKER_TASKS_SHOWN],
+                             "tasks_held": len(tasks), "last_contact": seen.last_contact,
                              "last_heartbeat": seen.last_heartbeat})
             return view
 
@@ -3606,8 +3632,13 @@ class Handler(BaseHTTPRequestHandler):
             value = item.get(key) if isinstance(item, dict) else None
             if isinstance(value, (dict, list)) and _too_deep(value, limits.max_depth):
                 raise BadRequest(f"{where} nests arrays and objects deeper than {limits.max_depth}")
-            if self.body_size > limits.max_data and len(_encode(value)) > limits.max_data:
-                raise PayloadTooLarge(f"{where} is larger than {limits.max_data} bytes of JSON")
+            if self.body_size > limits.max_data:
+                try:
+                    size = len(_encode(value))
+                except (ValueError, TypeError) as exc:  # 1e999 parses as a float JSON cannot write back
+                    raise BadRequest(f"{where} must be JSON: {exc}") from None
+                if size > limits.max_data:
+                    raise PayloadTooLarge(f"{where} is larger than {limits.max_data} bytes of JSON")
 
     def check_errors(self, reports: Any) -> None:
         """A report's error may have as many characters as the server's max_data bytes (up to MAX_TEXT): what
@@ -3876,9 +3907,12 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "worker": _schema(["string", "null"], description="its id; null: an anonymous poller, known by address"),
             "address": nullable_text, "queues": _schema("array", items=_schema("string")),
             "waiting": _schema("boolean", description="a long poll of its waits now"),
-            "tasks": _schema("array", items=_ref("WorkerTask"), description="the deliveries it holds"),
+            "tasks": _schema("array", items=_ref("WorkerTask"), maxItems=WORKER_TASKS_SHOWN,
+                             description=f"the deliveries it holds (the first {WORKER_TASKS_SHOWN})"),
+            "tasks_held": _schema("integer", description="how many deliveries it holds"),
             "last_contact": _schema("integer"), "last_heartbeat": nullable_int},
-            required=["worker", "address", "queues", "waiting", "tasks", "last_contact", "last_heartbeat"]),
+            required=["worker", "address", "queues", "waiting", "tasks", "tasks_held", "last_contact",
+                      "last_heartbeat"]),
         "WorkerList": _object({"workers": _schema("array", items=_ref("Worker"))}, required=["workers"]),
         "TaskInput": _object({
             "data": dict(any_json, description=f"the task's data, handed to the worker as it is (null for none): at "
@@ -4155,38 +4189,59 @@ async function refreshWorkers() {
     row.cells[1].textContent = w.queues.join(", ");
     row.cells[2].textContent = w.waiting ? "yes" : "no";
     row.cells[3].textContent = w.tasks.length ? w.tasks.map(t => t._id + " (lease " +
-      ((t.lease_expires_at - Date.now()) / 1000).toFixed(0) + " s)").join(", ") : "-";
+      ((t.lease_expires_at - Date.now()) / 1000).toFixed(0) + " s)").join(", ") +
+      (w.tasks_held > w.tasks.length ? " and " + (w.tasks_held - w.tasks.length) + " more" : "") : "-";
     row.cells[4].textContent = ago(w.last_contact);
     row.cells[5].textContent = ago(w.last_heartbeat);
   });
   prune(body, keys);
 }
-async function refreshRunning(queues) {
+// One section per queue that has tasks of a kind (running, dead letters): a heading, and a row per task with a
+// button or two, kept in place across refreshes.
+async function taskSections(kind, queues, count, query, heading, classes, buttons, fill) {
   const sections = new Set();
   for (const s of queues) {
-    if (!s.counts["in progress"]) continue;
-    sections.add("running-" + s.queue);
-    const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?status=in%20progress&limit=" + RUNNING);
-    const box = section("running", s.queue), table = box.querySelector("table");
-    box.querySelector("h2").textContent =
-      "Running in " + s.queue + ": the oldest " + tasks.length + " of " + s.counts["in progress"];
+    if (!count(s)) continue;
+    sections.add(kind + "-" + s.queue);
+    const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) + "/tasks?" + query);
+    const box = section(kind, s.queue), table = box.querySelector("table");
+    box.querySelector("h2").textContent = heading(s, tasks);
     const keys = new Set();
     tasks.forEach((t, index) => {
       keys.add(t._id);
       const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
-      const row = keep(table, t._id, index, r => {
-        cells(r, 4, ["id", "attempt", "progress", "actions"]);
-        button(r.cells[3], "Cancel", () => confirm("Cancel running task " + t._id + "? Its worker is told to stop.")
-               ? call("DELETE", path) : Promise.resolve());
-      });
-      row.cells[0].textContent = t._id;
-      row.cells[1].textContent = "attempt " + t.attempt + (t.worker ? " by " + t.worker : "");
-      row.cells[2].textContent = t.progress === null ? "no progress reported" : "progress: " + JSON.stringify(t.progress);
+      fill(keep(table, t._id, index, r => { cells(r, classes.length, classes); buttons(r.cells[3], path, t); }), t);
     });
     prune(table, keys);
   }
-  for (const box of Array.from(document.getElementById("running").children)) if (!sections.has(box.id)) box.remove();
+  for (const box of Array.from(document.getElementById(kind).children)) if (!sections.has(box.id)) box.remove();
 }
+const refreshRunning = queues => taskSections("running", queues, s => s.counts["in progress"],
+  "status=in%20progress&limit=" + RUNNING,
+  (s, tasks) => "Running in " + s.queue + ": the oldest " + tasks.length + " of " + s.counts["in progress"],
+  ["id", "attempt", "progress", "actions"],
+  (cell, path, t) => button(cell, "Cancel", () => confirm("Cancel running task " + t._id +
+                                                          "? Its worker is told to stop.")
+                                                  ? call("DELETE", path) : Promise.resolve()),
+  (row, t) => {
+    row.cells[0].textContent = t._id;
+    row.cells[1].textContent = "attempt " + t.attempt + (t.worker ? " by " + t.worker : "");
+    row.cells[2].textContent = t.progress === null ? "no progress reported" : "progress: " + JSON.stringify(t.progress);
+  });
+const refreshLetters = queues => taskSections("letters", queues, s => s.counts.failed,
+  "status=failed&order=newest&limit=" + LETTERS,
+  (s, tasks) => "Dead letters of " + s.queue + ": the newest " + tasks.length + " of " + s.counts.failed,
+  ["id", "attempt", "error", "actions"],
+  (cell, path, t) => {
+    button(cell, "Retry", () => call("PATCH", path, {status: "queued"}));
+    button(cell, "Cancel", () => confirm("Cancel task " + t._id + "? It will not be retried.")
+           ? call("DELETE", path) : Promise.resolve());
+  },
+  (row, t) => {
+    row.cells[0].textContent = t._id;
+    row.cells[1].textContent = "attempt " + t.attempt;
+    row.cells[2].textContent = t.error;
+  });
 async function refresh() {
   try {
     const {queues} = await call("GET", "/v1/queues");
@@ -4209,32 +4264,7 @@ async function refresh() {
     prune(body, shown);
     await refreshWorkers();
     await refreshRunning(queues);
-    const sections = new Set();
-    for (const s of queues) {
-      if (!s.counts.failed) continue;
-      sections.add("letters-" + s.queue);
-      const {tasks} = await call("GET", "/v1/queue/" + q(s.queue) +
-                                 "/tasks?status=failed&order=newest&limit=" + LETTERS);
-      const box = section("letters", s.queue), table = box.querySelector("table");
-      box.querySelector("h2").textContent =
-        "Dead letters of " + s.queue + ": the newest " + tasks.length + " of " + s.counts.failed;
-      const keys = new Set();
-      tasks.forEach((t, index) => {
-        keys.add(t._id);
-        const path = "/v1/queue/" + q(s.queue) + "/tasks/" + q(t._id);
-        const row = keep(table, t._id, index, r => {
-          cells(r, 4, ["id", "attempt", "error", "actions"]);
-          button(r.cells[3], "Retry", () => call("PATCH", path, {status: "queued"}));
-          button(r.cells[3], "Cancel", () => confirm("Cancel task " + t._id + "? It will not be retried.")
-                 ? call("DELETE", path) : Promise.resolve());
-        });
-        row.cells[0].textContent = t._id;
-        row.cells[1].textContent = "attempt " + t.attempt;
-        row.cells[2].textContent = t.error;
-      });
-      prune(table, keys);
-    }
-    for (const box of Array.from(document.getElementById("letters").children)) if (!sections.has(box.id)) box.remove();
+    await refreshLetters(queues);
     show("updated " + new Date().toLocaleTimeString());
   } catch (e) { show(e.message); }
 }
@@ -5070,9 +5100,11 @@ class Runner:
         self.max_output, self.log, self.quiet = max_output, log, quiet
         self.stopping = threading.Event()
         self._changed = threading.Condition()
-        self._running: Dict[str, subprocess.Popen] = {}
-        self._stopped_ids: set = set()
-        self._taken: Dict[str, str] = {}  # running task id -> why the server took its delivery away
+        # Deliveries are (task id, attempt): the same task may come back to this worker while an earlier delivery
+        # of it still runs here (its lease ran out), and each must be stopped, or reported, on its own.
+        self._running: Dict[Tuple[str, int], Optional[subprocess.Popen]] = {}
+        self._stopped: set = set()  # deliveries stopped because this worker stops
+        self._taken: Dict[Tuple[str, int], str] = {}  # deliveries the server took away -> why
         self._random = random.Random()
 
     def stop(self) -> None:
@@ -5105,20 +5137,24 @@ class Runner:
                     break
                 return 1
             tasks, cancel = polled
-            for task_id in cancel:
-                self._take_away(task_id, "the server took it away (cancelled, past max_run, or its lease lost)")
+            self._take_away_all(cancel)
             if self.stopping.is_set() and tasks:  # taken as we were told to stop: give them back untouched
                 self._report([{"_id": t["_id"], "attempt": t["attempt"], "status": QUEUED} for t in tasks])
                 break
             for task in tasks:
                 with self._changed:
-                    self._running[task["_id"]] = None  # its slot is taken before its process starts
+                    earlier = [key for key in self._running if key[0] == task["_id"]]
+                for delivery in earlier:  # its lease ran out here, and the task came back: the old run must stop
+                    self._take_away(delivery, f"superseded by delivery {task['attempt']}, handed to this worker")
+                with self._changed:
+                    self._running[(task["_id"], task["attempt"])] = None  # its slot is taken before it starts
                 thread = threading.Thread(target=self._run_task, args=(task,), name="katar task " + task["_id"])
                 thread.start()
                 threads.append(thread)
             if not tasks and not self.wait:
                 self.stopping.wait(interval)
         self._finish(threads)
+        self.client.close()
         if not self.quiet:
             self.log("stopped")
         return 0
@@ -5129,15 +5165,15 @@ class Runner:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._changed:
-            for task_id, process in self._running.items():
+            for delivery, process in self._running.items():
                 if process is not None and process.poll() is None:
-                    self._stopped_ids.add(task_id)
+                    self._stopped.add(delivery)
                     _kill_group(process)
         for thread in threads:
             thread.join()
 
     def _run_task(self, task: Dict[str, Any]) -> None:
-        task_id, attempt = task["_id"], task["attempt"]
+        task_id, attempt = delivery = task["_id"], task["attempt"]
         descriptor, progress_file = tempfile.mkstemp(prefix="katar-progress-")
         os.close(descriptor)
         environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=self.queue, KATAR_ATTEMPT=str(attempt),
@@ -5152,10 +5188,10 @@ class Runner:
             report.update(status=FAILED, error=f"cannot run {self.command[0]}: {exc}")
         else:
             with self._changed:
-                self._running[task_id] = process
-                stop_now = task_id in self._taken  # taken away while it was starting
+                self._running[delivery] = process
+                stop_now = delivery in self._taken  # taken away while it was starting
             if stop_now:
-                _signal_group(process, signal.SIGTERM)
+                self._stop_command(process)
             beating = threading.Event()
             heart = threading.Thread(target=self._beat, args=(task_id, attempt, beating, progress_file), daemon=True)
             heart.start()
@@ -5164,12 +5200,13 @@ class Runner:
         with contextlib.suppress(OSError):
             os.unlink(progress_file)
         with self._changed:
-            taken = self._taken.pop(task_id, None)
+            taken = self._taken.pop(delivery, None)
         if taken is not None:  # the server ended this delivery: there is nothing to report
             self.log("%s attempt %d stopped after %d ms: %s" % (task_id, attempt, (time.monotonic() - started) * 1000,
                                                                 taken))
+            self.client.close()
             with self._changed:
-                self._running.pop(task_id, None)
+                self._running.pop(delivery, None)
                 self._changed.notify_all()
             return
         if not self.quiet:  # one line per task: what ran, how it ended, how long it took
@@ -5178,8 +5215,9 @@ class Runner:
             self.log("%s attempt %d %s%s in %d ms" % (task_id, attempt, report["status"], why,
                                                       (time.monotonic() - started) * 1000))
         self._report([report])
+        self.client.close()  # this thread's connection: the thread ends here
         with self._changed:
-            self._running.pop(task_id, None)
+            self._running.pop(delivery, None)
             self._changed.notify_all()
 
     def _outcome(self, process: subprocess.Popen, task: Dict[str, Any]) -> Dict[str, Any]:
@@ -5192,7 +5230,7 @@ class Runner:
             out, err = process.communicate()
             timed_out = True
         tail = err[-2000:].decode("utf-8", "replace").strip()
-        if task["_id"] in self._stopped_ids:
+        if (task["_id"], task["attempt"]) in self._stopped:
             return {"status": FAILED, "error": "the worker stopped before the task finished: " + tail}
         if timed_out:
             return {"status": FAILED, "error": f"timed out after {self.timeout:g} s: {tail}"}
@@ -5221,29 +5259,39 @@ class Runner:
             try:
                 cancel = self.client.heartbeat(self.queue, task_id, attempt, worker=self.worker, **more)
                 sent = line if more else sent
-            except Conflict as exc:
-                cancel = exc.fields.get("cancel") or []
-                if task_id not in cancel:
-                    self.log(f"heartbeat for {task_id} refused: {exc}")
+            except Conflict as exc:  # this delivery (its attempt is in the report) was taken, if cancel says so
+                if task_id in (exc.fields.get("cancel") or []):
+                    self._take_away((task_id, attempt), str(exc))
                 else:
-                    self._take_away(task_id, str(exc))
-                    continue
+                    self.log(f"heartbeat for {task_id} refused: {exc}")
+                continue
             except CONNECTION_ERRORS + (KatarError,) as exc:
                 self.log(f"heartbeat for {task_id} failed: {exc}")
                 continue
-            for other in cancel:
-                self._take_away(other, "the server took it away (cancelled, past max_run, or its lease lost)")
+            self._take_away_all(cancel)
+        self.client.close()  # this thread's connection
 
-    def _take_away(self, task_id: str, why: str) -> None:
-        """The server ended a delivery this worker runs: stop its command (SIGTERM to its group, SIGKILL after
-        cancel_grace); _run_task then reports nothing for it."""
+    def _take_away_all(self, cancel: List[str]) -> None:
+        """`cancel` of an answer: the latest delivery handed to this worker of each task named was taken from it
+        (an earlier one still running here was superseded anyway): stop every delivery of them."""
+        for task_id in cancel:
+            with self._changed:
+                deliveries = [key for key in self._running if key[0] == task_id]
+            for delivery in deliveries:
+                self._take_away(delivery, "the server took it away (cancelled, past max_run, or its lease lost)")
+
+    def _take_away(self, delivery: Tuple[str, int], why: str) -> None:
+        """The server ended a delivery this worker runs: stop its command; _run_task then reports nothing for it."""
         with self._changed:
-            process = self._running.get(task_id, False)
-            if process is False or task_id in self._taken:
+            process = self._running.get(delivery, False)
+            if process is False or delivery in self._taken:
                 return  # not running here (any more), or being stopped already
-            self._taken[task_id] = why
-        if process is None:
-            return  # not started yet: _run_task stops it as it starts
+            self._taken[delivery] = why
+        if process is not None:  # else it has not started: _run_task stops it as it starts
+            self._stop_command(process)
+
+    def _stop_command(self, process: subprocess.Popen) -> None:
+        """SIGTERM to the command's process group, SIGKILL cancel_grace seconds later if it still runs."""
         _signal_group(process, signal.SIGTERM)
         killer = threading.Timer(self.cancel_grace, _signal_group, (process, signal.SIGKILL))
         killer.daemon = True

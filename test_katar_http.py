@@ -3108,19 +3108,26 @@ class CompactionCrashTest(CompactionLoadTestCase):
                   f"inserts and {len(load.done_acked)} done reports acknowledged", file=sys.stderr)
 
 
+def start_journalled_server(test, directory):
+    """katar_http.py in a process of its own, journalled and configured in `directory` (tasks.journal,
+    queues.json), stopped when the test ends: (the process, its URL)."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
+         "--journal", os.path.join(directory, "tasks.journal"), "--config", os.path.join(directory, "queues.json")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    test.addCleanup(stop_process, process)
+    test.addCleanup(process.stderr.close)
+    return process, wait_until_listening(test, process)
+
+
 class CrashTest(unittest.TestCase):
     """kill -9 under load, again and again: nothing acknowledged is lost, nothing acknowledged done comes back."""
 
     rounds = 20
 
     def start_server(self, directory):
-        process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
-             "--journal", os.path.join(directory, "tasks.journal"), "--config", os.path.join(directory, "queues.json")],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.addCleanup(stop_process, process)
-        self.addCleanup(process.stderr.close)
-        host_port = wait_until_listening(self, process).split("http://")[1]
+        process, url = start_journalled_server(self, directory)
+        host_port = url.split("http://")[1]
         return process, host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])
 
     def test_kill_9_under_load_loses_no_acknowledged_insert_and_redelivers_no_acknowledged_done(self):
@@ -4693,6 +4700,8 @@ class DescriptionTest(ServerTestCase):
         self.poll({"tasks": [{"_id": running, "status": "in progress", "progress": {"frame": "<b>7</b>"}}],
                    "worker": "render-<1>"}, expect=204)
         self.poll({"max": 0})  # an anonymous poller
+        dead = self.jobs.lease()[0]["_id"]  # the other one
+        self.jobs.report([{"_id": dead, "status": "failed", "error": "<i>broke</i>", "retry": False}])
         dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                               "--dump-dom", self.url + "/"], capture_output=True, text=True, timeout=60).stdout
         workers = re.search(r'<table id="workers">(.*?)</table>', dom, re.S).group(1)
@@ -4704,28 +4713,42 @@ class DescriptionTest(ServerTestCase):
         self.assertIn('progress: {"frame":"&lt;b&gt;7&lt;/b&gt;"}', box)
         self.assertIn("attempt 1 by render-&lt;1&gt;", box)
         self.assertIn("Cancel", box)
+        letters = re.search(r'<div id="letters-jobs">(.*?)</div>', dom, re.S).group(1)
+        self.assertIn("Dead letters of jobs: the newest 1 of 1", letters)
+        self.assertIn("&lt;i&gt;broke&lt;/i&gt;", letters)
+        self.assertIn("Retry", letters)
 
 
-class ToolsTest(unittest.TestCase):
-    """put, stats and work, run as a user runs them, against a real server."""
+class WorkTestCase(unittest.TestCase):
+    """A real server (real clock) with a queue `jobs`, and a scratch folder, for the tools run as a user runs them."""
+
+    queue_options = {"persistent": True, "lease": 1000, "max_attempts": 1}
 
     def setUp(self):
         self.broker = K.Broker()
-        self.jobs = self.broker.queue("jobs", persistent=True, lease=1000, max_attempts=1)
+        self.jobs = self.broker.queue("jobs", **self.queue_options)
         self.server = K.serve(self.broker, port=0)
         self.addCleanup(self.server.close)
-
-    def tool(self, *args, stdin=None):
-        return subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), *args], input=stdin,
-                              capture_output=True, text=True, timeout=60)
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
 
     def start_worker(self, *args):
+        """`katar_http.py work URL jobs --wait 200 ARGS...`, stopped when the test ends; its stderr is a pipe."""
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", self.server.url,
                                     "jobs", "--wait", "200", *args], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
         self.addCleanup(process.stderr.close)
         self.addCleanup(stop_process, process)
         return process
+
+
+class ToolsTest(WorkTestCase):
+    """put, stats and work, run as a user runs them, against a real server."""
+
+    def tool(self, *args, stdin=None):
+        return subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), *args], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
 
     def test_put_and_stats_round_trip(self):
         result = self.tool("put", self.server.url, "jobs", '{"n": 1}', "--priority", "high", "--key", "once")
@@ -5815,6 +5838,14 @@ class SteeringTest(ServerTestCase):
         again = self.poll({"worker": "w2", "max": 1}, expect=200)[1][0]
         self.assertEqual((again["_id"], again["attempt"]), (task_id, 2))
 
+    def test_a_parked_poll_gets_no_longer_a_lease_than_the_cap_in_force_when_it_is_served(self):
+        thread, answers = self.start_long_poll({"worker": "w9", "wait": 5000, "lease": 15000})
+        self.broker.queue("jobs", max_lease=1000)
+        task_id, = self.insert({"data": 1})
+        thread.join(10)
+        self.assertEqual(answers[0][0], 200)
+        self.assertEqual(self.task(task_id)["lease_expires_at"], self.clock.ms + 1000)
+
     def test_snooze_hands_a_task_back_for_later_without_spending_an_attempt(self):
         task_id, = self.insert({"data": 1})
         task = self.lease_one(worker="w1")
@@ -5870,7 +5901,13 @@ class SteeringTest(ServerTestCase):
         self.assertEqual(w1["tasks"], [])
         self.assertEqual(self.call("GET", "/v1/workers?queue=jobs")[0], 200)
         self.assertEqual(self.call("GET", "/v1/workers?queue=nope")[0], 404)
+        short, = self.insert({"data": 3})
+        self.lease_one(worker="w4", lease=1000)
+        self.assertEqual(self.call("GET", "/v1/workers")[1]["workers"][0]["tasks"][0]["_id"], short)
+        self.clock.advance(2000)  # its lease ran out: no longer held, though nothing has run the clock yet
+        self.assertEqual(self.call("GET", "/v1/workers")[1]["workers"][0]["tasks"], [])
         self.clock.advance(K.WORKER_IDLE_MS + 1000)
+        self.assertEqual(self.call("GET", "/v1/workers")[1]["workers"], [])  # forgotten, though nobody came since
         self.poll({"worker": "w3", "max": 0})
         self.assertEqual([w["worker"] for w in self.call("GET", "/v1/workers")[1]["workers"]], ["w3"])
 
@@ -5882,10 +5919,16 @@ class SteeringTest(ServerTestCase):
             self.poll({"worker": f"w{n}", "max": 0})
         self.assertEqual([w["worker"] for w in self.call("GET", "/v1/workers")[1]["workers"]],
                          ["w7", "w6", "w5", "w4", "w3"])
+        self.addCleanup(setattr, K, "WORKER_TASKS_SHOWN", K.WORKER_TASKS_SHOWN)
+        K.WORKER_TASKS_SHOWN = 2
+        self.insert({"data": 1}, {"data": 2}, {"data": 3})
+        self.poll({"worker": "w7", "max": 3}, expect=200)
+        w7 = self.call("GET", "/v1/workers")[1]["workers"][0]
+        self.assertEqual((len(w7["tasks"]), w7["tasks_held"]), (2, 3))
 
     def test_bad_steering_input_is_refused_and_changes_nothing(self):
         task_id, = self.insert({"data": 1})
-        task = self.lease_one(worker="w1")
+        self.lease_one(worker="w1")
         before = self.task(task_id)
         self.set_limits(max_data=1000)
         deep = 1
@@ -5910,6 +5953,9 @@ class SteeringTest(ServerTestCase):
                 status, payload, _ = self.call("POST", "/v1/queue/jobs", dict(body, worker="w1"))
                 self.assertEqual(status, expected, payload)
         self.assertEqual(self.task(task_id), before)
+        too_big = b'{"worker": "w1", "tasks": [{"_id": "%s", "status": "in progress", "progress": 1e999, "x": "%s"}]}'
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", raw=too_big % (task_id.encode(), b"x" * 2000))
+        self.assertEqual(status, 400, payload)  # a float JSON cannot write back, in a body past --max-data
         for path, expected in [("/v1/queue/jobs/tasks/nope-1", 404), ("/v1/queue/nope/tasks/" + task_id, 404)]:
             self.assertEqual(self.call("DELETE", path)[0], expected)
         bad_options = [{"max_lease": 0}, {"max_lease": "1"}, {"max_run": -1}, {"max_run": True},
@@ -6014,24 +6060,11 @@ class SteeringJournalTest(JournalOverHttpTestCase):
         self.assertEqual({task_id: third.get("jobs").task(task_id) for task_id in (cancelled, chosen)}, before)
 
 
-class WorkSteeringTest(unittest.TestCase):
+class WorkSteeringTest(WorkTestCase):
     """`work`, run as a user runs it, obeys the server: a cancel or a lost lease stops the running command."""
 
-    def setUp(self):
-        self.broker = K.Broker()
-        self.jobs = self.broker.queue("jobs", persistent=True, lease=30000, max_attempts=3)
-        self.server = K.serve(self.broker, port=0)
-        self.addCleanup(self.server.close)
-        self.directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.directory, True)
+    queue_options = {"persistent": True, "lease": 30000, "max_attempts": 3}
 
-    def start_worker(self, *args):
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", self.server.url,
-                                    "jobs", "--wait", "200", *args], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(stop_process, process)
-        return process
 
     def command(self):
         """Writes its pid to a file named after its task, then sleeps a minute if its data is "slow"."""
@@ -6065,7 +6098,8 @@ class WorkSteeringTest(unittest.TestCase):
         quick = self.jobs.insert({"data": "quick"})["_id"]  # the worker takes the next task
         self.assertEqual(self.jobs.task(quick, wait=20000)["status"], "done")
         task = self.jobs.task(slow)
-        self.assertEqual((task["status"], [entry["outcome"] for entry in task["history"]]), ("cancelled", ["cancelled"]))
+        self.assertEqual((task["status"], [entry["outcome"] for entry in task["history"]]),
+                         ("cancelled", ["cancelled"]))
         worker.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(20), 0)
         log = worker.stderr.read()
@@ -6092,11 +6126,68 @@ class WorkSteeringTest(unittest.TestCase):
         self.assertEqual(worker.wait(20), 0)
         self.assertIn(f"{slow} attempt 1 stopped after", worker.stderr.read())
 
+    def runner(self, command, client=None, **options):
+        """A Runner (what `work` runs) in this process, with its log lines kept; stopped at the end."""
+        lines = []
+        runner = K.Runner(client or K.Client(self.server.url), "jobs", command, worker="wk", wait=500,
+                          log=lines.append, **options)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 20)
+        self.addCleanup(runner.stop)
+        return lines
+
+    def test_a_task_that_comes_back_to_the_same_worker_stops_its_earlier_run(self):
+        # Heartbeats fail for a while (a network blip): each lease runs out, and the worker's other slot, long
+        # polling, gets the task again. Each earlier run must stop; at most two commands run at once; the last
+        # delivery finishes and is reported.
+        self.broker.queue("jobs", lease=500, max_attempts=10)
+        client, began = K.Client(self.server.url), time.monotonic()
+        heartbeat = client.heartbeat
+
+        def flaky(*args, **more):
+            if time.monotonic() - began < 1.2:
+                raise ConnectionResetError("a network blip")
+            return heartbeat(*args, **more)
+        client.heartbeat = flaky
+        marks = os.path.join(self.directory, "marks")
+        lines = self.runner(["sh", "-c", 'echo "start $KATAR_ATTEMPT" >> %s; sleep 2; echo "end $KATAR_ATTEMPT" >> %s'
+                             % (marks, marks)], client=client, concurrency=2, heartbeat=0.3, cancel_grace=0.5)
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        task = self.jobs.task(task_id, wait=20000)
+        self.assertEqual(task["status"], "done", lines)
+        ran = read_file(marks).split()
+        last = str(task["attempt"])
+        self.assertGreater(task["attempt"], 1, "the blip made the lease run out")
+        self.assertEqual([ran[i + 1] for i in range(0, len(ran), 2) if ran[i] == "end"], [last], ran)
+        for attempt in range(1, task["attempt"]):
+            self.assertTrue(any(f"{task_id} attempt {attempt} stopped after" in line and "superseded" in line
+                                for line in lines), lines)
+
+    def test_a_cancel_before_the_command_starts_still_kills_a_command_that_ignores_sigterm(self):
+        real_mkstemp, started = tempfile.mkstemp, threading.Event()
+
+        def slow_mkstemp(*args, **more):  # the Runner is between its lease and its command's start
+            started.set()
+            time.sleep(1.0)
+            return real_mkstemp(*args, **more)
+        K.tempfile.mkstemp = slow_mkstemp
+        self.addCleanup(setattr, K.tempfile, "mkstemp", real_mkstemp)
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited: the command ignores it from exec on
+        self.addCleanup(signal.signal, signal.SIGTERM, previous)
+        lines = self.runner(["sleep", "30"], heartbeat=0.3, cancel_grace=0.5)
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        self.assertTrue(started.wait(10))
+        self.jobs.cancel(task_id)
+        cancelled = time.monotonic()
+        until(self, lambda: any("stopped after" in line for line in lines), "the command to be killed", 10)
+        self.assertLess(time.monotonic() - cancelled, 5.0, "SIGKILL follows SIGTERM after --cancel-grace")
+
     def test_work_sends_the_progress_its_command_writes_and_a_producer_follows_it(self):
         task_id = self.jobs.insert({"data": 1})["_id"]
         self.start_worker("--heartbeat", "0.2", "--", "sh", "-c",
-                          'echo "{\\"step\\": 1}" >> "$KATAR_PROGRESS_FILE"; sleep 2; '
-                          'echo "half way" >> "$KATAR_PROGRESS_FILE"; sleep 2; echo done')
+                          'echo "{\\"step\\": 1}" >> "$KATAR_PROGRESS_FILE"; sleep 1; '
+                          'echo "half way" >> "$KATAR_PROGRESS_FILE"; sleep 1; echo done')
         seen = []
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -6113,13 +6204,8 @@ class SteeringCrashTest(unittest.TestCase):
     """kill -9 after each kind of steering: what was acknowledged is what a restarted server holds."""
 
     def start_server(self, directory):
-        process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
-             "--journal", os.path.join(directory, "tasks.journal"), "--config", os.path.join(directory, "queues.json")],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.addCleanup(stop_process, process)
-        self.addCleanup(process.stderr.close)
-        client = K.Client(wait_until_listening(self, process))
+        process, url = start_journalled_server(self, directory)
+        client = K.Client(url)
         self.addCleanup(client.close)
         return process, client
 
