@@ -78,6 +78,7 @@ import hmac
 import http.client
 import ipaddress
 import json
+import math
 import operator
 import os
 import random
@@ -131,9 +132,13 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "max_backoff": 300000,   # ms, the cap on that doubling
     "max_lease": 43200000,   # ms, the longest lease a worker may ask for (a poll's or a heartbeat's `lease`): 12 h
     "max_run": 0,            # ms a delivery may run, heartbeats or not, before it fails ("run time exceeded"); 0: none
+    "max_queued": 0,         # tasks waiting (queued or paused) the queue holds at most: an insert past it is a 503; 0: none
+    "rate": 0,               # tasks leased per second at most (a token bucket, a float); 0: no limit
+    "burst": 1,              # tasks the rate limit lets out at once, after a lull
 }
 # A queue's figures since the server started (stats' `totals`).
-TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "lease_wait_ms")
+TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "refused",
+          "lease_wait_ms")
 MAX_LEASE_BATCH = 10000      # upper bound of `max` on a poll (the HTTP layer has its own, lower, --max-tasks)
 MAX_REPORTS = 10000          # reports on one poll
 MAX_INSERT_BATCH = 10000     # tasks in one insert
@@ -143,7 +148,8 @@ MAX_DELAY_MS = 366 * 86400 * 1000
 # Bounds of the queue options, as (lowest, highest).
 QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
                 "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS), "max_lease": (1, MAX_DELAY_MS),
-                "max_run": (0, MAX_DELAY_MS)}
+                "max_run": (0, MAX_DELAY_MS), "max_queued": (0, 10 ** 9), "burst": (1, 10 ** 6)}
+RATE_OPTIONS = {"rate": (0, 10 ** 6)}  # the options that are numbers, not integers (as (lowest, highest))
 RUN_TIME_EXCEEDED = "run time exceeded"  # the error of a delivery that ran past its queue's max_run
 WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgotten (GET /v1/workers)
 MAX_WORKERS_SEEN = 10000      # workers remembered at once; past that, the one heard from least recently goes
@@ -407,6 +413,8 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
             _check_bool(name, value)
         elif name in QUEUE_BOUNDS:
             value = _check_int(name, value, *QUEUE_BOUNDS[name])
+        elif name in RATE_OPTIONS:
+            value = _check_number(name, value, *RATE_OPTIONS[name])
         else:
             raise BadRequest(f"unknown queue option {name!r}; options are configuration, {', '.join(QUEUE_DEFAULTS)}")
         checked[name] = value
@@ -625,6 +633,8 @@ class Queue:
         # have been due with nobody polling since (katar_queue_unattended_seconds).
         self.last_polled = broker._now()
         self._due_since: Optional[int] = None
+        self._tokens, self._tokens_at = float(self.options["burst"]), self.last_polled  # the rate limit's bucket
+        self.throttled_until = 0  # (state: a worker's throttle is journalled) nothing is leased before this (ms)
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
@@ -682,6 +692,7 @@ class Queue:
                 rows.append([task_id, data, priority, status, key, delay, size])
                 results.append({"_id": task_id, "status": status, "created": True})
             if rows:  # one record for the whole request: [id, data, priority, status, key, delay, size] per task
+                self._admit(len(rows))
                 broker._admit(sum(TASK_BYTES + row[6] for row in rows))
                 broker._commit([{"op": "insert", "q": self.name, "at": now, "tasks": rows}])
             self._serve_waiters(now)
@@ -696,18 +707,19 @@ class Queue:
         self.poll(reports, max=0)
 
     def poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
-             worker: Optional[str] = None, lease: Optional[int] = None) -> List[Dict[str, Any]]:
+             worker: Optional[str] = None, lease: Optional[int] = None, throttle: int = 0) -> List[Dict[str, Any]]:
         """The worker's POST: apply `reports` (all or none), then lease up to `max` tasks, waiting up to `wait` ms.
         Without `max`, one task, as the original; but none when every report is a heartbeat or a hand-back: a
         worker keeping a lease alive, or giving a task back, is not asking for more work (a task leased then would
         sit unworked until its lease ran out, or come straight back to the worker that gave it up).
         `lease` (ms, at most the queue's max_lease) is the lease of the tasks leased, and of the heartbeats among
-        the reports that give none of their own; without it, the queue's `lease`.
+        the reports that give none of their own; without it, the queue's `lease`. `throttle` (ms): the worker was
+        told to slow down (a 429 downstream): the queue hands out nothing for that long, to anyone.
         The calling thread blocks while it waits (the Python API); the server parks the wait instead (begin_poll)."""
-        return self._block(functools.partial(self.begin_poll, reports, max, wait, worker, lease))
+        return self._block(functools.partial(self.begin_poll, reports, max, wait, worker, lease, throttle))
 
     def begin_poll(self, reports: Iterable[Dict[str, Any]] = (), max: Optional[int] = None, wait: float = 0,
-                   worker: Optional[str] = None, lease: Optional[int] = None, *,
+                   worker: Optional[str] = None, lease: Optional[int] = None, throttle: int = 0, *,
                    wake: Callable[[], None]) -> Union[List[Dict[str, Any]], Waiter]:
         """poll() without blocking: the tasks leased now, or, when it must wait for some, a parked Waiter that
         `wake` announces; end it with end_wait. This is where a wait begins: no thread is held by it."""
@@ -720,14 +732,18 @@ class Queue:
             worker = _check_text("worker", worker, MAX_WORKER)
         if lease is not None:
             lease = _check_int("lease", lease, 1, MAX_DELAY_MS)
+        throttle = _check_int("throttle", throttle, 0, MAX_DELAY_MS)
         broker = self._broker
         with broker._changing():
             now = broker._now()
             self._check_lease("lease", lease)
             self._tick(now)
             self.last_polled = now
-            if reports:
-                broker._commit(self._plan_reports(reports, now, lease))
+            records = self._plan_reports(reports, now, lease) if reports else []
+            if throttle and now + throttle > self.throttled_until:
+                records.append({"op": "throttle", "q": self.name, "until": now + throttle, "at": now})
+            if records:
+                broker._commit(records)
             self._serve_waiters(now)  # earlier waiters come first, also for what these reports freed
             leased = self._take(max, worker, now, lease)
             if leased or not max or wait_ms <= 0 or broker._closed:
@@ -970,6 +986,9 @@ class Queue:
                 "oldest_queued_age_ms": max(0, now - oldest.updated_at) if oldest else None,
                 "waiting_workers": self._parked,
                 "paused": self.options["paused"],
+                "throttled_for_ms": max(0, self.throttled_until - now),
+                "full": bool(self.options["max_queued"]) and len(queued) + len(self._by_status[PAUSED])
+                >= self.options["max_queued"],
                 "totals": dict(self.totals),
             }
 
@@ -997,6 +1016,16 @@ class Queue:
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc}", **exc.fields) from None
         return data, priority, delay, key, status, size + (len(key) if key else 0)
+
+    def _admit(self, count: int) -> None:
+        """Lock held: refuse an insert of `count` tasks that would take the queue past its max_queued (503, nothing
+        inserted). Only inserts are refused: retries, hand-backs, leases, reports and purges go on."""
+        limit, waiting = self.options["max_queued"], len(self._by_status[QUEUED]) + len(self._by_status[PAUSED])
+        if limit and waiting + count > limit:
+            self.totals["refused"] += count
+            raise Unavailable(f"queue {self.name} holds {waiting} waiting tasks, and at most {limit} (its "
+                              f"max_queued): nothing was inserted; retry once workers have drained some",
+                              queue=self.name, max_queued=limit)
 
     def _status_of(self, task_id: str) -> str:
         task = self._tasks.get(task_id)
@@ -1178,9 +1207,24 @@ class Queue:
                 waiter.wake()
 
     def _next_due(self) -> Optional[int]:
-        """When the next delayed task comes due or the next lease runs out (ms), if ever."""
+        """When the next delayed task comes due or the next lease runs out (ms), if ever; and, while long polls
+        wait for tasks that are due, when the throttle ends or the rate limit lets the next one out."""
         times = [heap[0][0] for heap in (self._delayed, self._leases) if heap]
+        if self._parked and self._ready:
+            if self.throttled_until > self._broker._now():
+                times.append(self.throttled_until)
+            if self.options["rate"] and self._tokens < 1:
+                times.append(self._tokens_at + math.ceil((1 - self._tokens) * 1000 / self.options["rate"]))
         return min(times) if times else None
+
+    def _refill(self, now: int) -> float:
+        """The rate limit's token bucket at `now`: it fills at `rate` a second, up to `burst` (observed, not state:
+        a restarted server starts with a full bucket). Returns the tokens there are."""
+        if now > self._tokens_at:
+            self._tokens = min(float(self.options["burst"]),
+                               self._tokens + (now - self._tokens_at) * self.options["rate"] / 1000.0)
+            self._tokens_at = now
+        return self._tokens
 
     # -- leasing and waiting ---------------------------------------------------------------------------------------
 
@@ -1190,7 +1234,9 @@ class Queue:
         limit = max_tasks
         if self.options["max_in_flight"]:
             limit = min(limit, self.options["max_in_flight"] - len(self._by_status[IN_PROGRESS]))
-        if limit <= 0 or self.options["paused"]:
+        if self.options["rate"]:
+            limit = min(limit, int(self._refill(now)))
+        if limit <= 0 or self.options["paused"] or now < self.throttled_until:
             return []
         ready, tasks, ids, picked = self._ready, self._tasks, [], set()
         while ready and len(ids) < limit:
@@ -1210,6 +1256,8 @@ class Queue:
             for task_id in ids:  # back in line (an entry the undo re-placed too is a harmless duplicate)
                 heapq.heappush(ready, (-tasks[task_id].priority, task_id))
             raise
+        if self.options["rate"]:
+            self._tokens -= len(ids)
         leased = []
         for task_id in ids:
             task = tasks[task_id]
@@ -1354,6 +1402,12 @@ class Queue:
             self._requeue(task, rec["retry_at"], at)
             self._hold(task)
 
+    def _apply_throttle(self, rec: Dict[str, Any]) -> None:
+        undo = self._broker._undo
+        if undo is not None:
+            undo.append((setattr, self, "throttled_until", self.throttled_until))
+        self.throttled_until = max(self.throttled_until, rec["until"])
+
     def _apply_release(self, rec: Dict[str, Any]) -> None:
         task = self._touch(self._tasks[rec["id"]])
         self._end_delivery(task, "queued", None, rec["at"])
@@ -1397,6 +1451,7 @@ class Queue:
 
     def _apply_restore(self, rec: Dict[str, Any]) -> None:
         self.totals.update(rec["totals"])
+        self.throttled_until = rec.get("throttled_until", 0)
         for task_id, status, attempt, outcome, key in rec["finished"]:
             self._finished[task_id] = (status, attempt, outcome, key)
             self.memory += MEMO_BYTES + len(key or "")
@@ -1410,7 +1465,7 @@ class Queue:
     def _adopt(self, other: "Queue") -> None:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
-                     "totals", "memory"):
+                     "throttled_until", "totals", "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -1888,7 +1943,8 @@ class Broker:
                             "options": dict(queue.options, configuration=dict(queue.options["configuration"]))})
             records.extend(task.record(queue.name) for task in queue._tasks.values())
             records.append({"op": "restore", "q": queue.name, "totals": dict(queue.totals),
-                            "finished": [[task_id] + list(memo) for task_id, memo in queue._finished.items()]})
+                            "finished": [[task_id] + list(memo) for task_id, memo in queue._finished.items()],
+                            "throttled_until": queue.throttled_until})
         return records
 
     def compact(self) -> None:
@@ -2915,7 +2971,7 @@ OPEN_PATHS = ("/healthz", "/v1/openapi.json", "/", "/ui")  # answered without a 
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"  # what a page of an --allow-origin may send, after its preflight
 CORS_HEADERS = "authorization, content-type"
 # The fields of each request body; any other is a 400 that names it.
-POLL_FIELDS = ("tasks", "max", "wait", "worker", "lease")
+POLL_FIELDS = ("tasks", "max", "wait", "worker", "lease", "throttle")
 QUEUE_FIELDS = ("configuration",) + tuple(QUEUE_DEFAULTS)
 WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
@@ -3715,7 +3771,7 @@ class Handler(BaseHTTPRequestHandler):
         wait = self.capped_wait(body.get("wait", 0))
         worker = body.get("worker")
         outcome = queue.begin_poll(reports, max=max_tasks, wait=wait, worker=worker, lease=body.get("lease"),
-                                   wake=self.channel.wake)
+                                   throttle=body.get("throttle", 0), wake=self.channel.wake)
         heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
         if isinstance(outcome, Waiter):
             queue.heard_from(worker, self.client_address[0], heartbeat=heartbeat, waiting=1)
@@ -3847,7 +3903,8 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
     nullable_int = _schema(["integer", "null"])
     nullable_text = _schema(["string", "null"])
     queue_options = {name: _schema("boolean") if isinstance(value, bool) else
-                     _integer(*QUEUE_BOUNDS[name]) for name, value in QUEUE_DEFAULTS.items()}
+                     _schema("number", minimum=RATE_OPTIONS[name][0], maximum=RATE_OPTIONS[name][1])
+                     if name in RATE_OPTIONS else _integer(*QUEUE_BOUNDS[name]) for name, value in QUEUE_DEFAULTS.items()}
     return {
         "TaskId": _schema("string", minLength=1, maxLength=MAX_TASK_ID, example="5f0c2a9e-000000000042",
                           description="a task id: the server's random prefix, then a sequence number"),
@@ -3892,7 +3949,9 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "worker": _schema("string", maxLength=MAX_WORKER, description="a name for the worker, kept in history; "
                                                                            "a named worker is told `cancel`"),
             "lease": _integer(1, MAX_DELAY_MS, description="ms of lease for the tasks leased, and for the heartbeats "
-                                                           "without their own (at most the queue's max_lease)")}),
+                                                           "without their own (at most the queue's max_lease)"),
+            "throttle": _integer(0, MAX_DELAY_MS, description="ms the queue hands out nothing, to anyone (the worker "
+                                                              "was told to slow down: a 429 downstream)")}),
         "LeasedTask": _object({"_id": _ref("TaskId"), "data": any_json, "attempt": _integer(1, MAX_ATTEMPT)},
                               required=["_id", "data", "attempt"], closed=False),
         "Leased": _object({
@@ -3958,6 +4017,9 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "counts": _object({status: _schema("integer") for status in STATUSES}, required=STATUSES),
             "total": _schema("integer"), "oldest_queued": nullable_text, "oldest_queued_age_ms": nullable_int,
             "waiting_workers": _schema("integer"), "paused": _schema("boolean"),
+            "throttled_for_ms": _schema("integer", description="how long the queue still hands out nothing (a "
+                                                               "worker's throttle)"),
+            "full": _schema("boolean", description="the queue holds its max_queued: inserts are refused"),
             "totals": _object({name: _schema("integer") for name in TOTALS}, required=TOTALS, closed=False)},
             required=["queue", "counts", "total", "oldest_queued", "oldest_queued_age_ms", "waiting_workers",
                       "paused", "totals"], closed=False),
@@ -3981,6 +4043,7 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "queues": _schema("array", items=_schema("string"), description="with Queue not found: those there are"),
             "field": _schema("string", description="the field to blame"),
             "closest": _schema("string", description="with a path no route has: the route most like it"),
+            "max_queued": _schema("integer", description="with a full queue (503): its max_queued"),
             "cancel": _schema("array", items=_ref("TaskId"), description="with a refused poll (409): the reported "
                               "tasks taken from the worker (cancelled, run past max_run, leased again): stop them")},
             required=["error"], closed=False),
@@ -4254,7 +4317,8 @@ async function refresh() {
         r.toggle = button(r.cells[9], "", () => call("PUT", "/v1/queue/" + q(s.queue),
                                                      {paused: r.toggle.textContent === "Pause"}));
       });
-      row.cells[0].textContent = s.queue + (s.paused ? " (paused)" : "");
+      row.cells[0].textContent = s.queue + (s.paused ? " (paused)" : "") + (s.full ? " (full)" : "") +
+        (s.throttled_for_ms ? " (throttled for " + (s.throttled_for_ms / 1000).toFixed(0) + " s)" : "");
       statuses.forEach((status, i) => { row.cells[i + 1].textContent = s.counts[status]; });
       row.cells[7].textContent = s.waiting_workers;
       row.cells[8].textContent = s.oldest_queued === null ? "-"

@@ -86,8 +86,9 @@ class ServerTestCase(unittest.TestCase):
 
     # -- HTTP helpers -------------------------------------------------------------------------------------------
 
-    def call(self, method, path, body=None, raw=None, headers=None):
-        """Send one request; return (status, parsed JSON or None, response headers)."""
+    def call(self, method, path, body=None, raw=None, headers=None, allow_503=False):
+        """Send one request; return (status, parsed JSON or None, response headers). A 5xx fails the test, but a
+        503 where `allow_503` (a full queue, a failing disk, the memory bound)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None and raw is None:
@@ -100,10 +101,12 @@ class ServerTestCase(unittest.TestCase):
         except urllib.error.HTTPError as error:
             status, text, response_headers = error.code, error.read(), error.headers
         payload = json.loads(text) if text else None
-        if status >= 400:
+        if allow_503 and status == 503:
+            self.assertIsInstance(payload, dict, f"{method} {path}: 503 without JSON")  # /healthz: no "error"
+        elif status >= 400:
             self.assertIsInstance(payload, dict, f"{method} {path}: {status} without a JSON error")
             self.assertIn("error", payload)
-        self.assertLess(status, 500, f"{method} {path} answered {status}: {payload}")
+            self.assertLess(status, 500, f"{method} {path} answered {status}: {payload}")
         return status, payload, response_headers
 
     def poll(self, body=None, queue="jobs", expect=None):
@@ -1922,15 +1925,6 @@ class JournalOverHttpTestCase(ServerTestCase):
         self.addCleanup(again.close)
         return broker_state(again)
 
-    def call_allowing_503(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read() or b"null"), response.headers
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read()), error.headers
-
 
 class JournalOverHttpTest(JournalOverHttpTestCase):
     def test_a_change_is_acknowledged_only_after_its_fsync(self):
@@ -1991,7 +1985,7 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
                                    ("POST", "/v1/queue/jobs", {"tasks": [{"_id": leased["_id"], "status": "done"}]}),
                                    ("PUT", "/v1/queue/jobs", {"lease": 5}),
                                    ("DELETE", f"/v1/queue/jobs/tasks/{kept[1]}", None)):
-            status, payload, headers = self.call_allowing_503(method, path, body)
+            status, payload, headers = self.call(method, path, body, allow_503=True)
             self.assertEqual(status, 503, (method, path, payload))
             self.assertIn("No space left", payload["error"])
             self.assertEqual(headers["Retry-After"], "1")
@@ -2014,7 +2008,7 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
         leased = self.lease_one()
         answers = []
         waiter = threading.Thread(target=lambda: answers.append(
-            self.call_allowing_503("GET", f"/v1/queue/jobs/tasks/{task_id}?wait=10000")))
+            self.call("GET", f"/v1/queue/jobs/tasks/{task_id}?wait=10000", allow_503=True)))
         waiter.start()
         deadline = time.monotonic() + 10
         while not self.jobs.stats()["total"] or not self.broker.get("jobs")._result_waiters:
@@ -2022,8 +2016,8 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
             time.sleep(0.01)
         self.journal._fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error"))
         with contextlib.redirect_stderr(io.StringIO()):
-            status, _, _ = self.call_allowing_503("POST", "/v1/queue/jobs", {
-                "tasks": [{"_id": leased["_id"], "status": "done", "result": 42}], "max": 0})
+            status, _, _ = self.call("POST", "/v1/queue/jobs", {
+                "tasks": [{"_id": leased["_id"], "status": "done", "result": 42}], "max": 0}, allow_503=True)
             waiter.join(15)
         self.assertEqual(status, 503)
         answer_status, answer, _ = answers[0]
@@ -2041,7 +2035,7 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
                 return real_write(fd, bytes(data[:len(data) // 2]))
             raise OSError(errno.EIO, "Input/output error")
         self.journal._write = half_then_fail
-        status, payload, _ = self.call_allowing_503("POST", "/v1/queue/jobs/tasks", {"data": "lost"})
+        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"data": "lost"}, allow_503=True)
         self.assertEqual(status, 503)
         self.journal._write = real_write
         self.insert({"data": "after"})
@@ -2057,7 +2051,7 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
                 raise OSError(errno.EIO, "Input/output error")
             real_fsync(fd)
         self.journal._fsync = flaky_fsync
-        self.assertEqual(self.call_allowing_503("POST", "/v1/queue/jobs/tasks", {"data": "refused"})[0], 503)
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"data": "refused"}, allow_503=True)[0], 503)
         self.insert({"data": "after"})
         expected = broker_state(self.broker)
         self.assertEqual([t["data"] for t in expected["jobs"][1]["tasks"]], ["before", "after"])
@@ -2070,7 +2064,7 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
         def fail_then_continue(step):
             if step == "snapshot written":
                 journal._fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
-                status = self.call_allowing_503("POST", "/v1/queue/jobs/tasks", {"data": "refused"})[0]
+                status = self.call("POST", "/v1/queue/jobs/tasks", {"data": "refused"}, allow_503=True)[0]
                 self.assertEqual(status, 503)
                 journal._fsync = os.fsync
         journal.compaction_hook = fail_then_continue
@@ -2442,8 +2436,8 @@ class MemoryBoundTest(ServerTestCase):
     def test_inserts_past_the_bound_are_503_while_leases_reports_and_purges_go_on(self):
         accepted, refused = [], None
         for _ in range(100):
-            status, payload, headers = self.call_allowing(
-                "POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": "x" * 900} for _ in range(10)]})
+            status, payload, headers = self.call(
+                "POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": "x" * 900} for _ in range(10)]}, allow_503=True)
             if status == 503:
                 refused = (payload, headers)
                 break
@@ -2475,9 +2469,9 @@ class MemoryBoundTest(ServerTestCase):
                    "max": 0}, expect=204)  # past it, reports still work, their errors cut
         self.assertEqual(self.task(leased[0]["_id"])["error"], "e" * 60000)
         self.assertEqual(self.task(leased[10]["_id"])["error"], "f" * K.HISTORY_ERROR_LIMIT)
-        status, payload, _ = self.call_allowing("PUT", "/v1/queue/jobs", {"configuration": {"big": "c" * 50000}})
+        status, payload, _ = self.call("PUT", "/v1/queue/jobs", {"configuration": {"big": "c" * 50000}}, allow_503=True)
         self.assertEqual(status, 503, payload)  # a configuration is memory too
-        status, payload, _ = self.call_allowing("PUT", "/v1/queue/more", {})
+        status, payload, _ = self.call("PUT", "/v1/queue/more", {}, allow_503=True)
         self.assertEqual(status, 503, payload)  # and so is a queue
         self.assertEqual(self.call("PUT", "/v1/queue/jobs", {"paused": True})[0], 200)  # what adds nothing works
         self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")[1]["purged"], len(ids))  # retried
@@ -2499,14 +2493,6 @@ class MemoryBoundTest(ServerTestCase):
     def lease_one(self, **body):
         self.insert({"data": "one"})
         return super().lease_one(**body)
-
-    def call_allowing(self, method, path, body):
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read()), response.headers
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read()), error.headers
 
 
 class JournalFileTest(JournalTestCase):
@@ -2675,7 +2661,7 @@ class HealthTest(JournalOverHttpTestCase):
         deadline = time.monotonic() + 10
         while self.broker.health() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        status, payload, _ = self.call_allowing_503("GET", "/healthz")
+        status, payload, _ = self.call("GET", "/healthz", allow_503=True)
         self.assertEqual(status, 503)
         self.assertEqual(payload["status"], "degraded")
         self.assertIn("pending", payload["reason"])
@@ -6243,6 +6229,149 @@ class SteeringCrashTest(unittest.TestCase):
         with self.assertRaises(K.Conflict) as refused:
             client.report("jobs", [{"_id": cancelled, "attempt": 1, "status": "done"}])
         self.assertEqual(refused.exception.fields["cancel"], [cancelled])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow control: capacity per queue, rate limits, throttle
+# ---------------------------------------------------------------------------------------------------------------
+
+class FlowControlTest(ServerTestCase):
+    queue_options = {"persistent": True}
+
+    def test_a_full_queue_refuses_inserts_with_503_while_workers_lease_and_report(self):
+        self.broker.queue("jobs", max_queued=5)
+        self.insert({"data": 1}, {"data": 2}, {"data": 3})
+        status, payload, headers = self.call("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": n} for n in range(3)]},
+                                             allow_503=True)
+        self.assertEqual((status, headers["Retry-After"], payload["max_queued"], payload["queue"]),
+                         (503, "1", 5, "jobs"))
+        self.assertIn("max_queued", payload["error"])
+        self.assertEqual(self.counts()["queued"], 3)  # the batch is all or nothing
+        task = self.lease_one()
+        self.poll({"tasks": [{"_id": task["_id"], "status": "done"}], "max": 0}, expect=204)
+        self.assertEqual(len(self.insert({"data": 4}, {"data": 5}, {"data": 6})), 3)  # room again: 2 + 3
+        self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", {"data": 7}, allow_503=True)[0], 503)
+        self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")[1], {"purged": 5})
+
+    def test_under_a_flood_every_insert_answered_201_is_kept_and_worked(self):
+        self.broker.queue("jobs", max_queued=20)
+        accepted, refused, done, stop = [], [0], [], threading.Event()
+        lock = threading.Lock()
+
+        def produce():
+            while not stop.is_set():
+                status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": 1}, {"data": 2}]},
+                                               allow_503=True)
+                with lock:
+                    if status == 201:
+                        accepted.extend(task["_id"] for task in payload["tasks"])
+                    else:
+                        self.assertEqual(status, 503)
+                        refused[0] += 1
+
+        def work():
+            reports = []
+            while not stop.is_set() or reports:
+                status, tasks = self.poll({"tasks": reports, "max": 3 if not stop.is_set() else 0})
+                with lock:
+                    done.extend(report["_id"] for report in reports)
+                reports = [{"_id": task["_id"], "status": "done"} for task in (tasks if status == 200 else [])]
+
+        threads = [threading.Thread(target=produce) for _ in range(3)] + [threading.Thread(target=work)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+        self.assertGreater(refused[0], 0, "the flood was refused at times")
+        while True:  # drain what is left
+            status, tasks = self.poll({"max": 100})
+            if status == 204:
+                break
+            self.poll({"tasks": [{"_id": t["_id"], "status": "done"} for t in tasks], "max": 0}, expect=204)
+            done.extend(t["_id"] for t in tasks)
+        self.assertEqual(sorted(done), sorted(accepted))  # each 201'd task worked once, nothing else
+        self.assertEqual(self.counts()["done"], len(accepted))
+
+    def test_throttle_from_a_worker_pauses_the_queue_for_everyone_for_that_long(self):
+        self.insert({"data": 1}, {"data": 2})
+        task = self.lease_one(worker="w1")
+        self.poll({"tasks": [{"_id": task["_id"], "status": "queued"}], "throttle": 5000, "max": 0}, expect=204)
+        self.assertEqual(self.poll({"worker": "w2"})[0], 204)
+        self.clock.advance(4999)
+        self.assertEqual(self.poll({"worker": "w2"})[0], 204)
+        self.clock.advance(1)
+        self.assertEqual(self.poll({"worker": "w2"}, expect=200)[0], 200)
+
+    def test_bad_flow_control_input_is_refused_and_changes_nothing(self):
+        before = self.jobs.describe()
+        for options in ({"rate": "fast"}, {"rate": -1}, {"rate": 10 ** 7}, {"rate": None}, {"rate": True},
+                        {"burst": 0}, {"burst": 1.5}, {"max_queued": -1}, {"max_queued": "9"}):
+            with self.subTest(options=options):
+                self.assertEqual(self.call("PUT", "/v1/queue/jobs", options)[0], 400)
+        self.assertEqual(self.jobs.describe(), before)
+        self.insert({"data": 1})
+        for body in ({"throttle": -1}, {"throttle": "1s"}, {"throttle": 10 ** 20}, {"throttle": None},
+                     {"throttle": 1.5}):
+            with self.subTest(body=body):
+                self.assertEqual(self.call("POST", "/v1/queue/jobs", body)[0], 400)
+        self.assertEqual(self.counts()["queued"], 1)
+
+
+class RateLimitTest(ServerTestCase):
+    real_clock = True
+    queue_options = {"rate": 20, "burst": 5}
+
+    def test_a_rate_of_20_a_second_leases_20_a_second_to_many_long_polling_workers(self):
+        self.jobs.insert([{"data": n} for n in range(200)])
+        leased, stop = [], threading.Event()
+        lock = threading.Lock()
+
+        def work():
+            reports = []
+            while not stop.is_set():
+                status, tasks = self.poll({"tasks": reports, "max": 10, "wait": 500})
+                with lock:
+                    leased.extend(time.monotonic() for _ in (tasks if status == 200 else []))
+                reports = [{"_id": t["_id"], "status": "done"} for t in (tasks if status == 200 else [])]
+
+        began = time.monotonic()
+        workers = [threading.Thread(target=work) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        time.sleep(3.0)
+        stop.set()
+        for worker in workers:
+            worker.join(10)
+        within = [at for at in leased if at - began <= 3.0]
+        self.assertGreaterEqual(len(within), 20 * 3 - 5)
+        self.assertLessEqual(len(within), 20 * 3 + 5 + 1)  # the burst, and the token of the last instant
+        per_second = [sum(1 for at in within if second <= at - began < second + 1) for second in range(3)]
+        for count in per_second[1:]:
+            self.assertLessEqual(abs(count - 20), 5, per_second)
+
+
+class FlowControlJournalTest(JournalOverHttpTestCase):
+    def test_a_throttle_and_the_flow_options_survive_a_restart_and_a_compaction(self):
+        self.broker.queue("jobs", max_queued=10, rate=2.5, burst=3)
+        self.insert({"data": 1})
+        self.poll({"throttle": 5000, "max": 0}, expect=204)
+        self.server.close()  # (and its broker)
+        for compact in (False, True, False):  # replayed, then compacted, then read from the compacted journal
+            again = K.Broker(clock=self.clock, journal=self.path)
+            jobs = again.get("jobs")
+            options = jobs.describe()
+            self.assertEqual((options["max_queued"], options["rate"], options["burst"]), (10, 2.5, 3))
+            self.assertEqual(jobs.stats()["throttled_for_ms"], 5000)
+            self.assertEqual(jobs.lease(), [])
+            if compact:
+                again.compact()
+            again.close()
+        self.clock.advance(5000)
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        self.assertEqual(len(again.get("jobs").lease()), 1)
 
 
 if __name__ == "__main__":
