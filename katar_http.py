@@ -135,6 +135,8 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "max_queued": 0,         # tasks waiting (queued or paused) the queue holds at most: an insert past it is a 503; 0: none
     "rate": 0,               # tasks leased per second at most (a token bucket, a float); 0: no limit
     "burst": 1,              # tasks the rate limit lets out at once, after a lull
+    "expire_after": 0,       # ms a task may stay queued once due; then it is a dead letter, error "expired"; 0: forever
+    "retain": 0,             # ms a finished task the queue keeps (done, failed, cancelled) is kept; 0: until purged
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "refused",
@@ -148,7 +150,10 @@ MAX_DELAY_MS = 366 * 86400 * 1000
 # Bounds of the queue options, as (lowest, highest).
 QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
                 "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS), "max_lease": (1, MAX_DELAY_MS),
-                "max_run": (0, MAX_DELAY_MS), "max_queued": (0, 10 ** 9), "burst": (1, 10 ** 6)}
+                "max_run": (0, MAX_DELAY_MS), "max_queued": (0, 10 ** 9), "burst": (1, 10 ** 6),
+                "expire_after": (0, MAX_DELAY_MS), "retain": (0, MAX_DELAY_MS)}
+EXPIRED = "expired"   # the error of a task that stayed queued past its queue's expire_after
+AGE_BATCH = 1000      # tasks one tick ends for their age, per kind: a backlog of them is worked off tick by tick
 RATE_OPTIONS = {"rate": (0, 10 ** 6)}  # the options that are numbers, not integers (as (lowest, highest))
 RUN_TIME_EXCEEDED = "run time exceeded"  # the error of a delivery that ran past its queue's max_run
 WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgotten (GET /v1/workers)
@@ -634,6 +639,10 @@ class Queue:
         self.last_polled = broker._now()
         self._due_since: Optional[int] = None
         self._tokens, self._tokens_at = float(self.options["burst"]), self.last_polled  # the rate limit's bucket
+        # Ages, for expire_after and retain: heaps of (when it became due, id) of queued tasks and of (when it
+        # finished, id) of kept finished tasks; an entry goes stale when its task moves on, as in the other heaps.
+        self._aging: List[Tuple[int, str]] = []
+        self._retired: List[Tuple[int, str]] = []
         self.throttled_until = 0  # (state: a worker's throttle is journalled) nothing is leased before this (ms)
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
@@ -641,10 +650,15 @@ class Queue:
         return len(self._tasks)
 
     def _set_options(self, options: Dict[str, Any]) -> None:
-        """Apply merged options (a `queue` record)."""
+        """Apply merged options (a `queue` record). An age switched on indexes the tasks already there."""
+        was = dict(self.options)
         self.memory -= _options_bytes(self.options)
         self.options.update(options)
         self.memory += _options_bytes(self.options)
+        if self.options["expire_after"] and not was["expire_after"]:
+            self._reindex_aging()
+        if self.options["retain"] and not was["retain"]:
+            self._reindex_retired()
 
     # -- public surface ------------------------------------------------------------------------------------------
 
@@ -1192,7 +1206,37 @@ class Queue:
                 return
             if record["error"] == RUN_TIME_EXCEEDED:
                 self._tell(task.worker, task_id)
+        self._end_aged(now)
         self._serve_waiters(now)
+
+    def _end_aged(self, now: int) -> None:
+        """End the tasks whose age is up (lock held): queued past expire_after (a dead letter, error "expired"),
+        finished past retain (dropped); at most AGE_BATCH of each a tick."""
+        for heap, age, op, alive in ((self._aging, self.options["expire_after"], "expire",
+                                      lambda task, at: task.status == QUEUED and task.run_at == at),
+                                     (self._retired, self.options["retain"], "purge",
+                                      lambda task, at: task.status in FINAL_STATUSES and task.updated_at == at)):
+            if not age:
+                continue
+            ids: Dict[str, Tuple[int, str]] = {}
+            while heap and heap[0][0] + age <= now and len(ids) < AGE_BATCH:
+                entry = heapq.heappop(heap)
+                task = self._tasks.get(entry[1])
+                if task is not None and alive(task, entry[0]):
+                    ids[entry[1]] = entry
+            if not ids:
+                continue
+            try:
+                self._broker._commit([{"op": op, "q": self.name, "ids": list(ids), "at": now}])
+            except Unavailable:
+                for entry in ids.values():  # they end on a later tick
+                    heapq.heappush(heap, entry)
+
+    def run_ages(self, now: int) -> None:
+        """For a queue with expire_after or retain: end the tasks whose age is up by `now` (broker lock held).
+        The server runs it every AGE_SECONDS; any request to the queue does too."""
+        if self.options["expire_after"] or self.options["retain"]:
+            self._tick(now)
 
     def _tell(self, worker: Optional[str], task_id: str) -> None:
         """A delivery of task `task_id` was taken from `worker`: note it for its next answer's `cancel`, and answer
@@ -1402,6 +1446,15 @@ class Queue:
             self._requeue(task, rec["retry_at"], at)
             self._hold(task)
 
+    def _apply_expire(self, rec: Dict[str, Any]) -> None:
+        """Queued tasks past their expire_after: dead letters, error "expired" (no delivery ends: none ran)."""
+        at = rec["at"]
+        for task_id in rec["ids"]:
+            task = self._touch(self._tasks[task_id])
+            task.error = EXPIRED
+            self._finish(task, FAILED, at)
+        self.totals["failed"] += len(rec["ids"])
+
     def _apply_throttle(self, rec: Dict[str, Any]) -> None:
         undo = self._broker._undo
         if undo is not None:
@@ -1447,6 +1500,8 @@ class Queue:
             self._place(task, rec["updated_at"])
         elif task.status == IN_PROGRESS:
             heapq.heappush(self._leases, (task.lease_until, task.id, task.attempt))
+        elif task.status in FINAL_STATUSES and self.options["retain"]:
+            heapq.heappush(self._retired, (task.updated_at, task.id))
         self._hold(task)
 
     def _apply_restore(self, rec: Dict[str, Any]) -> None:
@@ -1465,7 +1520,7 @@ class Queue:
     def _adopt(self, other: "Queue") -> None:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
-                     "throttled_until", "totals", "memory"):
+                     "throttled_until", "_aging", "_retired", "totals", "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -1559,6 +1614,10 @@ class Queue:
             heapq.heappush(self._delayed, (task.run_at, task.id))
         if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
             self._reindex_queued(now)
+        if self.options["expire_after"]:
+            heapq.heappush(self._aging, (task.run_at, task.id))
+            if len(self._aging) > 2 * len(self._by_status[QUEUED]) + 1024:
+                self._reindex_aging()
 
     # Heaps are rebuilt from the tasks they index when stale entries outnumber live ones: the cost, proportional to
     # the live entries, is spread over at least as many operations, so it stays constant per operation.
@@ -1572,6 +1631,15 @@ class Queue:
                 self._delayed.append((task.run_at, task.id))
         heapq.heapify(self._ready)
         heapq.heapify(self._delayed)
+
+    def _reindex_aging(self) -> None:
+        self._aging = [(task.run_at, task.id) for task in self._by_status[QUEUED].values()]
+        heapq.heapify(self._aging)
+
+    def _reindex_retired(self) -> None:
+        self._retired = [(task.updated_at, task.id) for status in FINAL_STATUSES
+                         for task in self._by_status[status].values()]
+        heapq.heapify(self._retired)
 
     def _reindex_leases(self) -> None:
         self._leases = [(task.lease_until, task.id, task.attempt)
@@ -1598,6 +1666,10 @@ class Queue:
             self._broker._answers.append((self._answer, task.id, task.snapshot(self.name)))
         if status == FAILED or self.options["persistent"]:
             self._hold(task)
+            if self.options["retain"]:
+                heapq.heappush(self._retired, (at, task.id))
+                if len(self._retired) > 2 * sum(len(self._by_status[s]) for s in FINAL_STATUSES) + 1024:
+                    self._reindex_retired()
             return
         del self._tasks[task.id]
         del self._by_status[status][task.id]
@@ -1866,6 +1938,14 @@ class Broker:
         durable or lost. Nothing to hear of without a journal."""
         if self._journal is not None:
             self._journal.settle_listeners.append(listener)
+
+    def run_ages(self) -> None:
+        """End the tasks whose age is up (expire_after, retain) in every queue that sets one; the server calls it
+        every AGE_SECONDS, so that ages end without a request."""
+        with self._changing():
+            now = self._now()
+            for queue in self._queues.values():
+                queue.run_ages(now)
 
     def next_due(self) -> Optional[float]:
         """Run the clock for the parked long polls (a delay ended, a lease ran out: their tasks go to the polls);
@@ -4349,6 +4429,7 @@ REQUESTS_PER_PASS = 32   # requests of one connection served in a pass before th
 MAX_PIPELINED = 64       # answers a connection may have held back for the disk before its requests wait
 LINGER_SECONDS = 0.5     # after a last answer, how long what the client still sends is read (and dropped)
 CLOCK_SECONDS = 0.1      # while waits are parked, the broker's clock runs at least this often
+AGE_SECONDS = 1.0        # how often tasks whose age is up (expire_after, retain) are ended without a request
 FD_RESERVE = 64          # file descriptors kept for the journal, a compaction, the listener and the interpreter
 
 
@@ -4418,6 +4499,20 @@ class HTTPServer:
         handshake = min(self.limits.request_timeout, self.limits.first_request_timeout) if self.tls else None
         self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, ssl=self.tls,
                                                        ssl_handshake_timeout=handshake, backlog=1024)
+        self.loop.call_later(AGE_SECONDS, self._run_ages)
+
+    def _run_ages(self) -> None:
+        """Every AGE_SECONDS: end the tasks whose age is up; their records reach the disk with the next flush."""
+        if self.closing:
+            return
+        try:
+            with self.broker.deferring() as promise:
+                self.broker.run_ages()
+            if promise.ticket:
+                self.broker.request_flush()
+        except KatarError:
+            pass  # the journal fails: the next round tries again
+        self.loop.call_later(AGE_SECONDS, self._run_ages)
 
     def _loop_error(self, loop: Any, context: Dict[str, Any]) -> None:
         exc = context.get("exception")

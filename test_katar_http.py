@@ -6374,5 +6374,90 @@ class FlowControlJournalTest(JournalOverHttpTestCase):
         self.assertEqual(len(again.get("jobs").lease()), 1)
 
 
+class AgesTest(ServerTestCase):
+    """expire_after, retain and key_ttl, with the fake clock, through HTTP."""
+
+    queue_options = {"persistent": True}
+
+    def test_a_task_queued_past_expire_after_becomes_a_dead_letter_named_expired(self):
+        self.broker.queue("jobs", expire_after=60000)
+        fresh, delayed, taken = self.insert({"data": 1}, {"data": 2, "delay": 30000}, {"data": 3})
+        self.call("PATCH", f"/v1/queue/jobs/tasks/{taken}", {"status": "paused"})  # paused: it does not age
+        self.clock.advance(59999)
+        self.assertEqual(self.task(fresh)["status"], "queued")
+        self.clock.advance(1)
+        expired = self.task(fresh)
+        self.assertEqual((expired["status"], expired["error"], expired["attempt"]), ("failed", "expired", 0))
+        self.assertEqual(self.task(delayed)["status"], "queued")  # due 30 s later: 60 s from then
+        self.clock.advance(30000)
+        self.assertEqual(self.task(delayed)["status"], "failed")
+        self.assertEqual(self.task(taken)["status"], "paused")
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1]["totals"]["failed"], 2)
+        status, payload, _ = self.call("PATCH", f"/v1/queue/jobs/tasks/{fresh}", {"status": "queued"})
+        self.assertEqual(payload["status"], "queued")  # a dead letter retried: it ages again from now
+        self.clock.advance(60000)
+        self.assertEqual(self.task(fresh)["status"], "failed")
+
+    def test_retain_drops_finished_tasks_after_their_age_and_a_later_switch_on_indexes_the_old_ones(self):
+        done, dead, running = self.insert({"data": 1}, {"data": 2}, {"data": 3})
+        first = self.lease_one()
+        self.poll({"tasks": [{"_id": first["_id"], "status": "done"}], "max": 0}, expect=204)
+        self.clock.advance(10000)
+        self.broker.queue("jobs", retain=20000)  # switched on later: the done task counts from when it finished
+        second = self.lease_one()
+        self.poll({"tasks": [{"_id": second["_id"], "status": "failed", "error": "x", "retry": False}], "max": 0},
+                  expect=204)
+        self.lease_one()
+        self.clock.advance(10000)
+        self.assertEqual(self.call("GET", f"/v1/queue/jobs/tasks/{done}")[0], 404)
+        self.assertEqual(self.task(dead)["status"], "failed")
+        self.clock.advance(10000)
+        self.assertEqual(self.call("GET", f"/v1/queue/jobs/tasks/{dead}")[0], 404)
+        self.assertEqual(self.task(running)["status"], "in progress")  # only finished tasks go
+        self.assertEqual(self.counts(), {"paused": 0, "queued": 0, "in progress": 1, "done": 0, "failed": 0,
+                                         "cancelled": 0})
+
+    def test_ages_end_from_the_servers_timer_without_a_request(self):
+        self.broker.queue("jobs", expire_after=1000)
+        self.insert({"data": 1})
+        self.clock.advance(1000)
+        # No request from here on: the totals are read without running the queue's clock.
+        until(self, lambda: self.jobs.totals["failed"] == 1, "the age timer to expire the task", 5)
+
+    def test_bad_age_options_are_refused(self):
+        for options in ({"expire_after": -1}, {"retain": "1h"}, {"expire_after": 10 ** 20}, {"retain": None}):
+            with self.subTest(options=options):
+                self.assertEqual(self.call("PUT", "/v1/queue/jobs", options)[0], 400)
+        self.assertEqual((self.jobs.describe()["expire_after"], self.jobs.describe()["retain"]), (0, 0))
+
+
+class AgesJournalTest(JournalOverHttpTestCase):
+    def test_ages_hold_across_a_restart_and_a_compaction(self):
+        self.broker.queue("jobs", expire_after=60000, retain=60000)
+        finished, waiting = self.insert({"data": 1}, {"data": 2})
+        self.clock.advance(30000)
+        self.assertEqual(self.lease_one()["_id"], finished)
+        self.poll({"tasks": [{"_id": finished, "status": "done"}], "max": 0}, expect=204)
+        self.server.close()  # (and its broker)
+        for compact in (False, True, False):  # replayed, then compacted, then read from the compacted journal
+            again = K.Broker(clock=self.clock, journal=self.path)
+            jobs = again.get("jobs")
+            self.assertEqual((jobs.task(waiting)["status"], jobs.task(finished)["status"]), ("queued", "done"))
+            if compact:
+                again.compact()
+            again.close()
+        self.clock.advance(30000)  # `waiting` has been due for 60 s; `finished` finished 30 s ago
+        again = K.Broker(clock=self.clock, journal=self.path)
+        jobs = again.get("jobs")
+        self.assertEqual((jobs.task(waiting)["status"], jobs.task(waiting)["error"]), ("failed", "expired"))
+        self.assertEqual(jobs.task(finished)["status"], "done")
+        again.compact()
+        again.close()
+        self.clock.advance(30000)
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        with self.assertRaises(K.NotFound):
+            again.get("jobs").task(finished)
+
 if __name__ == "__main__":
     unittest.main()
