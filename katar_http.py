@@ -137,6 +137,7 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "burst": 1,              # tasks the rate limit lets out at once, after a lull
     "expire_after": 0,       # ms a task may stay queued once due; then it is a dead letter, error "expired"; 0: forever
     "retain": 0,             # ms a finished task the queue keeps (done, failed, cancelled) is kept; 0: until purged
+    "key_ttl": 0,            # ms an insert key dedupes after its task finished, kept or not; 0: while it is remembered
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "refused",
@@ -151,7 +152,7 @@ MAX_DELAY_MS = 366 * 86400 * 1000
 QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
                 "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS), "max_lease": (1, MAX_DELAY_MS),
                 "max_run": (0, MAX_DELAY_MS), "max_queued": (0, 10 ** 9), "burst": (1, 10 ** 6),
-                "expire_after": (0, MAX_DELAY_MS), "retain": (0, MAX_DELAY_MS)}
+                "expire_after": (0, MAX_DELAY_MS), "retain": (0, MAX_DELAY_MS), "key_ttl": (0, MAX_DELAY_MS)}
 EXPIRED = "expired"   # the error of a task that stayed queued past its queue's expire_after
 AGE_BATCH = 1000      # tasks one tick ends for their age, per kind: a backlog of them is worked off tick by tick
 RATE_OPTIONS = {"rate": (0, 10 ** 6)}  # the options that are numbers, not integers (as (lowest, highest))
@@ -643,6 +644,11 @@ class Queue:
         # finished, id) of kept finished tasks; an entry goes stale when its task moves on, as in the other heaps.
         self._aging: List[Tuple[int, str]] = []
         self._retired: List[Tuple[int, str]] = []
+        # key_ttl: the dedupe window of each key whose task finished, key -> (task id, status, when it finished)
+        # (state: opened as the task finishes, closed by an "unkey" record), and a heap of (when it finished, key,
+        # task id) to close them; a heap entry whose window has changed since is stale.
+        self._key_windows: Dict[str, Tuple[str, str, int]] = {}
+        self._key_ends: List[Tuple[int, str, str]] = []
         self.throttled_until = 0  # (state: a worker's throttle is journalled) nothing is leased before this (ms)
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
@@ -694,10 +700,11 @@ class Queue:
         broker = self._broker
         with broker._changing():
             now = broker._now()
+            self._close_key_windows(now)
             results, rows, new_keys = [], [], {}
             for data, priority, delay, key, status, size in checked:
                 if key is not None and (key in self._keys or key in new_keys):
-                    known = new_keys.get(key) or (self._keys[key], self._status_of(self._keys[key]))
+                    known = new_keys.get(key) or (self._keys[key], self._key_status(key))
                     results.append({"_id": known[0], "status": known[1], "created": False})
                     continue
                 task_id = broker._next_id()
@@ -1041,11 +1048,15 @@ class Queue:
                               f"max_queued): nothing was inserted; retry once workers have drained some",
                               queue=self.name, max_queued=limit)
 
-    def _status_of(self, task_id: str) -> str:
+    def _key_status(self, key: str) -> str:
+        """The status of the task `key` names: held, remembered, or (key_ttl) in its window after it finished."""
+        task_id = self._keys[key]
         task = self._tasks.get(task_id)
         if task is not None:
             return task.status
-        return self._finished[task_id][0]  # a key outlives its task only while the task is remembered
+        if task_id in self._finished:
+            return self._finished[task_id][0]
+        return self._key_windows[key][1]
 
     def _open_delivery(self, task: Task) -> bool:
         """Whether reports for the latest delivery still apply: it is in progress, or its lease ran out and nobody
@@ -1207,6 +1218,7 @@ class Queue:
             if record["error"] == RUN_TIME_EXCEEDED:
                 self._tell(task.worker, task_id)
         self._end_aged(now)
+        self._close_key_windows(now)
         self._serve_waiters(now)
 
     def _end_aged(self, now: int) -> None:
@@ -1232,10 +1244,40 @@ class Queue:
                 for entry in ids.values():  # they end on a later tick
                     heapq.heappush(heap, entry)
 
+    def _close_key_windows(self, now: int) -> None:
+        """Close the dedupe windows of keys whose task finished key_ttl ago (all of them, key_ttl switched off):
+        the key may make a new task again. At most AGE_BATCH a tick, in one record."""
+        ends, ttl, closing = self._key_ends, self.options["key_ttl"], []
+        while ends and (not ttl or ends[0][0] + ttl <= now) and len(closing) < AGE_BATCH:
+            at, key, task_id = heapq.heappop(ends)
+            window = self._key_windows.get(key)
+            if window is not None and window[0] == task_id and window[2] == at:
+                closing.append([key, task_id, at])
+        if closing:
+            try:
+                self._broker._commit([{"op": "unkey", "q": self.name, "keys": closing, "at": now}])
+            except Unavailable:
+                for key, task_id, at in closing:  # they close on a later tick
+                    heapq.heappush(ends, (at, key, task_id))
+
+    def _set_window(self, key: str, window: Optional[Tuple[str, str, int]]) -> None:
+        """Open (or replace, or with None close) the dedupe window of `key`, its bytes in the estimate; in a live
+        commit, noting how to put it back."""
+        old = self._key_windows.get(key)
+        undo = self._broker._undo
+        if undo is not None:
+            undo.append((self._set_window, key, old))
+        if old is not None:
+            self.memory -= MEMO_BYTES + len(key)
+            del self._key_windows[key]
+        if window is not None:
+            self.memory += MEMO_BYTES + len(key)
+            self._key_windows[key] = window
+
     def run_ages(self, now: int) -> None:
         """For a queue with expire_after or retain: end the tasks whose age is up by `now` (broker lock held).
         The server runs it every AGE_SECONDS; any request to the queue does too."""
-        if self.options["expire_after"] or self.options["retain"]:
+        if self.options["expire_after"] or self.options["retain"] or self._key_ends:
             self._tick(now)
 
     def _tell(self, worker: Optional[str], task_id: str) -> None:
@@ -1446,6 +1488,21 @@ class Queue:
             self._requeue(task, rec["retry_at"], at)
             self._hold(task)
 
+    def _apply_unkey(self, rec: Dict[str, Any]) -> None:
+        """Dedupe windows closed (key_ttl): each key no longer names its finished task, which may be kept still."""
+        for key, task_id, at in rec["keys"]:
+            window = self._key_windows.get(key)
+            if window is None or window[0] != task_id or window[2] != at:
+                continue
+            self._set_window(key, None)
+            task = self._tasks.get(task_id)
+            alone = task is None and task_id not in self._finished  # only the window kept it
+            if self._keys.get(key) == task_id and (task is None or task.status in FINAL_STATUSES) and \
+                    (self.options["key_ttl"] or alone):
+                if self._broker._undo is not None:
+                    self._broker._undo.append((self._keys.__setitem__, key, task_id))
+                del self._keys[key]
+
     def _apply_expire(self, rec: Dict[str, Any]) -> None:
         """Queued tasks past their expire_after: dead letters, error "expired" (no delivery ends: none ran)."""
         at = rec["at"]
@@ -1504,9 +1561,18 @@ class Queue:
             heapq.heappush(self._retired, (task.updated_at, task.id))
         self._hold(task)
 
+    def key_windows(self) -> List[List[Any]]:
+        """Lock held: the open dedupe windows (key_ttl), as [key, task id, status, when it finished], for a
+        compacted journal."""
+        return [[key, task_id, status, at] for key, (task_id, status, at) in self._key_windows.items()]
+
     def _apply_restore(self, rec: Dict[str, Any]) -> None:
         self.totals.update(rec["totals"])
         self.throttled_until = rec.get("throttled_until", 0)
+        for key, task_id, status, at in rec.get("keys", ()):
+            self._set_window(key, (task_id, status, at))
+            heapq.heappush(self._key_ends, (at, key, task_id))
+            self._keys.setdefault(key, task_id)
         for task_id, status, attempt, outcome, key in rec["finished"]:
             self._finished[task_id] = (status, attempt, outcome, key)
             self.memory += MEMO_BYTES + len(key or "")
@@ -1520,7 +1586,7 @@ class Queue:
     def _adopt(self, other: "Queue") -> None:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
-                     "throttled_until", "_aging", "_retired", "totals", "memory"):
+                     "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "totals", "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -1530,8 +1596,14 @@ class Queue:
                 self._touch(task)
                 del self._tasks[task_id]
                 del self._by_status[task.status][task_id]
-                if task.key is not None and self._keys.get(task.key) == task_id:
+                if task.key is not None and self._keys.get(task.key) == task_id and \
+                        not self._in_window(task.key, task_id):
                     del self._keys[task.key]
+
+    def _in_window(self, key: str, task_id: str) -> bool:
+        """Whether `key` of task `task_id` (finished, about to be forgotten or dropped) still dedupes (key_ttl)."""
+        window = self._key_windows.get(key)
+        return bool(self.options["key_ttl"]) and window is not None and window[0] == task_id
 
     # -- helpers of the apply functions ----------------------------------------------------------------------------
 
@@ -1664,6 +1736,9 @@ class Queue:
         self._move(task, status, at)
         if task.id in self._result_waiters:
             self._broker._answers.append((self._answer, task.id, task.snapshot(self.name)))
+        if task.key is not None and self.options["key_ttl"]:
+            self._set_window(task.key, (task.id, status, at))
+            heapq.heappush(self._key_ends, (at, task.key, task.id))
         if status == FAILED or self.options["persistent"]:
             self._hold(task)
             if self.options["retain"]:
@@ -1682,8 +1757,8 @@ class Queue:
             self.memory -= MEMO_BYTES + len(memo[3] or "")
             if undo is not None:
                 undo.append((self._put_back_memo, old_id, memo))
-            if memo[3] is not None and self._keys.get(memo[3]) == old_id:
-                del self._keys[memo[3]]  # the key's window closes when its task is forgotten
+            if memo[3] is not None and self._keys.get(memo[3]) == old_id and not self._in_window(memo[3], old_id):
+                del self._keys[memo[3]]  # the key's window closes when its task is forgotten (without key_ttl)
 
     def _answer(self, task_id: str, result: Tuple[Dict[str, Any], int]) -> None:
         """Hand a finished task's view (and the journal ticket that makes it durable) to those waiting for it."""
@@ -2024,7 +2099,7 @@ class Broker:
             records.extend(task.record(queue.name) for task in queue._tasks.values())
             records.append({"op": "restore", "q": queue.name, "totals": dict(queue.totals),
                             "finished": [[task_id] + list(memo) for task_id, memo in queue._finished.items()],
-                            "throttled_until": queue.throttled_until})
+                            "throttled_until": queue.throttled_until, "keys": queue.key_windows()})
         return records
 
     def compact(self) -> None:

@@ -6424,6 +6424,24 @@ class AgesTest(ServerTestCase):
         # No request from here on: the totals are read without running the queue's clock.
         until(self, lambda: self.jobs.totals["failed"] == 1, "the age timer to expire the task", 5)
 
+    def test_key_ttl_dedupes_a_key_that_long_after_its_task_finished_even_once_it_is_forgotten(self):
+        self.broker.queue("mail", key_ttl=60000)  # not persistent: a done task is dropped at once
+        self.addCleanup(setattr, K, "FINISHED_MEMORY", K.FINISHED_MEMORY)
+        K.FINISHED_MEMORY = 1  # and soon forgotten
+        first, = self.insert({"data": "welcome", "key": "user-7"}, queue="mail")
+        for _ in range(2):
+            status, payload, _ = self.call("POST", "/v1/queue/mail", {"max": 1})
+            self.call("POST", "/v1/queue/mail", {"tasks": [{"_id": payload["tasks"][0]["_id"], "status": "done"}],
+                                                 "max": 0})
+            self.insert({"data": "other"}, queue="mail")  # finishing it pushes the first out of memory
+        self.clock.advance(59999)
+        status, payload, _ = self.call("POST", "/v1/queue/mail/tasks", {"data": "again", "key": "user-7"})
+        self.assertEqual((status, payload["tasks"][0]), (200, {"_id": first, "status": "done", "created": False}))
+        self.clock.advance(1)
+        status, payload, _ = self.call("POST", "/v1/queue/mail/tasks", {"data": "again", "key": "user-7"})
+        self.assertEqual((status, payload["tasks"][0]["created"]), (201, True))
+        self.assertNotEqual(payload["tasks"][0]["_id"], first)
+
     def test_bad_age_options_are_refused(self):
         for options in ({"expire_after": -1}, {"retain": "1h"}, {"expire_after": 10 ** 20}, {"retain": None}):
             with self.subTest(options=options):
@@ -6432,6 +6450,24 @@ class AgesTest(ServerTestCase):
 
 
 class AgesJournalTest(JournalOverHttpTestCase):
+    def test_a_key_window_holds_across_a_restart_and_a_compaction(self):
+        self.addCleanup(setattr, K, "FINISHED_MEMORY", K.FINISHED_MEMORY)
+        K.FINISHED_MEMORY = 0  # a discarded task is forgotten at once: only its key's window is left
+        mail = self.broker.queue("mail", key_ttl=60000)
+        first, = self.insert({"data": 1, "key": "k"}, queue="mail")
+        mail.report([{"_id": mail.lease()[0]["_id"], "status": "done"}])
+        self.server.close()  # (and its broker)
+        for compact in (False, True, False):  # replayed, then compacted, then read from the compacted journal
+            again = K.Broker(clock=self.clock, journal=self.path)
+            self.assertEqual(again.get("mail").insert({"data": 2, "key": "k"})["_id"], first)
+            if compact:
+                again.compact()
+            again.close()
+        self.clock.advance(60000)
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        self.assertTrue(again.get("mail").insert({"data": 2, "key": "k"})["created"])
+
     def test_ages_hold_across_a_restart_and_a_compaction(self):
         self.broker.queue("jobs", expire_after=60000, retain=60000)
         finished, waiting = self.insert({"data": 1}, {"data": 2})
