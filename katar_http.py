@@ -132,12 +132,14 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "max_backoff": 300000,   # ms, the cap on that doubling
     "max_lease": 43200000,   # ms, the longest lease a worker may ask for (a poll's or a heartbeat's `lease`): 12 h
     "max_run": 0,            # ms a delivery may run, heartbeats or not, before it fails ("run time exceeded"); 0: none
-    "max_queued": 0,         # tasks waiting (queued or paused) the queue holds at most: an insert past it is a 503; 0: none
+    "max_queued": 0,         # tasks waiting (queued or paused) at most: an insert past it is a 503; 0: no cap
     "rate": 0,               # tasks leased per second at most (a token bucket, a float); 0: no limit
     "burst": 1,              # tasks the rate limit lets out at once, after a lull
     "expire_after": 0,       # ms a task may stay queued once due; then it is a dead letter, error "expired"; 0: forever
     "retain": 0,             # ms a finished task the queue keeps (done, failed, cancelled) is kept; 0: until purged
     "key_ttl": 0,            # ms an insert key dedupes after its task finished, kept or not; 0: while it is remembered
+    "group_limit": 0,        # tasks of one group in progress at once (1: one at a time, in order); 0: no limit
+    "group_on_failure": "block",  # a retrying task holds its group back ("block": order kept) or not ("skip")
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "refused",
@@ -152,7 +154,9 @@ MAX_DELAY_MS = 366 * 86400 * 1000
 QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_in_flight": (0, 10 ** 9),
                 "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS), "max_lease": (1, MAX_DELAY_MS),
                 "max_run": (0, MAX_DELAY_MS), "max_queued": (0, 10 ** 9), "burst": (1, 10 ** 6),
-                "expire_after": (0, MAX_DELAY_MS), "retain": (0, MAX_DELAY_MS), "key_ttl": (0, MAX_DELAY_MS)}
+                "expire_after": (0, MAX_DELAY_MS), "retain": (0, MAX_DELAY_MS), "key_ttl": (0, MAX_DELAY_MS),
+                "group_limit": (0, 10 ** 6)}
+CHOICE_OPTIONS = {"group_on_failure": ("block", "skip")}  # the options that take one of a few words
 EXPIRED = "expired"   # the error of a task that stayed queued past its queue's expire_after
 AGE_BATCH = 1000      # tasks one tick ends for their age, per kind: a backlog of them is worked off tick by tick
 RATE_OPTIONS = {"rate": (0, 10 ** 6)}  # the options that are numbers, not integers (as (lowest, highest))
@@ -168,7 +172,8 @@ MAX_WORKER = 256             # characters in a worker's name
 MAX_WAIT_MS = 10 ** 9        # `wait` of a poll or of a result wait (the server cuts it to its --max-wait)
 MAX_INTERVAL_MS = 2 ** 31    # configuration.interval
 # The fields of a task as inserted; any other is refused (a misspelled field would otherwise be dropped unseen).
-TASK_FIELDS = ("data", "priority", "delay", "key", "status")
+TASK_FIELDS = ("data", "priority", "delay", "key", "status", "group")
+MAX_GROUP = 256              # characters in a task's group
 HISTORY_LIMIT = 20           # attempts remembered per task
 HISTORY_ERROR_LIMIT = 1024   # characters of an error kept in each history entry (the task keeps the whole latest one)
 FINISHED_MEMORY = 10000      # ids of discarded tasks a non-persistent queue remembers, for idempotent reports
@@ -421,6 +426,9 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
             value = _check_int(name, value, *QUEUE_BOUNDS[name])
         elif name in RATE_OPTIONS:
             value = _check_number(name, value, *RATE_OPTIONS[name])
+        elif name in CHOICE_OPTIONS:
+            if value not in CHOICE_OPTIONS[name]:
+                raise BadRequest(f"{name} must be one of {', '.join(CHOICE_OPTIONS[name])}, got {_shown(value)}")
         else:
             raise BadRequest(f"unknown queue option {name!r}; options are configuration, {', '.join(QUEUE_DEFAULTS)}")
         checked[name] = value
@@ -438,11 +446,12 @@ class Task:
     # Few slots: a queue may hold millions of tasks, and each slot is eight bytes of each of them. `size` is the
     # memory estimate of its data, key and result (see _json_sized); the rest of a task's estimate follows from it.
     __slots__ = ("id", "data", "priority", "status", "key", "created_at", "updated_at", "run_at",
-                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "size")
+                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "size", "group")
 
     def __init__(self, task_id: str, data: Any, priority: int, status: str, key: Optional[str],
-                 run_at: int, at: int, size: int) -> None:
+                 run_at: int, at: int, size: int, group: Optional[str] = None) -> None:
         self.id, self.data, self.priority, self.status, self.key = task_id, data, priority, status, key
+        self.group = group
         self.created_at = self.updated_at = at
         self.run_at = run_at
         self.attempt = self.spent = 0
@@ -501,12 +510,13 @@ class Task:
                 "status": self.status, "key": self.key, "created_at": self.created_at, "updated_at": self.updated_at,
                 "run_at": self.run_at, "attempt": self.attempt, "spent": self.spent, "worker": self.worker,
                 "lease_until": self.lease_until, "error": self.error, "result": self.result,
-                "history": [dict(entry) for entry in self.history], "size": self.size}
+                "history": [dict(entry) for entry in self.history], "size": self.size, "group": self.group}
 
     def snapshot(self, queue: str) -> Dict[str, Any]:
         return {
             "_id": self.id, "queue": queue, "status": self.status, "data": self.data, "priority": self.priority,
-            "key": self.key, "attempt": self.attempt, "attempts_spent": self.spent, "worker": self.worker,
+            "key": self.key, "group": self.group, "attempt": self.attempt, "attempts_spent": self.spent,
+            "worker": self.worker,
             "lease_expires_at": self.lease_until, "run_at": self.run_at, "error": self.error, "result": self.result,
             "progress": self.history[-1].get("progress") if self.history else None,
             "history": [dict(entry) for entry in self.history],
@@ -623,6 +633,17 @@ class Queue:
         self._by_status: Dict[str, Dict[str, Task]] = {status: {} for status in STATUSES}
         self._ready: List[Tuple[int, str]] = []
         self._delayed: List[Tuple[int, str]] = []
+        # Groups (a task's `group`): each group's due tasks in a heap of its own, (-priority, id); the groups that
+        # may lease take turns through `_turns`, a heap of (-priority of their best task, stamp, turn, group),
+        # the live entry of each in `_turn_of`. A group's stamp is its first task's id, then, each time it is
+        # served, the newest id there is: it goes to the back of the line, behind every task and group that came
+        # before (round robin among equal priorities; ungrouped tasks, by id, take their turn in the same order).
+        self._group_ready: Dict[str, List[Tuple[int, str]]] = {}
+        self._group_running: Dict[str, int] = {}      # a group's tasks in progress (state: follows the statuses)
+        self._group_retrying: Dict[str, set] = {}     # a group's queued tasks waiting for a retry (checked when read)
+        self._turns: List[Tuple[int, str, int, str]] = []
+        self._turn_of: Dict[str, Tuple[int, str, int]] = {}
+        self._turn_count = 0
         self._leases: List[Tuple[int, str, int]] = []
         self._keys: Dict[str, str] = {}
         # Discarded tasks of a non-persistent queue: id -> (status, attempt, its outcome, key), oldest first.
@@ -702,7 +723,7 @@ class Queue:
             now = broker._now()
             self._close_key_windows(now)
             results, rows, new_keys = [], [], {}
-            for data, priority, delay, key, status, size in checked:
+            for data, priority, delay, key, status, size, group in checked:
                 if key is not None and (key in self._keys or key in new_keys):
                     known = new_keys.get(key) or (self._keys[key], self._key_status(key))
                     results.append({"_id": known[0], "status": known[1], "created": False})
@@ -710,9 +731,9 @@ class Queue:
                 task_id = broker._next_id()
                 if key is not None:
                     new_keys[key] = (task_id, status)
-                rows.append([task_id, data, priority, status, key, delay, size])
+                rows.append([task_id, data, priority, status, key, delay, size] + ([group] if group else []))
                 results.append({"_id": task_id, "status": status, "created": True})
-            if rows:  # one record for the whole request: [id, data, priority, status, key, delay, size] per task
+            if rows:  # one record for the whole request: [id, data, priority, status, key, delay, size, group?]
                 self._admit(len(rows))
                 broker._admit(sum(TASK_BYTES + row[6] for row in rows))
                 broker._commit([{"op": "insert", "q": self.name, "at": now, "tasks": rows}])
@@ -1008,6 +1029,7 @@ class Queue:
                 "waiting_workers": self._parked,
                 "paused": self.options["paused"],
                 "throttled_for_ms": max(0, self.throttled_until - now),
+                "groups": len(self._group_running.keys() | {name for name, heap in self._group_ready.items() if heap}),
                 "full": bool(self.options["max_queued"]) and len(queued) + len(self._by_status[PAUSED])
                 >= self.options["max_queued"],
                 "totals": dict(self.totals),
@@ -1015,7 +1037,7 @@ class Queue:
 
     # -- validation and planning (under the lock; no state changes) ---------------------------------------------
 
-    def _check_insert(self, where: str, entry: Any) -> Tuple[Any, int, int, Optional[str], str, int]:
+    def _check_insert(self, where: str, entry: Any) -> Tuple[Any, int, int, Optional[str], str, int, Optional[str]]:
         if not isinstance(entry, dict):
             raise BadRequest(f"{where} must be an object")
         try:
@@ -1034,9 +1056,12 @@ class Queue:
             status = entry.get("status", QUEUED)
             if status not in (QUEUED, PAUSED):
                 raise BadRequest(f"status of a new task must be queued or paused, got {_shown(status)}")
+            group = entry.get("group")
+            if "group" in entry:
+                group = _check_text("group", group, MAX_GROUP)
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc}", **exc.fields) from None
-        return data, priority, delay, key, status, size + (len(key) if key else 0)
+        return data, priority, delay, key, status, size + len(key or "") + len(group or ""), group
 
     def _admit(self, count: int) -> None:
         """Lock held: refuse an insert of `count` tasks that would take the queue past its max_queued (503, nothing
@@ -1190,9 +1215,7 @@ class Queue:
             run_at, task_id = heapq.heappop(delayed)
             task = tasks.get(task_id)
             if task is not None and task.status == QUEUED and task.run_at == run_at:
-                heapq.heappush(ready, (-task.priority, task_id))
-                if self._due_since is None:
-                    self._due_since = run_at
+                self._ready_now(task, run_at)
         if not writable:
             return  # the journal's disk fails: reads go on, expiries and hand-offs wait for it
         leases = self._leases
@@ -1324,14 +1347,22 @@ class Queue:
             limit = min(limit, int(self._refill(now)))
         if limit <= 0 or self.options["paused"] or now < self.throttled_until:
             return []
-        ready, tasks, ids, picked = self._ready, self._tasks, [], set()
-        while ready and len(ids) < limit:
-            _, task_id = heapq.heappop(ready)
-            task = tasks.get(task_id)
-            if task is not None and task.status == QUEUED and task.run_at <= now and task_id not in picked:
+        ready, tasks, ids, picked, taking = self._ready, self._tasks, [], set(), {}
+        if self._turns:  # groups wait for their turn: the general way
+            while len(ids) < limit:
+                task_id = self._next_ready(now, picked, taking)
+                if task_id is None:
+                    break
                 ids.append(task_id)
                 picked.add(task_id)
-        if not ready:
+        else:  # (no group has a task due: the ready heap alone, the hot path)
+            while ready and len(ids) < limit:
+                _, task_id = heapq.heappop(ready)
+                task = tasks.get(task_id)
+                if task is not None and task.status == QUEUED and task.run_at <= now and task_id not in picked:
+                    ids.append(task_id)
+                    picked.add(task_id)
+        if not self._ready and not self._turns:
             self._due_since = None  # nothing is due: nobody is missed
         if not ids:
             return []
@@ -1340,7 +1371,7 @@ class Queue:
                                    "until": self._lease_until(now, lease, now), "at": now}])
         except Unavailable:
             for task_id in ids:  # back in line (an entry the undo re-placed too is a harmless duplicate)
-                heapq.heappush(ready, (-tasks[task_id].priority, task_id))
+                self._ready_now(tasks[task_id], now)
             raise
         if self.options["rate"]:
             self._tokens -= len(ids)
@@ -1410,7 +1441,8 @@ class Queue:
             task_id, data, priority, status, key, delay = row[:6]
             size = row[6] if len(row) > 6 else _value_bytes(data) + len(key or "")  # journals of version 1
             # Without a delay, run_at is the very int of `at`: one object less per task.
-            task = Task(task_id, data, priority, status, key, at + delay if delay else at, at, size)
+            task = Task(task_id, data, priority, status, key, at + delay if delay else at, at, size,
+                        row[7] if len(row) > 7 else None)
             if undo is not None:
                 undo.append((self._put_back, task, None))
             tasks[task_id] = task
@@ -1545,7 +1577,7 @@ class Queue:
     def _apply_task(self, rec: Dict[str, Any]) -> None:
         size = rec["size"] if "size" in rec else _value_bytes(rec["data"]) + len(rec["key"] or "")
         task = Task(rec["id"], rec["data"], rec["priority"], rec["status"], rec["key"],
-                    rec["run_at"], rec["created_at"], size)
+                    rec["run_at"], rec["created_at"], size, rec.get("group"))
         for field in ("updated_at", "attempt", "spent", "worker", "lease_until", "error", "result"):
             setattr(task, field, rec[field])
         task.history = [dict(entry) for entry in rec["history"]] or ()
@@ -1557,6 +1589,8 @@ class Queue:
             self._place(task, rec["updated_at"])
         elif task.status == IN_PROGRESS:
             heapq.heappush(self._leases, (task.lease_until, task.id, task.attempt))
+            if task.group is not None:
+                self._count_running(task.group, QUEUED, IN_PROGRESS)
         elif task.status in FINAL_STATUSES and self.options["retain"]:
             heapq.heappush(self._retired, (task.updated_at, task.id))
         self._hold(task)
@@ -1586,7 +1620,8 @@ class Queue:
     def _adopt(self, other: "Queue") -> None:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
-                     "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "totals", "memory"):
+                     "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "_group_ready",
+                     "_group_running", "_group_retrying", "_turns", "_turn_of", "totals", "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -1623,6 +1658,7 @@ class Queue:
         """Undo a failed commit's change to `task`: make it what `state` (Task.save) says, or remove it if it was
         new (state None). Heap entries it left behind are stale, and skipped as any stale entry is."""
         held = self._tasks.get(task.id) is task
+        changed_from = task.status  # (what the failed commit made of it, held or discarded)
         if held:
             del self._by_status[task.status][task.id]
             if task.key is not None and self._keys.get(task.key) == task.id:
@@ -1632,6 +1668,8 @@ class Queue:
         if state is None:
             return
         task.restore(state)
+        if task.group is not None and changed_from != task.status:
+            self._count_running(task.group, changed_from, task.status)
         self._finished.pop(task.id, None)
         if not held:
             self._tasks[task.id] = task
@@ -1666,9 +1704,23 @@ class Queue:
     def _move(self, task: Task, status: str, at: int) -> None:
         del self._by_status[task.status][task.id]
         self._by_status[status][task.id] = task
+        if task.group is not None:
+            self._count_running(task.group, task.status, status)
         task.status, task.updated_at = status, at
         if status != IN_PROGRESS:
             task.lease_until = None
+
+    def _count_running(self, group: str, was: str, now_is: str) -> None:
+        """Keep a group's count of tasks in progress as one of them changes status; one ending frees its group to
+        take a turn again (at the back of the line)."""
+        running = self._group_running
+        if was == IN_PROGRESS and now_is != IN_PROGRESS:
+            running[group] -= 1
+            if not running[group]:
+                del running[group]
+            self._offer_turn(group, to_the_back=group not in self._turn_of)
+        elif now_is == IN_PROGRESS and was != IN_PROGRESS:
+            running[group] = running.get(group, 0) + 1
 
     def _requeue(self, task: Task, run_at: int, at: int) -> None:
         """Back to `queued`, due at `run_at`: a retry, a hand-back, a resume."""
@@ -1677,13 +1729,13 @@ class Queue:
         self._place(task, at)
 
     def _place(self, task: Task, now: int) -> None:
-        """Index a queued task in the ready or the delayed heap; earlier entries for it go stale."""
+        """Index a queued task in the ready (or its group's) or the delayed heap; earlier entries go stale."""
         if task.run_at <= now:
-            heapq.heappush(self._ready, (-task.priority, task.id))
-            if self._due_since is None:
-                self._due_since = now
+            self._ready_now(task, now)
         else:
             heapq.heappush(self._delayed, (task.run_at, task.id))
+            if task.group is not None and task.attempt:  # a retry: under "block" it holds its group back
+                self._group_retrying.setdefault(task.group, set()).add(task.id)
         if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
             self._reindex_queued(now)
         if self.options["expire_after"]:
@@ -1694,15 +1746,111 @@ class Queue:
     # Heaps are rebuilt from the tasks they index when stale entries outnumber live ones: the cost, proportional to
     # the live entries, is spread over at least as many operations, so it stays constant per operation.
 
+    def _ready_now(self, task: Task, now: int) -> None:
+        """A queued task is due: in the ready heap, or its group's (which then takes its turn)."""
+        if task.group is None:
+            heapq.heappush(self._ready, (-task.priority, task.id))
+        else:
+            heapq.heappush(self._group_ready.setdefault(task.group, []), (-task.priority, task.id))
+            self._offer_turn(task.group)
+        if self._due_since is None:
+            self._due_since = now
+
+    def _offer_turn(self, group: str, to_the_back: bool = False) -> None:
+        """Give `group` (with due tasks) an entry in the line of turns, or a better one for a better task; to the
+        back of the line once it has been served."""
+        heap, turn = self._group_ready.get(group), self._turn_of.get(group)
+        if not heap:
+            return
+        best = heap[0][0]
+        if turn is not None and not to_the_back:
+            if best >= turn[0]:
+                return  # its entry stands
+            stamp, count = turn[1], turn[2]
+        else:
+            stamp = heap[0][1] if turn is None and not to_the_back else self._broker.last_id()
+            self._turn_count += 1
+            count = self._turn_count
+        self._turn_of[group] = (best, stamp, count)
+        heapq.heappush(self._turns, (best, stamp, count, group))
+
+    def _group_open(self, group: str, now: int, taking: Dict[str, int]) -> bool:
+        """Whether `group` may have one more task in progress (with `taking` more about to be leased)."""
+        limit = self.options["group_limit"]
+        if limit and self._group_running.get(group, 0) + taking.get(group, 0) >= limit:
+            return False
+        retrying = self._group_retrying.get(group)
+        if retrying and self.options["group_on_failure"] == "block":
+            for task_id in list(retrying):
+                task = self._tasks.get(task_id)
+                if task is None or task.status != QUEUED or task.run_at <= now or task.group != group:
+                    retrying.discard(task_id)
+            if not retrying:
+                del self._group_retrying[group]
+            return not retrying
+        return True
+
+    def _next_ready(self, now: int, picked: set, taking: Dict[str, int]) -> Optional[str]:
+        """The next task to lease, or None: the best due ungrouped task, or the best task of the group whose turn
+        it is, whichever comes first by priority, then id or stamp. Stale entries met on the way are dropped; a
+        group that may not lease now leaves the line until a task of it finishes or comes due."""
+        ready, tasks, turns = self._ready, self._tasks, self._turns
+
+        def due(entry: Tuple[int, str]) -> bool:
+            task = tasks.get(entry[1])
+            return task is not None and task.status == QUEUED and task.run_at <= now and entry[1] not in picked
+
+        while ready and not due(ready[0]):
+            heapq.heappop(ready)
+        while turns:
+            best, stamp, count, group = turns[0]
+            if self._turn_of.get(group) != (best, stamp, count):
+                heapq.heappop(turns)  # stale
+                continue
+            heap = self._group_ready.get(group, [])
+            while heap and not due(heap[0]):
+                heapq.heappop(heap)
+            if not heap or not self._group_open(group, now, taking):
+                heapq.heappop(turns)
+                del self._turn_of[group]
+                if not heap:
+                    self._group_ready.pop(group, None)
+                continue
+            if heap[0][0] != best:  # its best task changed: the same place in line, another priority
+                heapq.heappop(turns)
+                self._turn_of[group] = (heap[0][0], stamp, count)
+                heapq.heappush(turns, (heap[0][0], stamp, count, group))
+                continue
+            break
+        if ready and (not turns or ready[0] <= turns[0][:2]):
+            return heapq.heappop(ready)[1]
+        if not turns:
+            return None
+        group = heapq.heappop(turns)[3]
+        del self._turn_of[group]
+        task_id = heapq.heappop(self._group_ready[group])[1]
+        taking[group] = taking.get(group, 0) + 1
+        self._offer_turn(group, to_the_back=True)
+        return task_id
+
     def _reindex_queued(self, now: int) -> None:
         self._ready, self._delayed = [], []
+        self._group_ready, self._group_retrying, self._turns, self._turn_of = {}, {}, [], {}
         for task in self._by_status[QUEUED].values():
             if task.run_at <= now:
-                self._ready.append((-task.priority, task.id))
+                if task.group is None:
+                    self._ready.append((-task.priority, task.id))
+                else:
+                    self._group_ready.setdefault(task.group, []).append((-task.priority, task.id))
             else:
                 self._delayed.append((task.run_at, task.id))
+                if task.group is not None and task.attempt:
+                    self._group_retrying.setdefault(task.group, set()).add(task.id)
         heapq.heapify(self._ready)
         heapq.heapify(self._delayed)
+        for group, heap in self._group_ready.items():
+            heapq.heapify(heap)
+            self._offer_turn(group)
 
     def _reindex_aging(self) -> None:
         self._aging = [(task.run_at, task.id) for task in self._by_status[QUEUED].values()]
@@ -1913,6 +2061,10 @@ class Broker:
     def _now(self) -> int:
         wall_ms, monotonic = self._origin
         return int(round(wall_ms + (self._clock.monotonic() - monotonic) * 1000.0))
+
+    def last_id(self) -> str:
+        """The id of the task made last (lock held): ids sort in the order tasks were made."""
+        return f"{self._epoch}-{self._seq:012d}"
 
     def _next_id(self) -> str:
         self._seq += 1
@@ -3552,6 +3704,10 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
            [("", f'queue="{s["queue"]}"', (s["oldest_queued_age_ms"] or 0) / 1000.0) for s in stats])
     family("katar_waiting_workers", "gauge", "Long polls waiting for a task.",
            [("", f'queue="{s["queue"]}"', s["waiting_workers"]) for s in stats])
+    family("katar_queue_groups", "gauge", "Groups with tasks due or in progress.",
+           [("", f'queue="{s["queue"]}"', s["groups"]) for s in stats])
+    family("katar_queue_throttled_seconds", "gauge", "How long the queue still hands out nothing (a worker's "
+           "throttle).", [("", f'queue="{s["queue"]}"', s["throttled_for_ms"] / 1000.0) for s in stats])
     seen = broker.worker_counts()
     family("katar_queue_workers", "gauge", "Workers heard from in the last hour (named ones by id, anonymous "
            "pollers by address).", [("", f'queue="{s["queue"]}"', seen.get(s["queue"], 0)) for s in stats])
@@ -4057,9 +4213,15 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
     any_json = {"description": "any JSON value"}
     nullable_int = _schema(["integer", "null"])
     nullable_text = _schema(["string", "null"])
-    queue_options = {name: _schema("boolean") if isinstance(value, bool) else
-                     _schema("number", minimum=RATE_OPTIONS[name][0], maximum=RATE_OPTIONS[name][1])
-                     if name in RATE_OPTIONS else _integer(*QUEUE_BOUNDS[name]) for name, value in QUEUE_DEFAULTS.items()}
+    def option_schema(name: str, value: Any) -> Dict[str, Any]:
+        if isinstance(value, bool):
+            return _schema("boolean")
+        if name in RATE_OPTIONS:
+            return _schema("number", minimum=RATE_OPTIONS[name][0], maximum=RATE_OPTIONS[name][1])
+        if name in CHOICE_OPTIONS:
+            return _schema("string", enum=list(CHOICE_OPTIONS[name]))
+        return _integer(*QUEUE_BOUNDS[name])
+    queue_options = {name: option_schema(name, value) for name, value in QUEUE_DEFAULTS.items()}
     return {
         "TaskId": _schema("string", minLength=1, maxLength=MAX_TASK_ID, example="5f0c2a9e-000000000042",
                           description="a task id: the server's random prefix, then a sequence number"),
@@ -4138,6 +4300,8 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "delay": _integer(0, MAX_DELAY_MS, description="ms before it may be leased"),
             "key": _schema("string", maxLength=MAX_KEY, description="an insert with a key the queue holds or "
                                                                     "remembers creates nothing"),
+            "group": _schema("string", maxLength=MAX_GROUP, description="its group: at most group_limit of a group "
+                                                                        "in progress at once, groups take turns"),
             "status": _schema("string", enum=[QUEUED, PAUSED])}, required=["data"]),
         "Insert": {"oneOf": [_ref("TaskInput"), _ref("TaskList")]},
         "TaskList": _object({"tasks": _schema("array", items=_ref("TaskInput"), minItems=1,
@@ -4155,7 +4319,8 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "progress": dict(any_json, description="the latest delivery's last progress")}, closed=False),
         "Task": _object({
             "_id": _ref("TaskId"), "queue": _schema("string"), "status": _schema("string", enum=list(STATUSES)),
-            "data": any_json, "priority": _schema("integer"), "key": nullable_text, "attempt": _schema("integer"),
+            "data": any_json, "priority": _schema("integer"), "key": nullable_text, "group": nullable_text,
+            "attempt": _schema("integer"),
             "attempts_spent": _schema("integer"), "worker": nullable_text, "lease_expires_at": nullable_int,
             "run_at": _schema("integer"), "error": nullable_text, "result": any_json,
             "progress": dict(any_json, description="the last progress its latest delivery reported (null: none)"),
@@ -4175,6 +4340,7 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "throttled_for_ms": _schema("integer", description="how long the queue still hands out nothing (a "
                                                                "worker's throttle)"),
             "full": _schema("boolean", description="the queue holds its max_queued: inserts are refused"),
+            "groups": _schema("integer", description="groups with tasks due or in progress"),
             "totals": _object({name: _schema("integer") for name in TOTALS}, required=TOTALS, closed=False)},
             required=["queue", "counts", "total", "oldest_queued", "oldest_queued_age_ms", "waiting_workers",
                       "paused", "totals"], closed=False),
@@ -4473,6 +4639,7 @@ async function refresh() {
                                                      {paused: r.toggle.textContent === "Pause"}));
       });
       row.cells[0].textContent = s.queue + (s.paused ? " (paused)" : "") + (s.full ? " (full)" : "") +
+        (s.groups ? " (" + s.groups + " groups)" : "") +
         (s.throttled_for_ms ? " (throttled for " + (s.throttled_for_ms / 1000).toFixed(0) + " s)" : "");
       statuses.forEach((status, i) => { row.cells[i + 1].textContent = s.counts[status]; });
       row.cells[7].textContent = s.waiting_workers;

@@ -6495,5 +6495,113 @@ class AgesJournalTest(JournalOverHttpTestCase):
         with self.assertRaises(K.NotFound):
             again.get("jobs").task(finished)
 
+class GroupTest(ServerTestCase):
+    """Groups through HTTP: order and limits per group, turns among groups."""
+
+    queue_options = {"persistent": True, "group_limit": 1, "backoff": 1000, "max_backoff": 1000}
+
+    def test_ten_groups_of_fifty_with_eight_workers_finish_in_order_one_at_a_time_and_together(self):
+        for group in range(10):  # one group after the other: first come would be first served, without turns
+            self.insert(*[{"data": [group, n], "group": f"customer-{group}"} for n in range(50)])
+        lock, running, received, violations, done_order = threading.Lock(), set(), {}, [], []
+
+        def work(name):
+            while True:
+                status, tasks = self.poll({"worker": name, "max": 1})
+                if status == 204:
+                    return
+                group, n = tasks[0]["data"]
+                with lock:
+                    if group in running:
+                        violations.append(("two at once", group, n))
+                    running.add(group)
+                    received.setdefault(group, []).append(n)
+                with lock:  # the work is done before its report leaves
+                    running.discard(group)
+                    done_order.append(group)
+                self.poll({"tasks": [{"_id": tasks[0]["_id"], "status": "done"}], "max": 0}, expect=204)
+
+        workers = [threading.Thread(target=work, args=(f"w{n}",)) for n in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        self.assertEqual(violations, [])
+        self.assertEqual({group: ns for group, ns in received.items()}, {group: list(range(50)) for group in range(10)})
+        # Fairness, measured: at every point of the run, the groups' progress differs by a few tasks at most.
+        progress, spread = [0] * 10, 0
+        for group in done_order:
+            progress[group] += 1
+            spread = max(spread, max(progress) - min(progress))
+        self.assertLessEqual(spread, 3, "the groups progress together")
+
+    def failing_group(self, on_failure):
+        self.broker.queue("jobs", group_on_failure=on_failure)
+        first, second = self.insert({"data": "a", "group": "g"}, {"data": "b", "group": "g"})
+        other, = self.insert({"data": "c", "group": "h"})
+        task = self.lease_one(worker="w")
+        self.assertEqual(task["_id"], first)
+        self.poll({"tasks": [{"_id": first, "status": "failed", "error": "x"}], "max": 0}, expect=204)
+        return first, second, other
+
+    def test_block_keeps_a_groups_order_while_its_failed_task_waits_for_its_retry(self):
+        first, second, other = self.failing_group("block")
+        self.assertEqual(self.lease_one()["_id"], other)  # another group goes on
+        self.assertEqual(self.poll({"max": 1})[0], 204)  # g waits for its retry
+        self.clock.advance(1000)
+        self.assertEqual(self.lease_one()["_id"], first)  # the retry, then the rest, in order
+        self.poll({"tasks": [{"_id": first, "status": "done"}], "max": 0}, expect=204)
+        self.assertEqual(self.lease_one()["_id"], second)
+
+    def test_skip_lets_a_group_go_on_while_its_failed_task_waits(self):
+        first, second, other = self.failing_group("skip")
+        self.assertEqual({self.lease_one()["_id"] for _ in range(2)}, {second, other})
+        self.clock.advance(1000)
+        self.assertEqual(self.poll({"max": 1})[0], 204)  # the retry is due, but its group has one in progress
+        self.poll({"tasks": [{"_id": second, "status": "done"}], "max": 0}, expect=204)
+        self.assertEqual(self.lease_one()["_id"], first)
+
+    def test_groups_take_turns_with_ungrouped_tasks_and_a_limit_above_one(self):
+        self.broker.queue("jobs", group_limit=2)
+        busy = self.insert(*[{"data": n, "group": "busy"} for n in range(6)])
+        quiet, = self.insert({"data": "q", "group": "quiet"})
+        plain, = self.insert({"data": "p"})
+        status, tasks = self.poll({"max": 10}, expect=200)
+        self.assertEqual([t["_id"] for t in tasks], [busy[0], quiet, plain, busy[1]])  # turns, then busy's limit
+        self.assertEqual(self.counts()["in progress"], 4)
+
+    def test_bad_group_input_is_refused(self):
+        for body in ({"data": 1, "group": 5}, {"data": 1, "group": "x" * 257}, {"data": 1, "group": None},
+                     {"data": 1, "group": ["a"]}):
+            with self.subTest(body=str(body)[:60]):
+                self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", body)[0], 400)
+        for options in ({"group_limit": -1}, {"group_limit": "1"}, {"group_on_failure": "wait"},
+                        {"group_on_failure": None}, {"group_limit": 10 ** 7}):
+            with self.subTest(options=options):
+                self.assertEqual(self.call("PUT", "/v1/queue/jobs", options)[0], 400)
+        self.assertEqual(self.counts()["queued"], 0)
+
+
+class GroupJournalTest(JournalOverHttpTestCase):
+    def test_groups_and_their_limits_hold_across_a_restart_and_a_compaction(self):
+        self.broker.queue("jobs", group_limit=1)
+        first, second = self.insert({"data": 1, "group": "g"}, {"data": 2, "group": "g"})
+        self.assertEqual(self.lease_one()["_id"], first)
+        self.server.close()
+        for compact in (False, True, False):
+            again = K.Broker(clock=self.clock, journal=self.path)
+            jobs = again.get("jobs")
+            self.assertEqual(jobs.task(second)["group"], "g")
+            self.assertEqual(jobs.lease(), [])  # g has one in progress still
+            if compact:
+                again.compact()
+            again.close()
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        jobs = again.get("jobs")
+        jobs.report([{"_id": first, "status": "done"}])
+        self.assertEqual(jobs.lease()[0]["_id"], second)
+
+
 if __name__ == "__main__":
     unittest.main()
