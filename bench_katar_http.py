@@ -480,16 +480,15 @@ def run_clients(pool, function, argument_lists: list) -> tuple:
     return sum(values), time.time() - start_at
 
 
-def prefill(port: int, count: int) -> None:
+def prefill(port: int, count: int, groups: int = 0, queue: str = QUEUE) -> None:
+    """Insert `count` tasks, 1000 a request; with `groups`, task n in group n % groups."""
     connection = _connect(port)
-    body = json.dumps({"tasks": [{"data": DATA}] * 1000}).encode()
-    for _ in range(count // 1000):
-        status, _ = _post(connection, f"/v1/queue/{QUEUE}/tasks", body)
+    for first in range(0, count, 1000):
+        tasks = [dict({"data": DATA}, **({"group": "g%d" % (n % groups)} if groups else {}))
+                 for n in range(first, min(count, first + 1000))]
+        status, _ = _post(connection, f"/v1/queue/{queue}/tasks", json.dumps({"tasks": tasks}).encode())
         if status != 201:
             raise SystemExit(f"prefill answered {status}")
-    rest = count % 1000
-    if rest:
-        _post(connection, f"/v1/queue/{QUEUE}/tasks", json.dumps({"tasks": [{"data": DATA}] * rest}).encode())
     connection.close()
 
 
@@ -668,6 +667,97 @@ def scale(options: argparse.Namespace) -> None:
         ("RSS bytes per queued task", per_task, "<=", 500),
         (f"replay s, {big:,} tasks", replay_seconds - startup, "<=", 10),
     ])
+    print("command: python3 " + " ".join([os.path.basename(__file__)] + sys.argv[1:]))
+
+
+def set_queue(port: int, queue: str, options: dict) -> None:
+    connection = _connect(port)
+    status, payload = connection.request("PUT", f"/v1/queue/{queue}", json.dumps(options).encode())
+    connection.close()
+    if status not in (200, 201):
+        raise SystemExit(f"PUT /v1/queue/{queue} answered {status}: {payload!r}")
+
+
+def flood_client(port: int, seconds: float, start_at: float) -> tuple:
+    """Insert into the queue `flood` (full) as fast as the server answers; returns (answered 201, answered 503)."""
+    connection = _connect(port)
+    body = json.dumps({"data": DATA}).encode()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    accepted = refused = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        status, _ = _post(connection, "/v1/queue/flood/tasks", body)
+        accepted, refused = accepted + (status == 201), refused + (status == 503)
+    connection.close()
+    return accepted, refused
+
+
+def parked_poll(port: int, wait: int) -> int:
+    """One long poll of `wait` ms (it waits for a token of the rate limit); returns its status."""
+    connection = _connect(port)
+    status, _ = _post(connection, f"/v1/queue/{QUEUE}", json.dumps({"max": 1, "wait": wait}).encode())
+    connection.close()
+    return status
+
+
+def flow(options: argparse.Namespace) -> None:
+    """--flow (issue 14): leasing with 100,000 groups against none; the CPU a rate-limited queue costs while
+    long polls wait for its tokens; a queue flooded past its max_queued beside one served as usual."""
+    context = multiprocessing.get_context("spawn")
+    groups, drained, rows = options.flow_groups, options.tasks, []
+    with context.Pool(max(options.workers, options.producers) * 2 + 2) as pool:
+        rates = {}
+        for count in (0, groups):
+            server = Server("katar", program=options.server)
+            prefill(server.port, groups + drained, groups=count)  # the same queue, grouped or not
+            moved, wall = run_clients(pool, drain_client, [(server.port, 1, 600, drained // options.workers)]
+                                      * options.workers)
+            rates[count] = moved / wall
+            server.stop()
+        rows.append((f"W2 with {groups:,} groups, x without groups", rates[groups] / rates[0], ">=", 0.8))
+        print(f"W2 without groups {rates[0]:.0f} tasks/s, with {groups:,} groups (one task each due at a time) "
+              f"{rates[groups]:.0f} tasks/s")
+        # A rate-limited queue whose long polls wait for tokens, against the same server idle.
+        server = Server("katar", program=options.server)
+        idle_before = server.cpu_seconds()
+        time.sleep(options.seconds)
+        idle = (server.cpu_seconds() - idle_before) / options.seconds
+        set_queue(server.port, QUEUE, {"rate": 0.01, "burst": 1})
+        prefill(server.port, 100)
+        parked = [pool.apply_async(parked_poll, (server.port, 30000)) for _ in range(4)]
+        time.sleep(1.0)  # one task leased at once (the burst), then the polls wait for the next token, 100 s away
+        before = server.cpu_seconds()
+        time.sleep(options.seconds)
+        waiting = (server.cpu_seconds() - before) / options.seconds
+        server.stop()
+        for result in parked:
+            with contextlib.suppress(Exception):
+                result.get(1)
+        print(f"server CPU: idle {idle * 1000:.1f} ms/s; rate-limited queue with 4 long polls waiting for "
+              f"tokens {waiting * 1000:.1f} ms/s")
+        rows.append(("CPU ms/s while polls wait for tokens, idle + 5", waiting * 1000, "<=", idle * 1000 + 5))
+        # A served queue alone, then beside a queue flooded past its max_queued.
+        seen = {}
+        for flooded in (False, True):
+            server = Server("katar", program=options.server)
+            set_queue(server.port, "flood", {"max_queued": 1000})
+            start_at = time.time() + 0.3
+            floods = [pool.apply_async(flood_client, (server.port, options.seconds, start_at))
+                      for _ in range(options.producers if flooded else 0)]
+            inserted, wall = run_clients(pool, insert_client, [(server.port, 1, options.seconds)] * options.producers)
+            seen[flooded] = inserted / wall
+            answered = [result.get(60) for result in floods]
+            server.stop()
+            if flooded:
+                print(f"flood: {sum(a for a, _ in answered):,} inserts accepted and "
+                      f"{sum(r for _, r in answered):,} refused (503) into a queue of max_queued 1000")
+        print(f"inserts into the served queue: alone {seen[False]:.0f}/s, beside the flood {seen[True]:.0f}/s")
+        # The server's one loop serves the flood's requests too: as many flood producers as served ones leave the
+        # served queue half the loop at best. What must not happen is worse: the flood crowding it out.
+        rows.append(("served queue's inserts beside a flood, x alone (fair share 0.5)", seen[True] / seen[False],
+                     ">=", 0.4))
+    print_bars(rows)
     print("command: python3 " + " ".join([os.path.basename(__file__)] + sys.argv[1:]))
 
 
@@ -851,6 +941,10 @@ def main() -> None:
                         help="tasks per insert request in --connections (default 1)")
     parser.add_argument("--connections-timeout", type=float, default=120.0, metavar="S",
                         help="how long parking them all may take before --connections gives up (default 120)")
+    parser.add_argument("--flow", action="store_true",
+                        help="flow control: 100,000 groups; a rate-limited queue's idle CPU; a flooded queue beside "
+                             "a served one")
+    parser.add_argument("--flow-groups", type=int, default=100000, metavar="N", help="groups of --flow")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     options.server = os.path.abspath(options.server)
@@ -860,6 +954,8 @@ def main() -> None:
         run_baseline_server()
     elif options.connections:
         connections(options)
+    elif options.flow:
+        flow(options)
     elif options.scale:
         if options.quick:
             options.scale_tasks, options.tasks = 100000, 5000

@@ -600,6 +600,14 @@ class Fleet:
         if seen is not None:
             seen.notices.setdefault(queue, {})[task_id] = None
 
+    def told(self, worker: str, queue: str, task_ids: Iterable[str]) -> None:
+        """The named `worker` has heard of these (a 409's `cancel`, or a newer delivery of the task handed to it):
+        no answer repeats them, where it could be taken for the newer delivery."""
+        seen = self._seen.get((worker, None))
+        pending = seen.notices.get(queue) if seen is not None else None
+        for task_id in task_ids if pending else ():
+            pending.pop(task_id, None)
+
     def workers(self, now: int) -> List[Seen]:
         """Those remembered at `now`, the most recently heard from first."""
         self.forget(now)
@@ -781,7 +789,12 @@ class Queue:
             self._check_lease("lease", lease)
             self._tick(now)
             self.last_polled = now
-            records = self._plan_reports(reports, now, lease) if reports else []
+            try:
+                records = self._plan_reports(reports, now, lease) if reports else []
+            except Conflict as exc:
+                if worker is not None and exc.fields.get("cancel"):
+                    broker.fleet.told(worker, self.name, exc.fields["cancel"])
+                raise
             if throttle and now + throttle > self.throttled_until:
                 records.append({"op": "throttle", "q": self.name, "until": now + throttle, "at": now})
             if records:
@@ -917,8 +930,12 @@ class Queue:
             now = broker._now()
             self._tick(now)
             ids = list(self._by_status[status])
+            lapsed = [(task.latest()["worker"], task.id) for task in map(self._tasks.__getitem__, ids)
+                      if self._open_delivery(task)]  # leases that ran out: their workers may be at them still
             if ids:
                 broker._commit([{"op": "purge", "q": self.name, "ids": ids, "at": now}])
+            for worker, task_id in lapsed:
+                self._tell(worker, task_id)
             return len(ids)
 
     def tasks(self, status: Optional[str] = None, limit: int = 100, after: Optional[str] = None,
@@ -964,6 +981,8 @@ class Queue:
             held = seen.held.setdefault(self.name, {})
             for task in leased:
                 held[task["_id"]] = task["attempt"]
+            if worker is not None and leased and seen.notices.get(self.name):
+                broker.fleet.told(worker, self.name, [task["_id"] for task in leased])
             if len(held) > 2 * seen.swept.get(self.name, 0) + 64:  # swept now and then: the cost stays constant
                 for task_id, attempt in list(held.items()):
                     if self._delivery_state(task_id, attempt) in ("taken", "ended"):
@@ -1112,6 +1131,10 @@ class Queue:
                     if memo[0] == CANCELLED:
                         cancel.append(task_id)
                 continue
+            if self._past_max_run(task, now) and attempt in (None, task.attempt):
+                conflicts.append((task_id, f"task {task_id} ran past its queue's max_run ({RUN_TIME_EXCEEDED})"))
+                cancel.append(task_id)
+                continue
             if self._open_delivery(task) and attempt in (None, task.attempt):
                 if status == DONE:
                     done["ids"].append(task_id)
@@ -1156,6 +1179,13 @@ class Queue:
                 return f"delivery {attempt} of task {task.id} was superseded by {task.attempt}"
             return f"task {task.id} lost its lease (it ran out) and is {task.status}"
         return None
+
+    def _past_max_run(self, task: Task, now: int) -> bool:
+        """Whether the latest delivery of `task`, its lease run out, has also run past max_run by `now`: then no
+        late report revives it (one still in progress fails from the clock)."""
+        latest, limit = task.latest(), self.options["max_run"]
+        return bool(limit) and task.status != IN_PROGRESS and latest is not None and \
+            latest["outcome"] == "expired" and self._open_delivery(task) and now >= latest["leased_at"] + limit
 
     def _check_lease(self, field: str, lease: Optional[int]) -> None:
         """Lock held: a lease a worker asks for may be at most the queue's max_lease."""
@@ -5506,6 +5536,8 @@ class Runner:
         self._running: Dict[Tuple[str, int], Optional[subprocess.Popen]] = {}
         self._stopped: set = set()  # deliveries stopped because this worker stops
         self._taken: Dict[Tuple[str, int], str] = {}  # deliveries the server took away -> why
+        self._since: Dict[Tuple[str, int], float] = {}  # delivery -> when it was handed to this worker
+        self._awaited: set = set()  # deliveries whose command's output is still open (its group may be signalled)
         self._random = random.Random()
 
     def stop(self) -> None:
@@ -5531,6 +5563,7 @@ class Runner:
                 free = self.concurrency - len(self._running)
             if self.stopping.is_set():
                 break
+            sent = time.monotonic()
             polled = self._retry("lease", lambda: self.client.poll(self.queue, max=free, wait=self.wait,
                                                                    worker=self.worker))
             if polled is None:
@@ -5538,7 +5571,7 @@ class Runner:
                     break
                 return 1
             tasks, cancel = polled
-            self._take_away_all(cancel)
+            self._take_away_all(cancel, sent)
             if self.stopping.is_set() and tasks:  # taken as we were told to stop: give them back untouched
                 self._report([{"_id": t["_id"], "attempt": t["attempt"], "status": QUEUED} for t in tasks])
                 break
@@ -5549,6 +5582,7 @@ class Runner:
                     self._take_away(delivery, f"superseded by delivery {task['attempt']}, handed to this worker")
                 with self._changed:
                     self._running[(task["_id"], task["attempt"])] = None  # its slot is taken before it starts
+                    self._since[(task["_id"], task["attempt"])] = time.monotonic()
                 thread = threading.Thread(target=self._run_task, args=(task,), name="katar task " + task["_id"])
                 thread.start()
                 threads.append(thread)
@@ -5567,9 +5601,9 @@ class Runner:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._changed:
             for delivery, process in self._running.items():
-                if process is not None and process.poll() is None:
+                if process is not None and delivery in self._awaited:
                     self._stopped.add(delivery)
-                    _kill_group(process)
+                    _signal_group(process, signal.SIGKILL)
         for thread in threads:
             thread.join()
 
@@ -5590,13 +5624,16 @@ class Runner:
         else:
             with self._changed:
                 self._running[delivery] = process
+                self._awaited.add(delivery)
                 stop_now = delivery in self._taken  # taken away while it was starting
             if stop_now:
-                self._stop_command(process)
+                self._stop_command(delivery, process)
             beating = threading.Event()
             heart = threading.Thread(target=self._beat, args=(task_id, attempt, beating, progress_file), daemon=True)
             heart.start()
             report.update(self._outcome(process, task))
+            with self._changed:
+                self._awaited.discard(delivery)  # its output closed: its group is not signalled any more
             beating.set()
         with contextlib.suppress(OSError):
             os.unlink(progress_file)
@@ -5608,6 +5645,7 @@ class Runner:
             self.client.close()
             with self._changed:
                 self._running.pop(delivery, None)
+                self._since.pop(delivery, None)
                 self._changed.notify_all()
             return
         if not self.quiet:  # one line per task: what ran, how it ended, how long it took
@@ -5619,6 +5657,7 @@ class Runner:
         self.client.close()  # this thread's connection: the thread ends here
         with self._changed:
             self._running.pop(delivery, None)
+            self._since.pop(delivery, None)
             self._changed.notify_all()
 
     def _outcome(self, process: subprocess.Popen, task: Dict[str, Any]) -> Dict[str, Any]:
@@ -5627,7 +5666,7 @@ class Runner:
             out, err = process.communicate(data, timeout=self.timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
-            _kill_group(process)
+            _signal_group(process, signal.SIGKILL)  # (its output is open: the group is still there)
             out, err = process.communicate()
             timed_out = True
         tail = err[-2000:].decode("utf-8", "replace").strip()
@@ -5657,11 +5696,12 @@ class Runner:
                 with contextlib.suppress(ValueError):
                     more["progress"] = json.loads(line)
                 more.setdefault("progress", line)
+            asked = time.monotonic()
             try:
                 cancel = self.client.heartbeat(self.queue, task_id, attempt, worker=self.worker, **more)
                 sent = line if more else sent
-            except Conflict as exc:  # this delivery (its attempt is in the report) was taken, if cancel says so
-                if task_id in (exc.fields.get("cancel") or []):
+            except (Conflict, NotFound) as exc:  # this delivery (its attempt is in the report) was taken, or is gone
+                if task_id in (exc.fields.get("cancel") or []) or (isinstance(exc, NotFound) and task_id in exc.ids):
                     self._take_away((task_id, attempt), str(exc))
                 else:
                     self.log(f"heartbeat for {task_id} refused: {exc}")
@@ -5669,15 +5709,15 @@ class Runner:
             except CONNECTION_ERRORS + (KatarError,) as exc:
                 self.log(f"heartbeat for {task_id} failed: {exc}")
                 continue
-            self._take_away_all(cancel)
+            self._take_away_all(cancel, asked)
         self.client.close()  # this thread's connection
 
-    def _take_away_all(self, cancel: List[str]) -> None:
-        """`cancel` of an answer: the latest delivery handed to this worker of each task named was taken from it
-        (an earlier one still running here was superseded anyway): stop every delivery of them."""
+    def _take_away_all(self, cancel: List[str], asked: float) -> None:
+        """`cancel` of an answer to a request sent at `asked`: the deliveries of these tasks handed to this worker
+        before then were taken from it; stop them. (One handed to it since is newer than what the answer knew.)"""
         for task_id in cancel:
             with self._changed:
-                deliveries = [key for key in self._running if key[0] == task_id]
+                deliveries = [key for key in self._running if key[0] == task_id and self._since.get(key, 0) < asked]
             for delivery in deliveries:
                 self._take_away(delivery, "the server took it away (cancelled, past max_run, or its lease lost)")
 
@@ -5688,15 +5728,22 @@ class Runner:
             if process is False or delivery in self._taken:
                 return  # not running here (any more), or being stopped already
             self._taken[delivery] = why
-        if process is not None:  # else it has not started: _run_task stops it as it starts
-            self._stop_command(process)
+            awaited = delivery in self._awaited
+        if process is not None and awaited:  # else it has not started (_run_task stops it as it starts), or ended
+            self._stop_command(delivery, process)
 
-    def _stop_command(self, process: subprocess.Popen) -> None:
-        """SIGTERM to the command's process group, SIGKILL cancel_grace seconds later if it still runs."""
+    def _stop_command(self, delivery: Tuple[str, int], process: subprocess.Popen) -> None:
+        """SIGTERM to the command's process group, SIGKILL cancel_grace seconds later if its output is still open
+        (its leader may have exited while a child that ignores SIGTERM holds on)."""
         _signal_group(process, signal.SIGTERM)
-        killer = threading.Timer(self.cancel_grace, _signal_group, (process, signal.SIGKILL))
+        killer = threading.Timer(self.cancel_grace, self._kill_if_awaited, (delivery, process))
         killer.daemon = True
         killer.start()
+
+    def _kill_if_awaited(self, delivery: Tuple[str, int], process: subprocess.Popen) -> None:
+        with self._changed:
+            if delivery in self._awaited and self._running.get(delivery) is process:
+                _signal_group(process, signal.SIGKILL)
 
     def _report(self, reports: List[Dict[str, Any]]) -> None:
         """Send reports until the server takes them (or refuses them for good); give up only when stopping and
@@ -5741,15 +5788,11 @@ class Runner:
             delay = min(delay * 2, 10.0)
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    _signal_group(process, signal.SIGKILL)
-
-
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    """Signal a command's process group, unless the command has ended (its group may be gone, or reused)."""
-    if process.poll() is None:
-        with contextlib.suppress(OSError):
-            os.killpg(process.pid, signum)
+    """Signal a command's process group (a session of its own: its id is the command's pid). Callers signal only
+    while the command's output is still open, so the group is still there and its id not reused."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signum)
 
 
 def _last_line(path: str, limit: int = 65536) -> Optional[str]:

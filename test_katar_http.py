@@ -5737,6 +5737,41 @@ class SteeringTest(ServerTestCase):
         self.assertEqual(self.heartbeat(task, expect=409)[1]["cancel"], [task_id])
         self.assertEqual(self.poll({"worker": "w1"}, expect=204)[0], 204)  # told once
 
+    def test_a_409_that_says_cancel_uses_the_notice_up(self):
+        task_id, = self.insert({"data": 1})
+        task = self.lease_one(worker="w1")
+        self.call("DELETE", f"/v1/queue/jobs/tasks/{task_id}")
+        self.assertEqual(self.heartbeat(task, expect=409)[1]["cancel"], [task_id])
+        self.assertEqual(self.poll({"worker": "w1", "max": 0})[0], 204)  # not told twice
+
+    def test_a_worker_handed_a_newer_delivery_is_not_told_to_cancel_it(self):
+        task_id, = self.insert({"data": 1})
+        self.lease_one(worker="w1", lease=1000)
+        self.clock.advance(1000)
+        self.assertEqual(self.lease_one(worker="w2", lease=1000)["attempt"], 2)  # w1's lease was lost: noted
+        self.clock.advance(1000)  # and w2's runs out too; the task comes back to w1
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"worker": "w1", "max": 1})
+        self.assertEqual((status, [t["attempt"] for t in payload["tasks"]], payload.get("cancel")), (200, [3], None))
+        self.assertEqual(self.poll({"worker": "w1", "max": 0})[0], 204)
+
+    def test_a_purge_of_a_task_whose_lease_ran_out_tells_its_worker(self):
+        task_id, = self.insert({"data": 1})
+        self.lease_one(worker="w1", lease=1000)
+        self.clock.advance(1000)
+        self.poll({"worker": "w2", "max": 0})  # the clock runs: the lease ran out, the task is queued again
+        self.assertEqual(self.call("DELETE", "/v1/queue/jobs/tasks?status=queued")[1], {"purged": 1})
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"worker": "w1", "max": 0})
+        self.assertEqual((status, payload), (200, {"tasks": [], "cancel": [task_id]}))
+
+    def test_a_delivery_whose_lease_ran_out_past_max_run_is_not_revived(self):
+        self.broker.queue("jobs", max_run=3000, lease=1000)
+        task_id, = self.insert({"data": 1})
+        task = self.lease_one(worker="w1")
+        self.clock.advance(3500)  # its lease ran out at 1 s, its run time at 3 s
+        status, payload = self.heartbeat(task, expect=409)
+        self.assertEqual(payload["cancel"], [task_id])
+        self.assertIn("max_run", payload["error"])
+
     def test_an_original_worker_sees_only_the_409_it_already_handles(self):
         task_id, = self.insert({"data": 1})
         self.poll(expect=200)  # no worker id, no attempt: the original protocol
@@ -5772,12 +5807,12 @@ class SteeringTest(ServerTestCase):
         self.assertEqual(self.poll({"worker": "w1", "max": 0}, expect=204)[0], 204)
         second = self.lease_one(worker="w2")
         self.assertEqual(second["attempt"], 2)
-        status, payload = self.heartbeat(first, expect=409)
+        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"worker": "w1", "max": 0})  # its next contact
+        self.assertEqual((status, payload), (200, {"tasks": [], "cancel": [task_id]}))
+        status, payload = self.heartbeat(first, expect=409)  # and its late heartbeat
         self.assertEqual(payload["cancel"], [task_id])
         self.assertIn("superseded", payload["error"])
-        self.assertEqual(self.poll({"worker": "w1", "max": 0}, expect=200)[1], [])
-        status, payload, _ = self.call("POST", "/v1/queue/jobs", {"worker": "w1", "max": 0})
-        self.assertEqual(payload, None)  # told once already (the poll above): 204 now
+        self.assertEqual(self.poll({"worker": "w1", "max": 0})[0], 204)  # told once in an answer
         self.poll({"tasks": [{"_id": task_id, "status": "done", "attempt": 2}], "max": 0, "worker": "w2"}, expect=204)
         self.assertEqual(self.task(task_id)["status"], "done")
 
@@ -6168,6 +6203,17 @@ class WorkSteeringTest(WorkTestCase):
         cancelled = time.monotonic()
         until(self, lambda: any("stopped after" in line for line in lines), "the command to be killed", 10)
         self.assertLess(time.monotonic() - cancelled, 5.0, "SIGKILL follows SIGTERM after --cancel-grace")
+
+    def test_a_command_whose_child_ignores_sigterm_is_killed_after_the_grace_even_once_its_leader_exited(self):
+        lines = self.runner(["sh", "-c", "sh -c 'trap \"\" TERM; while :; do sleep 0.1; done'; true"],
+                            heartbeat=0.2, cancel_grace=0.5)
+        task_id = self.jobs.insert({"data": 1})["_id"]
+        until(self, lambda: self.jobs.task(task_id)["status"] == "in progress", "the lease")
+        time.sleep(0.3)  # the command runs
+        self.jobs.cancel(task_id)
+        cancelled = time.monotonic()
+        until(self, lambda: any("stopped after" in line for line in lines), "the command to be killed", 10)
+        self.assertLess(time.monotonic() - cancelled, 3.0, "SIGKILL after --cancel-grace reaches the whole group")
 
     def test_work_sends_the_progress_its_command_writes_and_a_producer_follows_it(self):
         task_id = self.jobs.insert({"data": 1})["_id"]
