@@ -5,6 +5,7 @@
     python3 bench_katar_http.py --quick    # a smoke run, about twenty seconds (with --connections for 500)
     python3 bench_katar_http.py --scale    # 1,000 against 1,000,000 queued tasks, memory per task, replay time
     python3 bench_katar_http.py --connections      # 10,000 parked long polls: memory each, delivery, a new worker
+    python3 bench_katar_http.py --flow     # 100,000 groups; a rate-limited queue's CPU; a flood beside a served queue
     python3 bench_katar_http.py --fsync interval   # the journal rows with another durability
     python3 bench_katar_http.py --server FILE      # measure another katar_http.py (default: the one beside this)
 
@@ -35,6 +36,13 @@ a request (--connections-batch N for more), and the clients time each 200: inser
 how many of the N were delivered; then a new worker connects and, after one more insert, polls with wait 0: it must
 get that task. Bars: <= 10 KB of RSS per parked connection, p99 insert -> delivery <= 1 s, all N delivered, the new
 worker served.
+
+--flow (python3 bench_katar_http.py --flow; --scale runs it too): W2 drains a queue whose tasks are spread over
+100,000 groups (--flow-groups) against the same queue without groups (bar: >= 0.8x); the server's CPU while four long
+polls wait for the tokens of a rate-limited queue (rate 0.01/s), against the same server idle (bar: idle + 5 ms a
+second); producers inserting into a queue that is full (max_queued 1000, no workers), beside as many producers of a
+queue served as usual: that queue's insert rate against its rate alone (bar: >= 0.4x; the one loop is shared with
+the flood, so half is a fair share).
 """
 
 import argparse
@@ -668,6 +676,7 @@ def scale(options: argparse.Namespace) -> None:
         (f"replay s, {big:,} tasks", replay_seconds - startup, "<=", 10),
     ])
     print("command: python3 " + " ".join([os.path.basename(__file__)] + sys.argv[1:]))
+    flow(options)  # and the rows of flow control at scale: 100,000 groups, a waiting rate-limited queue
 
 
 def set_queue(port: int, queue: str, options: dict) -> None:

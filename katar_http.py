@@ -446,12 +446,20 @@ class Task:
     # Few slots: a queue may hold millions of tasks, and each slot is eight bytes of each of them. `size` is the
     # memory estimate of its data, key and result (see _json_sized); the rest of a task's estimate follows from it.
     __slots__ = ("id", "data", "priority", "status", "key", "created_at", "updated_at", "run_at",
-                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "size", "group")
+                 "attempt", "spent", "worker", "lease_until", "error", "result", "history", "size")
+    group: Optional[str] = None  # a task of a group is a GroupedTask: a task without one pays no slot for it
+
+    @staticmethod
+    def made(task_id: str, data: Any, priority: int, status: str, key: Optional[str], run_at: int, at: int,
+             size: int, group: Optional[str] = None) -> "Task":
+        """A new task: a GroupedTask if it has a group."""
+        if group is None:
+            return Task(task_id, data, priority, status, key, run_at, at, size)
+        return GroupedTask(task_id, data, priority, status, key, run_at, at, size, group)
 
     def __init__(self, task_id: str, data: Any, priority: int, status: str, key: Optional[str],
-                 run_at: int, at: int, size: int, group: Optional[str] = None) -> None:
+                 run_at: int, at: int, size: int) -> None:
         self.id, self.data, self.priority, self.status, self.key = task_id, data, priority, status, key
-        self.group = group
         self.created_at = self.updated_at = at
         self.run_at = run_at
         self.attempt = self.spent = 0
@@ -522,6 +530,17 @@ class Task:
             "history": [dict(entry) for entry in self.history],
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
+
+
+class GroupedTask(Task):
+    """A task with a `group` (see Queue: groups take turns, group_limit)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, task_id: str, data: Any, priority: int, status: str, key: Optional[str],
+                 run_at: int, at: int, size: int, group: str) -> None:
+        super().__init__(task_id, data, priority, status, key, run_at, at, size)
+        self.group = group
 
 
 # What the apply functions change of a task (all but id, data, priority, key and created_at); read at once in C.
@@ -652,6 +671,7 @@ class Queue:
         self._turns: List[Tuple[int, str, int, str]] = []
         self._turn_of: Dict[str, Tuple[int, str, int]] = {}
         self._turn_count = 0
+        self._grouped_entries = 0  # entries in the groups' heaps, stale ones too (see _place)
         self._leases: List[Tuple[int, str, int]] = []
         self._keys: Dict[str, str] = {}
         # Discarded tasks of a non-persistent queue: id -> (status, attempt, its outcome, key), oldest first.
@@ -1471,8 +1491,8 @@ class Queue:
             task_id, data, priority, status, key, delay = row[:6]
             size = row[6] if len(row) > 6 else _value_bytes(data) + len(key or "")  # journals of version 1
             # Without a delay, run_at is the very int of `at`: one object less per task.
-            task = Task(task_id, data, priority, status, key, at + delay if delay else at, at, size,
-                        row[7] if len(row) > 7 else None)
+            task = Task.made(task_id, data, priority, status, key, at + delay if delay else at, at, size,
+                             row[7] if len(row) > 7 else None)
             if undo is not None:
                 undo.append((self._put_back, task, None))
             tasks[task_id] = task
@@ -1606,8 +1626,8 @@ class Queue:
 
     def _apply_task(self, rec: Dict[str, Any]) -> None:
         size = rec["size"] if "size" in rec else _value_bytes(rec["data"]) + len(rec["key"] or "")
-        task = Task(rec["id"], rec["data"], rec["priority"], rec["status"], rec["key"],
-                    rec["run_at"], rec["created_at"], size, rec.get("group"))
+        task = Task.made(rec["id"], rec["data"], rec["priority"], rec["status"], rec["key"],
+                         rec["run_at"], rec["created_at"], size, rec.get("group"))
         for field in ("updated_at", "attempt", "spent", "worker", "lease_until", "error", "result"):
             setattr(task, field, rec[field])
         task.history = [dict(entry) for entry in rec["history"]] or ()
@@ -1651,7 +1671,8 @@ class Queue:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
                      "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "_group_ready",
-                     "_group_running", "_group_retrying", "_turns", "_turn_of", "totals", "memory"):
+                     "_group_running", "_group_retrying", "_turns", "_turn_of", "_grouped_entries", "totals",
+                     "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -1766,7 +1787,7 @@ class Queue:
             heapq.heappush(self._delayed, (task.run_at, task.id))
             if task.group is not None and task.attempt:  # a retry: under "block" it holds its group back
                 self._group_retrying.setdefault(task.group, set()).add(task.id)
-        if len(self._ready) + len(self._delayed) > 2 * len(self._by_status[QUEUED]) + 1024:
+        if len(self._ready) + len(self._delayed) + self._grouped_entries > 2 * len(self._by_status[QUEUED]) + 1024:
             self._reindex_queued(now)
         if self.options["expire_after"]:
             heapq.heappush(self._aging, (task.run_at, task.id))
@@ -1782,6 +1803,7 @@ class Queue:
             heapq.heappush(self._ready, (-task.priority, task.id))
         else:
             heapq.heappush(self._group_ready.setdefault(task.group, []), (-task.priority, task.id))
+            self._grouped_entries += 1
             self._offer_turn(task.group)
         if self._due_since is None:
             self._due_since = now
@@ -1840,6 +1862,7 @@ class Queue:
             heap = self._group_ready.get(group, [])
             while heap and not due(heap[0]):
                 heapq.heappop(heap)
+                self._grouped_entries -= 1
             if not heap or not self._group_open(group, now, taking):
                 heapq.heappop(turns)
                 del self._turn_of[group]
@@ -1858,9 +1881,14 @@ class Queue:
             return None
         group = heapq.heappop(turns)[3]
         del self._turn_of[group]
-        task_id = heapq.heappop(self._group_ready[group])[1]
+        heap = self._group_ready[group]
+        task_id = heapq.heappop(heap)[1]
+        self._grouped_entries -= 1
         taking[group] = taking.get(group, 0) + 1
-        self._offer_turn(group, to_the_back=True)
+        if heap:
+            self._offer_turn(group, to_the_back=True)
+        else:
+            del self._group_ready[group]
         return task_id
 
     def _reindex_queued(self, now: int) -> None:
@@ -1878,6 +1906,7 @@ class Queue:
                     self._group_retrying.setdefault(task.group, set()).add(task.id)
         heapq.heapify(self._ready)
         heapq.heapify(self._delayed)
+        self._grouped_entries = sum(len(heap) for heap in self._group_ready.values())
         for group, heap in self._group_ready.items():
             heapq.heapify(heap)
             self._offer_turn(group)
