@@ -140,6 +140,7 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "key_ttl": 0,            # ms an insert key dedupes after its task finished, kept or not; 0: while it is remembered
     "group_limit": 0,        # tasks of one group in progress at once (1: one at a time, in order); 0: no limit
     "group_on_failure": "block",  # a retrying task holds its group back ("block": order kept) or not ("skip")
+    "max_throttle": 300000,  # ms a worker's throttle may stop the queue at most; lowering it shortens one in force
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "refused",
@@ -155,11 +156,12 @@ QUEUE_BOUNDS = {"lease": (1, MAX_DELAY_MS), "max_attempts": (1, 10 ** 6), "max_i
                 "backoff": (0, MAX_DELAY_MS), "max_backoff": (0, MAX_DELAY_MS), "max_lease": (1, MAX_DELAY_MS),
                 "max_run": (0, MAX_DELAY_MS), "max_queued": (0, 10 ** 9), "burst": (1, 10 ** 6),
                 "expire_after": (0, MAX_DELAY_MS), "retain": (0, MAX_DELAY_MS), "key_ttl": (0, MAX_DELAY_MS),
-                "group_limit": (0, 10 ** 6)}
+                "group_limit": (0, 10 ** 6), "max_throttle": (0, MAX_DELAY_MS)}
 CHOICE_OPTIONS = {"group_on_failure": ("block", "skip")}  # the options that take one of a few words
 EXPIRED = "expired"   # the error of a task that stayed queued past its queue's expire_after
 AGE_BATCH = 1000      # tasks one tick ends for their age, per kind: a backlog of them is worked off tick by tick
 RATE_OPTIONS = {"rate": (0, 10 ** 6)}  # the options that are numbers, not integers (as (lowest, highest))
+MIN_RATE = 0.001                       # the lowest rate but 0
 RUN_TIME_EXCEEDED = "run time exceeded"  # the error of a delivery that ran past its queue's max_run
 WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgotten (GET /v1/workers)
 MAX_WORKERS_SEEN = 10000      # workers remembered at once; past that, the one heard from least recently goes
@@ -426,6 +428,8 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
             value = _check_int(name, value, *QUEUE_BOUNDS[name])
         elif name in RATE_OPTIONS:
             value = _check_number(name, value, *RATE_OPTIONS[name])
+            if 0 < value < MIN_RATE:
+                raise BadRequest(f"{name} must be 0 (no limit) or at least {MIN_RATE} (a task in {1 / MIN_RATE:g} s)")
         elif name in CHOICE_OPTIONS:
             if value not in CHOICE_OPTIONS[name]:
                 raise BadRequest(f"{name} must be one of {', '.join(CHOICE_OPTIONS[name])}, got {_shown(value)}")
@@ -714,6 +718,9 @@ class Queue:
             self._reindex_aging()
         if self.options["retain"] and not was["retain"]:
             self._reindex_retired()
+        if (self.options["group_limit"], self.options["group_on_failure"]) != \
+                (was["group_limit"], was["group_on_failure"]) and self._tasks:
+            self._reindex_queued(self._broker._now())  # groups held back before may take turns now, or not
 
     # -- public surface ------------------------------------------------------------------------------------------
 
@@ -815,6 +822,7 @@ class Queue:
                 if worker is not None and exc.fields.get("cancel"):
                     broker.fleet.told(worker, self.name, exc.fields["cancel"])
                 raise
+            throttle = min(throttle, self.options["max_throttle"])
             if throttle and now + throttle > self.throttled_until:
                 records.append({"op": "throttle", "q": self.name, "until": now + throttle, "at": now})
             if records:
@@ -1046,9 +1054,12 @@ class Queue:
                 if task is not None and task.status == QUEUED and task.run_at <= now:
                     break
                 heapq.heappop(ready)
-            if not ready:
+            turns = self._turns
+            while turns and self._turn_of.get(turns[0][3]) != turns[0][:3]:
+                heapq.heappop(turns)  # stale
+            if not ready and not turns:
                 self._due_since = None
-            if not ready or self.options["paused"]:
+            if (not ready and not turns) or self.options["paused"]:
                 return 0
             return max(0, now - max(self.last_polled, self._due_since if self._due_since is not None else now))
 
@@ -1098,6 +1109,8 @@ class Queue:
             group = entry.get("group")
             if "group" in entry:
                 group = _check_text("group", group, MAX_GROUP)
+                if not group:
+                    raise BadRequest("group must not be empty: leave it out for a task of no group")
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc}", **exc.fields) from None
         return data, priority, delay, key, status, size + len(key or "") + len(group or ""), group
@@ -1298,7 +1311,8 @@ class Queue:
         """End the tasks whose age is up (lock held): queued past expire_after (a dead letter, error "expired"),
         finished past retain (dropped); at most AGE_BATCH of each a tick."""
         for heap, age, op, alive in ((self._aging, self.options["expire_after"], "expire",
-                                      lambda task, at: task.status == QUEUED and task.run_at == at),
+                                      lambda task, at: task.status == QUEUED and
+                                      max(task.run_at, task.updated_at) == at),
                                      (self._retired, self.options["retain"], "purge",
                                       lambda task, at: task.status in FINAL_STATUSES and task.updated_at == at)):
             if not age:
@@ -1369,11 +1383,12 @@ class Queue:
         """When the next delayed task comes due or the next lease runs out (ms), if ever; and, while long polls
         wait for tasks that are due, when the throttle ends or the rate limit lets the next one out."""
         times = [heap[0][0] for heap in (self._delayed, self._leases) if heap]
-        if self._parked and self._ready:
+        if self._parked and (self._ready or self._turns):
             if self.throttled_until > self._broker._now():
                 times.append(self.throttled_until)
             if self.options["rate"] and self._tokens < 1:
-                times.append(self._tokens_at + math.ceil((1 - self._tokens) * 1000 / self.options["rate"]))
+                times.append(self._tokens_at + min(MAX_DELAY_MS, math.ceil((1 - self._tokens) * 1000 /
+                                                                           self.options["rate"])))
         return min(times) if times else None
 
     def _refill(self, now: int) -> float:
@@ -1595,10 +1610,14 @@ class Queue:
         self.totals["failed"] += len(rec["ids"])
 
     def _apply_throttle(self, rec: Dict[str, Any]) -> None:
+        """A worker's throttle, or (`shorten`) a throttle in force cut to a lowered max_throttle."""
         undo = self._broker._undo
         if undo is not None:
             undo.append((setattr, self, "throttled_until", self.throttled_until))
-        self.throttled_until = max(self.throttled_until, rec["until"])
+        if rec.get("shorten"):
+            self.throttled_until = min(self.throttled_until, rec["until"])
+        else:
+            self.throttled_until = max(self.throttled_until, rec["until"])
 
     def _apply_release(self, rec: Dict[str, Any]) -> None:
         task = self._touch(self._tasks[rec["id"]])
@@ -1682,6 +1701,8 @@ class Queue:
                 self._touch(task)
                 del self._tasks[task_id]
                 del self._by_status[task.status][task_id]
+                if task.group is not None and task.status == QUEUED:
+                    self._not_retrying(task)
                 if task.key is not None and self._keys.get(task.key) == task_id and \
                         not self._in_window(task.key, task_id):
                     del self._keys[task.key]
@@ -1757,6 +1778,8 @@ class Queue:
         self._by_status[status][task.id] = task
         if task.group is not None:
             self._count_running(task.group, task.status, status)
+            if task.status == QUEUED and status != QUEUED:
+                self._not_retrying(task)
         task.status, task.updated_at = status, at
         if status != IN_PROGRESS:
             task.lease_until = None
@@ -1766,9 +1789,9 @@ class Queue:
         take a turn again (at the back of the line)."""
         running = self._group_running
         if was == IN_PROGRESS and now_is != IN_PROGRESS:
-            running[group] -= 1
-            if not running[group]:
-                del running[group]
+            left = running.pop(group, 1) - 1
+            if left > 0:
+                running[group] = left
             self._offer_turn(group, to_the_back=group not in self._turn_of)
         elif now_is == IN_PROGRESS and was != IN_PROGRESS:
             running[group] = running.get(group, 0) + 1
@@ -1785,12 +1808,12 @@ class Queue:
             self._ready_now(task, now)
         else:
             heapq.heappush(self._delayed, (task.run_at, task.id))
-            if task.group is not None and task.attempt:  # a retry: under "block" it holds its group back
-                self._group_retrying.setdefault(task.group, set()).add(task.id)
+            if task.group is not None and task.attempt and self.options["group_on_failure"] == "block":
+                self._group_retrying.setdefault(task.group, set()).add(task.id)  # a retry holds its group back
         if len(self._ready) + len(self._delayed) + self._grouped_entries > 2 * len(self._by_status[QUEUED]) + 1024:
             self._reindex_queued(now)
         if self.options["expire_after"]:
-            heapq.heappush(self._aging, (task.run_at, task.id))
+            heapq.heappush(self._aging, (max(task.run_at, task.updated_at), task.id))  # due, or resumed, then
             if len(self._aging) > 2 * len(self._by_status[QUEUED]) + 1024:
                 self._reindex_aging()
 
@@ -1802,11 +1825,23 @@ class Queue:
         if task.group is None:
             heapq.heappush(self._ready, (-task.priority, task.id))
         else:
+            self._not_retrying(task)
             heapq.heappush(self._group_ready.setdefault(task.group, []), (-task.priority, task.id))
             self._grouped_entries += 1
             self._offer_turn(task.group)
         if self._due_since is None:
             self._due_since = now
+
+    def _not_retrying(self, task: Task) -> None:
+        """A task of a group is no longer waiting for its retry (it came due, or left the queue): it no longer
+        holds its group back, which gets a turn if it has tasks due."""
+        retrying = self._group_retrying.get(task.group)
+        if retrying is not None and task.id in retrying:
+            retrying.discard(task.id)
+            if not retrying:
+                del self._group_retrying[task.group]
+            if task.group not in self._turn_of:
+                self._offer_turn(task.group)
 
     def _offer_turn(self, group: str, to_the_back: bool = False) -> None:
         """Give `group` (with due tasks) an entry in the line of turns, or a better one for a better task; to the
@@ -1825,6 +1860,9 @@ class Queue:
             count = self._turn_count
         self._turn_of[group] = (best, stamp, count)
         heapq.heappush(self._turns, (best, stamp, count, group))
+        if len(self._turns) > 2 * len(self._turn_of) + 1024:  # stale entries (a group's better task) dropped
+            self._turns = [turn + (name,) for name, turn in self._turn_of.items()]
+            heapq.heapify(self._turns)
 
     def _group_open(self, group: str, now: int, taking: Dict[str, int]) -> bool:
         """Whether `group` may have one more task in progress (with `taking` more about to be leased)."""
@@ -1902,7 +1940,7 @@ class Queue:
                     self._group_ready.setdefault(task.group, []).append((-task.priority, task.id))
             else:
                 self._delayed.append((task.run_at, task.id))
-                if task.group is not None and task.attempt:
+                if task.group is not None and task.attempt and self.options["group_on_failure"] == "block":
                     self._group_retrying.setdefault(task.group, set()).add(task.id)
         heapq.heapify(self._ready)
         heapq.heapify(self._delayed)
@@ -1912,7 +1950,7 @@ class Queue:
             self._offer_turn(group)
 
     def _reindex_aging(self) -> None:
-        self._aging = [(task.run_at, task.id) for task in self._by_status[QUEUED].values()]
+        self._aging = [(max(task.run_at, task.updated_at), task.id) for task in self._by_status[QUEUED].values()]
         heapq.heapify(self._aging)
 
     def _reindex_retired(self) -> None:
@@ -2140,7 +2178,12 @@ class Broker:
                 merged = dict(queue.options) if queue is not None else {}
                 merged.update(options)
                 self._admit(_options_bytes(merged) - (_options_bytes(queue.options) if queue is not None else 0))
-                self._commit([{"op": "queue", "q": name, "options": merged}])
+                records = [{"op": "queue", "q": name, "options": merged}]
+                now = self._now()
+                if queue is not None and queue.throttled_until > now + merged.get("max_throttle", MAX_DELAY_MS):
+                    records.append({"op": "throttle", "q": name, "until": now + merged["max_throttle"], "at": now,
+                                    "shorten": True})  # an operator lowers max_throttle: the throttle in force too
+                self._commit(records)
                 queue = self._queues[name]
                 queue._serve_waiters(self._now())  # a resumed queue or a raised cap may serve waiting polls
             return queue

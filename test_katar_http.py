@@ -6051,6 +6051,11 @@ class UnattendedMetricTest(ServerTestCase):
         self.insert({"data": 3})
         self.clock.advance(5000)
         self.assertEqual(self.unattended()[0], 0.0)  # a paused queue is nobody's backlog
+        self.broker.queue("jobs", paused=False)
+        self.lease_one(worker="w3")
+        self.insert({"data": 4, "group": "g"})  # a task of a group is a backlog too
+        self.clock.advance(5000)
+        self.assertEqual(self.unattended()[0], 5.0)
 
 
 class SteeringJournalTest(JournalOverHttpTestCase):
@@ -6350,9 +6355,19 @@ class FlowControlTest(ServerTestCase):
         self.clock.advance(1)
         self.assertEqual(self.poll({"worker": "w2"}, expect=200)[0], 200)
 
+    def test_a_throttle_is_capped_by_max_throttle_and_a_lowered_cap_shortens_it(self):
+        self.insert({"data": 1})
+        self.poll({"throttle": 10 ** 9, "max": 0}, expect=204)
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1]["throttled_for_ms"], 300000)
+        self.call("PUT", "/v1/queue/jobs", {"max_throttle": 1000})
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1]["throttled_for_ms"], 1000)
+        self.clock.advance(1000)
+        self.assertEqual(self.poll({"max": 1})[0], 200)
+
     def test_bad_flow_control_input_is_refused_and_changes_nothing(self):
         before = self.jobs.describe()
         for options in ({"rate": "fast"}, {"rate": -1}, {"rate": 10 ** 7}, {"rate": None}, {"rate": True},
+                        {"rate": 5e-324}, {"rate": 0.0009}, {"max_throttle": -1},
                         {"burst": 0}, {"burst": 1.5}, {"max_queued": -1}, {"max_queued": "9"}):
             with self.subTest(options=options):
                 self.assertEqual(self.call("PUT", "/v1/queue/jobs", options)[0], 400)
@@ -6368,6 +6383,17 @@ class FlowControlTest(ServerTestCase):
 class RateLimitTest(ServerTestCase):
     real_clock = True
     queue_options = {"rate": 20, "burst": 5}
+
+    def test_a_long_poll_for_tasks_of_groups_waits_for_the_next_token_not_its_whole_wait(self):
+        self.broker.queue("jobs", rate=2, burst=1)
+        self.jobs.insert([{"data": n, "group": f"g{n}"} for n in range(3)])
+        self.assertEqual(len(self.jobs.lease()), 1)
+        began = time.monotonic()
+        self.assertEqual(len(self.jobs.lease(wait=5000)), 1)  # the Python API's wait: the next token, 0.5 s
+        self.assertLess(time.monotonic() - began, 2.0)
+        began = time.monotonic()
+        self.assertEqual(self.poll({"max": 1, "wait": 5000})[0], 200)  # and over HTTP
+        self.assertLess(time.monotonic() - began, 2.0)
 
     def test_a_rate_of_20_a_second_leases_20_a_second_to_many_long_polling_workers(self):
         self.jobs.insert([{"data": n} for n in range(200)])
@@ -6488,6 +6514,16 @@ class AgesTest(ServerTestCase):
         self.assertEqual((status, payload["tasks"][0]["created"]), (201, True))
         self.assertNotEqual(payload["tasks"][0]["_id"], first)
 
+    def test_a_paused_task_does_not_age_and_ages_from_its_resume(self):
+        self.broker.queue("jobs", expire_after=10000)
+        task_id, = self.insert({"data": 1, "status": "paused"})
+        self.clock.advance(60000)
+        self.call("PATCH", f"/v1/queue/jobs/tasks/{task_id}", {"status": "queued"})
+        self.clock.advance(9999)
+        self.assertEqual(self.task(task_id)["status"], "queued")
+        self.clock.advance(1)
+        self.assertEqual(self.task(task_id)["error"], "expired")
+
     def test_bad_age_options_are_refused(self):
         for options in ({"expire_after": -1}, {"retain": "1h"}, {"expire_after": 10 ** 20}, {"retain": None}):
             with self.subTest(options=options):
@@ -6607,6 +6643,34 @@ class GroupTest(ServerTestCase):
         self.poll({"tasks": [{"_id": second, "status": "done"}], "max": 0}, expect=204)
         self.assertEqual(self.lease_one()["_id"], first)
 
+    def test_a_group_held_back_by_a_retry_goes_on_once_that_task_leaves_the_queue(self):
+        self.broker.queue("jobs", backoff=600000, max_backoff=600000)
+        for leave in ("cancel", "pause"):
+            with self.subTest(leave=leave):
+                first, second = self.insert({"data": 1, "group": leave}, {"data": 2, "group": leave})
+                self.assertEqual(self.lease_one()["_id"], first)
+                self.poll({"tasks": [{"_id": first, "status": "failed", "error": "x"}], "max": 0}, expect=204)
+                self.assertEqual(self.poll({"max": 1})[0], 204)  # held back by the retry, 10 minutes away
+                if leave == "cancel":
+                    self.call("DELETE", f"/v1/queue/jobs/tasks/{first}")
+                else:
+                    self.call("PATCH", f"/v1/queue/jobs/tasks/{first}", {"status": "paused"})
+                task = self.lease_one()
+                self.assertEqual(task["_id"], second)
+                self.poll({"tasks": [{"_id": second, "status": "done"}], "max": 0}, expect=204)
+
+    def test_changed_group_options_let_waiting_groups_go_on_at_once(self):
+        self.broker.queue("jobs", backoff=600000, max_backoff=600000)
+        first, second, third = self.insert(*[{"data": n, "group": "g"} for n in range(3)])
+        self.lease_one()
+        self.poll({"tasks": [{"_id": first, "status": "failed", "error": "x"}], "max": 0}, expect=204)
+        self.assertEqual(self.poll({"max": 1})[0], 204)
+        self.broker.queue("jobs", group_on_failure="skip")
+        self.assertEqual(self.lease_one()["_id"], second)
+        self.assertEqual(self.poll({"max": 1})[0], 204)  # one in progress: the limit
+        self.broker.queue("jobs", group_limit=2)
+        self.assertEqual(self.lease_one()["_id"], third)
+
     def test_groups_take_turns_with_ungrouped_tasks_and_a_limit_above_one(self):
         self.broker.queue("jobs", group_limit=2)
         busy = self.insert(*[{"data": n, "group": "busy"} for n in range(6)])
@@ -6618,7 +6682,7 @@ class GroupTest(ServerTestCase):
 
     def test_bad_group_input_is_refused(self):
         for body in ({"data": 1, "group": 5}, {"data": 1, "group": "x" * 257}, {"data": 1, "group": None},
-                     {"data": 1, "group": ["a"]}):
+                     {"data": 1, "group": ["a"]}, {"data": 1, "group": ""}):
             with self.subTest(body=str(body)[:60]):
                 self.assertEqual(self.call("POST", "/v1/queue/jobs/tasks", body)[0], 400)
         for options in ({"group_limit": -1}, {"group_limit": "1"}, {"group_on_failure": "wait"},
