@@ -1655,6 +1655,16 @@ class SimulatedCrash(Exception):
     """Raised by a compaction hook: the process "dies" between two steps, leaving the files as they are."""
 
 
+def run_for(seconds, stop, threads, timeout=20):
+    """Start `threads`, let them run for `seconds`, set `stop`, and wait for them to end."""
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def read_file(path, mode="r"):
     with open(path, mode) as handle:
         return handle.read()
@@ -1925,6 +1935,23 @@ class JournalOverHttpTestCase(ServerTestCase):
         self.addCleanup(again.close)
         return broker_state(again)
 
+    def check_reopened(self, check):
+        """Run `check(broker)` on the journal replayed, then compacted, then read back compacted (the server and
+        its broker closed first)."""
+        self.server.close()
+        for compact in (False, True, False):
+            again = K.Broker(clock=self.clock, journal=self.path)
+            check(again)
+            if compact:
+                again.compact()
+            again.close()
+
+    def reopen(self):
+        """The journal opened again, closed when the test ends."""
+        again = K.Broker(clock=self.clock, journal=self.path)
+        self.addCleanup(again.close)
+        return again
+
 
 class JournalOverHttpTest(JournalOverHttpTestCase):
     def test_a_change_is_acknowledged_only_after_its_fsync(self):
@@ -2173,12 +2200,7 @@ class CompactionRaceTest(JournalTestCase):
         threads = [threading.Thread(target=write, args=(queues[n % 2], n)) for n in range(4)]
         threads.append(threading.Thread(target=compact))
         with contextlib.redirect_stderr(io.StringIO()):
-            for thread in threads:
-                thread.start()
-            time.sleep(2)
-            stop.set()
-            for thread in threads:
-                thread.join(30)
+            run_for(2, stop, threads, timeout=30)
             journal._fsync = os.fsync
             broker.close()
         self.assertGreater(len(refused), 10, "the disk never failed")
@@ -6328,13 +6350,7 @@ class FlowControlTest(ServerTestCase):
                     done.extend(report["_id"] for report in reports)
                 reports = [{"_id": task["_id"], "status": "done"} for task in (tasks if status == 200 else [])]
 
-        threads = [threading.Thread(target=produce) for _ in range(3)] + [threading.Thread(target=work)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.0)
-        stop.set()
-        for thread in threads:
-            thread.join(20)
+        run_for(1.0, stop, [threading.Thread(target=produce) for _ in range(3)] + [threading.Thread(target=work)])
         self.assertGreater(refused[0], 0, "the flood was refused at times")
         while True:  # drain what is left
             status, tasks = self.poll({"max": 100})
@@ -6429,21 +6445,16 @@ class FlowControlJournalTest(JournalOverHttpTestCase):
         self.broker.queue("jobs", max_queued=10, rate=2.5, burst=3)
         self.insert({"data": 1})
         self.poll({"throttle": 5000, "max": 0}, expect=204)
-        self.server.close()  # (and its broker)
-        for compact in (False, True, False):  # replayed, then compacted, then read from the compacted journal
-            again = K.Broker(clock=self.clock, journal=self.path)
-            jobs = again.get("jobs")
+
+        def check(broker):
+            jobs = broker.get("jobs")
             options = jobs.describe()
             self.assertEqual((options["max_queued"], options["rate"], options["burst"]), (10, 2.5, 3))
             self.assertEqual(jobs.stats()["throttled_for_ms"], 5000)
             self.assertEqual(jobs.lease(), [])
-            if compact:
-                again.compact()
-            again.close()
+        self.check_reopened(check)
         self.clock.advance(5000)
-        again = K.Broker(clock=self.clock, journal=self.path)
-        self.addCleanup(again.close)
-        self.assertEqual(len(again.get("jobs").lease()), 1)
+        self.assertEqual(len(self.reopen().get("jobs").lease()), 1)
 
 
 class AgesTest(ServerTestCase):
@@ -6538,17 +6549,10 @@ class AgesJournalTest(JournalOverHttpTestCase):
         mail = self.broker.queue("mail", key_ttl=60000)
         first, = self.insert({"data": 1, "key": "k"}, queue="mail")
         mail.report([{"_id": mail.lease()[0]["_id"], "status": "done"}])
-        self.server.close()  # (and its broker)
-        for compact in (False, True, False):  # replayed, then compacted, then read from the compacted journal
-            again = K.Broker(clock=self.clock, journal=self.path)
-            self.assertEqual(again.get("mail").insert({"data": 2, "key": "k"})["_id"], first)
-            if compact:
-                again.compact()
-            again.close()
+        self.check_reopened(lambda broker: self.assertEqual(
+            broker.get("mail").insert({"data": 2, "key": "k"})["_id"], first))
         self.clock.advance(60000)
-        again = K.Broker(clock=self.clock, journal=self.path)
-        self.addCleanup(again.close)
-        self.assertTrue(again.get("mail").insert({"data": 2, "key": "k"})["created"])
+        self.assertTrue(self.reopen().get("mail").insert({"data": 2, "key": "k"})["created"])
 
     def test_ages_hold_across_a_restart_and_a_compaction(self):
         self.broker.queue("jobs", expire_after=60000, retain=60000)
@@ -6556,14 +6560,9 @@ class AgesJournalTest(JournalOverHttpTestCase):
         self.clock.advance(30000)
         self.assertEqual(self.lease_one()["_id"], finished)
         self.poll({"tasks": [{"_id": finished, "status": "done"}], "max": 0}, expect=204)
-        self.server.close()  # (and its broker)
-        for compact in (False, True, False):  # replayed, then compacted, then read from the compacted journal
-            again = K.Broker(clock=self.clock, journal=self.path)
-            jobs = again.get("jobs")
-            self.assertEqual((jobs.task(waiting)["status"], jobs.task(finished)["status"]), ("queued", "done"))
-            if compact:
-                again.compact()
-            again.close()
+        self.check_reopened(lambda broker: self.assertEqual(
+            (broker.get("jobs").task(waiting)["status"], broker.get("jobs").task(finished)["status"]),
+            ("queued", "done")))
         self.clock.advance(30000)  # `waiting` has been due for 60 s; `finished` finished 30 s ago
         again = K.Broker(clock=self.clock, journal=self.path)
         jobs = again.get("jobs")
@@ -6711,18 +6710,12 @@ class GroupJournalTest(JournalOverHttpTestCase):
         self.broker.queue("jobs", group_limit=1)
         first, second = self.insert({"data": 1, "group": "g"}, {"data": 2, "group": "g"})
         self.assertEqual(self.lease_one()["_id"], first)
-        self.server.close()
-        for compact in (False, True, False):
-            again = K.Broker(clock=self.clock, journal=self.path)
-            jobs = again.get("jobs")
-            self.assertEqual(jobs.task(second)["group"], "g")
-            self.assertEqual(jobs.lease(), [])  # g has one in progress still
-            if compact:
-                again.compact()
-            again.close()
-        again = K.Broker(clock=self.clock, journal=self.path)
-        self.addCleanup(again.close)
-        jobs = again.get("jobs")
+
+        def check(broker):
+            self.assertEqual(broker.get("jobs").task(second)["group"], "g")
+            self.assertEqual(broker.get("jobs").lease(), [])  # g has one in progress still
+        self.check_reopened(check)
+        jobs = self.reopen().get("jobs")
         jobs.report([{"_id": first, "status": "done"}])
         self.assertEqual(jobs.lease()[0]["_id"], second)
 
