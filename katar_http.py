@@ -4402,8 +4402,9 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "delay": _integer(0, MAX_DELAY_MS, description="ms before it may be leased"),
             "key": _schema("string", maxLength=MAX_KEY, description="an insert with a key the queue holds or "
                                                                     "remembers creates nothing"),
-            "group": _schema("string", maxLength=MAX_GROUP, description="its group: at most group_limit of a group "
-                                                                        "in progress at once, groups take turns"),
+            "group": _schema("string", minLength=1, maxLength=MAX_GROUP,
+                             description="its group: at most group_limit of a group in progress at once, groups take "
+                                         "turns"),
             "status": _schema("string", enum=[QUEUED, PAUSED])}, required=["data"]),
         "Insert": {"oneOf": [_ref("TaskInput"), _ref("TaskList")]},
         "TaskList": _object({"tasks": _schema("array", items=_ref("TaskInput"), minItems=1,
