@@ -1273,12 +1273,8 @@ class Queue:
     def _tick(self, now: int) -> None:
         """Move tasks whose delay has passed to the ready heap, and expire leases that ran out."""
         writable = self._broker._durability.writable()  # first: it may rebuild the tables bound below
-        delayed, ready, tasks = self._delayed, self._ready, self._tasks
-        while delayed and delayed[0][0] <= now:
-            run_at, task_id = heapq.heappop(delayed)
-            task = tasks.get(task_id)
-            if task is not None and task.status == QUEUED and task.run_at == run_at:
-                self._ready_now(task, run_at)
+        tasks = self._tasks
+        self._come_due(now)
         if not writable:
             return  # the journal's disk fails: reads go on, expiries and hand-offs wait for it
         leases = self._leases
@@ -1306,6 +1302,16 @@ class Queue:
         self._end_aged(now)
         self._close_key_windows(now)
         self._serve_waiters(now)
+
+    def _come_due(self, now: int) -> None:
+        """Move the tasks whose delay or backoff has passed by `now` to the ready heaps (a group's retry among
+        them, so that it keeps its place before its group's next task)."""
+        delayed, tasks = self._delayed, self._tasks
+        while delayed and delayed[0][0] <= now:
+            run_at, task_id = heapq.heappop(delayed)
+            task = tasks.get(task_id)
+            if task is not None and task.status == QUEUED and task.run_at == run_at:
+                self._ready_now(task, run_at)
 
     def _end_aged(self, now: int) -> None:
         """End the tasks whose age is up (lock held): queued past expire_after (a dead letter, error "expired"),
@@ -1412,6 +1418,7 @@ class Queue:
             limit = min(limit, int(self._refill(now)))
         if limit <= 0 or self.options["paused"] or now < self.throttled_until:
             return []
+        self._come_due(now)  # (a change that serves waiters without the whole clock: an insert, a resume)
         ready, tasks, ids, picked, taking = self._ready, self._tasks, [], set(), {}
         if self._turns:  # groups wait for their turn: the general way
             while len(ids) < limit:
@@ -1690,8 +1697,8 @@ class Queue:
         """Take the state of `other` (rebuilt from the journal), keeping this queue's waiters."""
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
                      "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "_group_ready",
-                     "_group_running", "_group_retrying", "_turns", "_turn_of", "_grouped_entries", "totals",
-                     "memory"):
+                     "_group_running", "_group_retrying", "_turns", "_turn_of", "_turn_count", "_grouped_entries",
+                     "totals", "memory"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -1822,6 +1829,8 @@ class Queue:
 
     def _ready_now(self, task: Task, now: int) -> None:
         """A queued task is due: in the ready heap, or its group's (which then takes its turn)."""
+        if self._due_since is None:
+            self._due_since = now  # (first: when it came due, not when its group's turn is offered)
         if task.group is None:
             heapq.heappush(self._ready, (-task.priority, task.id))
         else:
@@ -1829,8 +1838,6 @@ class Queue:
             heapq.heappush(self._group_ready.setdefault(task.group, []), (-task.priority, task.id))
             self._grouped_entries += 1
             self._offer_turn(task.group)
-        if self._due_since is None:
-            self._due_since = now
 
     def _not_retrying(self, task: Task) -> None:
         """A task of a group is no longer waiting for its retry (it came due, or left the queue): it no longer
@@ -1860,6 +1867,8 @@ class Queue:
             count = self._turn_count
         self._turn_of[group] = (best, stamp, count)
         heapq.heappush(self._turns, (best, stamp, count, group))
+        if self._due_since is None:  # a group freed (or due) with nobody polling since: unattended from now
+            self._due_since = self._broker._now()
         if len(self._turns) > 2 * len(self._turn_of) + 1024:  # stale entries (a group's better task) dropped
             self._turns = [turn + (name,) for name, turn in self._turn_of.items()]
             heapq.heapify(self._turns)

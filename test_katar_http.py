@@ -6672,6 +6672,36 @@ class GroupTest(ServerTestCase):
                 self.assertEqual(task["_id"], second)
                 self.poll({"tasks": [{"_id": second, "status": "done"}], "max": 0}, expect=204)
 
+    def test_a_retry_that_came_due_keeps_its_place_when_a_change_serves_a_waiting_poll(self):
+        self.broker.queue("jobs", backoff=1000, max_backoff=1000)
+        for change in ("insert", "resume"):
+            with self.subTest(change=change):
+                first, second = [t["_id"] for t in self.jobs.insert([{"data": 1, "group": change},
+                                                                      {"data": 2, "group": change}])]
+                self.jobs.lease()
+                self.jobs.report([{"_id": first, "status": "failed", "error": "x"}])
+                if change == "resume":
+                    self.broker.queue("jobs", paused=True)
+                waiter = self.jobs.begin_poll((), max=5, wait=60000, wake=lambda: None)
+                self.clock.advance(1000)  # the retry is due; nothing has run the clock since
+                if change == "insert":
+                    self.jobs.insert({"data": 3, "group": change})
+                else:
+                    self.broker.queue("jobs", paused=False)
+                self.assertEqual([t["_id"] for t in self.jobs.end_wait(waiter)], [first])
+                self.jobs.report([{"_id": first, "status": "done"}])
+                for task in self.jobs.lease(max=5):
+                    self.jobs.report([{"_id": task["_id"], "status": "done"}])
+                self.jobs.purge("queued")
+
+    def test_a_group_freed_with_nobody_polling_is_an_unattended_backlog(self):
+        first, second = self.insert({"data": 1, "group": "g"}, {"data": 2, "group": "g"})
+        self.lease_one()
+        self.assertEqual(self.poll({"max": 1})[0], 204)  # the group is held: nothing due for anyone
+        self.jobs.report([{"_id": first, "status": "done"}])  # freed, through the API: no poll
+        self.clock.advance(60000)
+        self.assertEqual(self.jobs.unattended_ms(), 60000)
+
     def test_changed_group_options_let_waiting_groups_go_on_at_once(self):
         self.broker.queue("jobs", backoff=600000, max_backoff=600000)
         first, second, third = self.insert(*[{"data": n, "group": "g"} for n in range(3)])
