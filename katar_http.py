@@ -15,7 +15,9 @@ long polling) on the same POST, leases that run out when a worker dies, fenced r
 answer, retries with exponential backoff, dead letters, idempotent reports and insert keys, and producer and
 operator routes (insert, list, inspect, wait for a result, cancel, pause, retry, purge, stats). Running work can
 be steered: cancelled (the worker is told in `cancel`), followed through its `progress`, leased for as long as its
-worker asks (up to `max_lease`), snoozed, capped in run time (`max_run`); GET /v1/workers shows the fleet.
+worker asks (up to `max_lease`), snoozed, capped in run time (`max_run`); GET /v1/workers shows the fleet. And the
+flow shaped: groups that take turns with a limit each (`group`, `group_limit`), a rate, a capacity (`max_queued`),
+and ages (`expire_after`, `retain`, `key_ttl`).
 
 Task statuses, in katar's words: paused, queued, in progress, done, failed, cancelled. A task is `in progress`
 while leased; `failed` is final (a dead letter): a failure that will be retried puts the task back to `queued`.
@@ -52,7 +54,8 @@ The file reads top to bottom as the architecture:
   6. the server: one asyncio event loop in a thread of its own owns every socket (Connection per client):
      it frames pipelined requests in order, has the Handler serve them, holds each answer until its journal
      records are durable (one write and one fsync per pass, while it goes on parsing), and runs every deadline
-     (request, idle, first authorised request, parked waits, the broker's clock) from its timer heap;
+     (request, idle, first authorised request, parked waits, the broker's clock, the ages' timer once a second)
+     from its timer heap;
   7. the client and the worker runner (Client, Runner);
   8. the command line.
 
@@ -642,13 +645,20 @@ class Queue:
     Broker._apply; everything else prepares records or keeps indexes.
 
     Indexes, rebuilt from the tasks alone (so a journal never needs them):
-      _ready    heap of (-priority, id): queued tasks whose run_at has come, best first (ids sort in insertion
-                order, so this is first in, first out within a priority);
+      _ready    heap of (-priority, id): due queued tasks of no group, best first (ids sort in insertion order, so
+                this is first in, first out within a priority);
+      _group_ready, _turns
+                per group, a heap like _ready of its due tasks; and the line of groups whose turn may come, a heap of
+                (-priority of its best task, stamp, turn, group): a lease takes the best of _ready's top and the
+                top group's best task, and the group served goes to the back of the line (see _next_ready);
       _delayed  heap of (run_at, id): queued tasks waiting for a delay or a backoff;
-      _leases   heap of (lease_until, id, attempt): tasks in progress, soonest expiry first.
+      _leases   heap of (lease_until, id, attempt): tasks in progress, soonest expiry first;
+      _aging, _retired, _key_ends
+                heaps for the ages (expire_after, retain, key_ttl), kept only while their option is on.
     Heap entries go stale when a task moves on; a stale entry is skipped when popped (the task is no longer queued
     and due, or its run_at or lease no longer matches), duplicates are skipped once their task is leased, and the
-    heaps are rebuilt when stale entries outnumber live ones.
+    heaps are rebuilt when stale entries outnumber live ones. Leasing, reporting, expiring and every timer are heap
+    and dict operations: no cost grows with the queue.
     """
 
     def __init__(self, broker: "Broker", name: str, options: Dict[str, Any]) -> None:
