@@ -442,6 +442,101 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
     return checked
 
 
+# Cron expressions (for schedules): five fields, as Vixie cron reads them.
+CRON_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# (name, lowest, highest, names for lowest, lowest + 1, ...)
+CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, CRON_MONTHS), ("day of week", 0, 7, CRON_DAYS))
+CRON_SEARCH_DAYS = 366 * 8  # how far ahead a next fire time is looked for (Feb 29 on a Monday is years away)
+
+
+class Cron(NamedTuple):
+    """A parsed cron expression: the allowed values of each field (day of week 0-6, Sunday 0), and whether the day
+    of month and the day of week fields started with "*" (Vixie cron: if either does, a day must match both;
+    if neither does, it may match either)."""
+    minutes: FrozenSet[int]
+    hours: FrozenSet[int]
+    days: FrozenSet[int]
+    months: FrozenSet[int]
+    weekdays: FrozenSet[int]
+    any_day: bool
+    any_weekday: bool
+
+
+def parse_cron(text: Any, field: str = "cron") -> Cron:
+    """Parse a 5-field cron expression (minute hour day-of-month month day-of-week): each field `*`, a number, a
+    name (jan-dec, sun-sat, any case), a range `a-b`, a step `*/n` or `a-b/n` or `a/n` (from a to the highest),
+    or a list of those separated by commas; Sunday is 0 or 7. BadRequest names `field` and the part at fault."""
+    if not isinstance(text, str):
+        raise BadRequest(f"{field} must be a string, like \"*/5 * * * *\"", field=field)
+    parts = text.split()
+    if len(parts) != 5:
+        raise BadRequest(f"{field} has {len(parts)} fields; a cron expression has 5: minute hour day-of-month "
+                         f"month day-of-week, like \"*/5 * * * *\"", field=field)
+    values = [_cron_field(part, name, low, high, names, field) for part, (name, low, high, names)
+              in zip(parts, CRON_FIELDS)]
+    weekdays = frozenset(day % 7 for day in values[4])
+    return Cron(values[0], values[1], values[2], values[3], weekdays, parts[2].startswith("*"),
+                parts[4].startswith("*"))
+
+
+def _cron_field(text: str, name: str, low: int, high: int, names: Tuple[str, ...], field: str) -> FrozenSet[int]:
+    def number(word: str) -> int:
+        if word.lower() in names:
+            return low + names.index(word.lower())
+        if not word.isdigit() or not word.isascii():
+            raise BadRequest(f"{field}: {name} {word[:20]!r} is not a number from {low} to {high}"
+                             + (f" or a name ({names[0]}-{names[-1]})" if names else ""), field=field)
+        value = int(word)
+        if not low <= value <= high:
+            raise BadRequest(f"{field}: {name} {value} is out of range ({low}-{high})", field=field)
+        return value
+
+    allowed: set = set()
+    for item in text.split(","):
+        span, slash, step_text = item.partition("/")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or not step_text.isascii() or int(step_text) == 0:
+                raise BadRequest(f"{field}: the step in {item[:20]!r} ({name}) must be a whole number above 0",
+                                 field=field)
+            step = int(step_text)
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            start, _, end = span.partition("-")
+            first, last = number(start), number(end)
+            if first > last:
+                raise BadRequest(f"{field}: the range {span[:20]!r} ({name}) runs backwards", field=field)
+        else:
+            first = number(span)
+            last = high if slash else first
+        allowed.update(range(first, last + 1, step))
+    return frozenset(allowed)
+
+
+def next_fire(cron: Cron, after_ms: int, utc_offset_minutes: int = 0) -> Optional[int]:
+    """The first minute strictly after `after_ms` (ms since the epoch) that `cron` names, read on a clock
+    `utc_offset_minutes` ahead of UTC; in ms since the epoch, or None if none comes within CRON_SEARCH_DAYS."""
+    offset = utc_offset_minutes * 60000
+    epoch = datetime.datetime(1970, 1, 1)  # naive: the clock of utc_offset_minutes, read as it shows
+    local = epoch + datetime.timedelta(minutes=(after_ms + offset) // 60000 + 1)
+    day = local.date()
+    for _ in range(CRON_SEARCH_DAYS):
+        weekday = (day.weekday() + 1) % 7  # Python's Monday 0, cron's Sunday 0
+        by_day, by_weekday = day.day in cron.days, weekday in cron.weekdays
+        matches = (by_day and by_weekday) if cron.any_day or cron.any_weekday else (by_day or by_weekday)
+        if day.month in cron.months and matches:
+            for hour in sorted(cron.hours):
+                for minute in sorted(cron.minutes):
+                    moment = datetime.datetime(day.year, day.month, day.day, hour, minute)
+                    if moment >= local:
+                        return (moment - epoch) // datetime.timedelta(milliseconds=1) - offset
+        day += datetime.timedelta(days=1)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. The queue core: Task, Queue, Broker. Pure Python, one lock, no HTTP.
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Longer runs by hand: KATAR_SOAK_SECONDS (default 12) is the length of the compac
 
 import collections
 import contextlib
+import datetime
 import errno
 import http.client
 import io
@@ -6748,6 +6749,60 @@ class GroupJournalTest(JournalOverHttpTestCase):
         jobs = self.reopen().get("jobs")
         jobs.report([{"_id": first, "status": "done"}])
         self.assertEqual(jobs.lease()[0]["_id"], second)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cron expressions (for schedules, issue 15)
+# ---------------------------------------------------------------------------------------------------------------
+
+class CronTest(unittest.TestCase):
+    @staticmethod
+    def ms(text):
+        return int(datetime.datetime.strptime(text, "%Y-%m-%d %H:%M").replace(
+            tzinfo=datetime.timezone.utc).timestamp() * 1000)
+
+    def test_next_fire_times_as_vixie_cron_reads_the_fields(self):
+        # (expression, after, the next fire time): 1 December 2026 is a Tuesday.
+        table = [
+            ("*/5 * * * *", "2026-12-01 10:03", "2026-12-01 10:05"),
+            ("*/5 * * * *", "2026-12-01 10:05", "2026-12-01 10:10"),  # strictly after
+            ("0 9 * * mon-fri", "2026-12-05 10:00", "2026-12-07 09:00"),  # names, a range
+            ("0 9 * * MON-FRI", "2026-12-04 08:59", "2026-12-04 09:00"),  # any case
+            ("0 12 * * 7", "2026-12-01 00:00", "2026-12-06 12:00"),  # Sunday as 7
+            ("0 12 * * 0", "2026-12-01 00:00", "2026-12-06 12:00"),  # and as 0
+            ("0 0 29 feb *", "2026-03-01 00:00", "2028-02-29 00:00"),  # a leap day, years away
+            ("0 0 13 * 5", "2026-12-01 00:00", "2026-12-04 00:00"),  # both days named: either (Friday 4th)
+            ("0 0 13 * 5", "2026-12-05 00:00", "2026-12-11 00:00"),
+            ("0 0 */2 * 5", "2026-12-01 00:00", "2026-12-11 00:00"),  # day of month starts with *: both
+            ("0 0 29 2 1", "2026-01-01 00:00", "2026-02-02 00:00"),  # a Monday of February, or the 29th
+            ("30 4 1,15 * *", "2026-12-01 04:30", "2026-12-15 04:30"),  # a list
+            ("15-45/10 * * * *", "2026-12-01 10:40", "2026-12-01 10:45"),  # a range with a step
+            ("50/5 * * * *", "2026-12-01 10:56", "2026-12-01 11:50"),  # a start with a step: 50, 55
+            ("0 0 1 jan *", "2026-12-01 00:00", "2027-01-01 00:00"),
+            ("59 23 31 dec *", "2026-12-31 23:58", "2026-12-31 23:59"),
+        ]
+        for expression, after, expected in table:
+            with self.subTest(expression=expression, after=after):
+                self.assertEqual(K.next_fire(K.parse_cron(expression), self.ms(after)), self.ms(expected))
+
+    def test_a_fixed_utc_offset_reads_the_fields_on_that_clock(self):
+        nine_in_paris = K.next_fire(K.parse_cron("0 9 * * *"), self.ms("2026-12-01 00:00"), utc_offset_minutes=60)
+        self.assertEqual(nine_in_paris, self.ms("2026-12-01 08:00"))
+
+    def test_an_expression_that_never_fires_has_no_next_time(self):
+        self.assertIsNone(K.next_fire(K.parse_cron("0 0 31 feb *"), self.ms("2026-12-01 00:00")))
+
+    def test_bad_expressions_are_refused_naming_the_field_and_the_part(self):
+        cases = [("* * * *", "5"), ("60 * * * *", "minute 60"), ("* 24 * * *", "hour 24"), ("* * 0 * *", "day of month"),
+                 ("* * * 13 *", "month 13"), ("* * * * 8", "day of week 8"), ("*/0 * * * *", "step"),
+                 ("5-1 * * * *", "backwards"), ("x * * * *", "'x'"), ("* * * foo *", "'foo'"), ("1,,2 * * * *", "''"),
+                 ("* * * * * *", "6"), ("１ * * * *", "not a number"), (5, "string"), ("", "0 fields")]
+        for expression, named in cases:
+            with self.subTest(expression=expression):
+                with self.assertRaises(K.BadRequest) as refused:
+                    K.parse_cron(expression, "schedules[0].cron")
+                self.assertIn(named, str(refused.exception))
+                self.assertEqual(refused.exception.fields["field"], "schedules[0].cron")
 
 
 if __name__ == "__main__":
