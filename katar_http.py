@@ -679,7 +679,7 @@ class Seen:
         self.worker, self.address = worker, address
         self.held: Dict[str, Dict[str, int]] = {}
         self.swept: Dict[str, int] = {}  # per queue: deliveries still held when last swept
-        self.notices: Dict[str, Dict[str, None]] = {}  # per queue: ids of deliveries taken from it, not yet told
+        self.notices: Dict[str, Dict[str, int]] = {}  # per queue: deliveries taken from it, not yet told
         self.last_contact = 0
         self.last_heartbeat: Optional[int] = None
         self.waiting = 0  # its long polls parked now
@@ -714,12 +714,12 @@ class Fleet:
         while seen and (len(seen) > MAX_WORKERS_SEEN or next(iter(seen.values())).last_contact < now - WORKER_IDLE_MS):
             seen.popitem(last=False)
 
-    def notice(self, worker: str, queue: str, task_id: str) -> None:
-        """A delivery of task `task_id` handed to the named `worker` in `queue` was taken from it: it is told in
-        its next answer there (a worker not remembered is told by the 409 of its next report)."""
+    def notice(self, worker: str, queue: str, task_id: str, attempt: int) -> None:
+        """Delivery `attempt` of task `task_id`, handed to the named `worker` in `queue`, was taken from it: it is
+        told in its next answer there (a worker not remembered is told by the 409 of its next report)."""
         seen = self._seen.get((worker, None))
         if seen is not None:
-            seen.notices.setdefault(queue, {})[task_id] = None
+            seen.notices.setdefault(queue, {})[task_id] = attempt
 
     def told(self, worker: str, queue: str, task_ids: Iterable[str]) -> None:
         """The named `worker` has heard of these (a 409's `cancel`, or a newer delivery of the task handed to it):
@@ -1044,7 +1044,7 @@ class Queue:
                 latest = task.latest() if self._open_delivery(task) else None  # its worker may be at it still
                 broker._commit([{"op": "status", "q": self.name, "id": task_id, "status": status, "at": now}])
                 if latest is not None and status != QUEUED:
-                    self._tell(latest["worker"], task_id)
+                    self._tell(latest["worker"], task_id, latest["attempt"])
                 self._serve_waiters(now)
             return self._task_view(task_id)
 
@@ -1063,12 +1063,12 @@ class Queue:
             now = broker._now()
             self._tick(now)
             ids = list(self._by_status[status])
-            lapsed = [(task.latest()["worker"], task.id) for task in map(self._tasks.__getitem__, ids)
+            lapsed = [(task.latest()["worker"], task.id, task.attempt) for task in map(self._tasks.__getitem__, ids)
                       if self._open_delivery(task)]  # leases that ran out: their workers may be at them still
             if ids:
                 broker._commit([{"op": "purge", "q": self.name, "ids": ids, "at": now}])
-            for worker, task_id in lapsed:
-                self._tell(worker, task_id)
+            for worker, task_id, attempt in lapsed:
+                self._tell(worker, task_id, attempt)
             return len(ids)
 
     def tasks(self, status: Optional[str] = None, limit: int = 100, after: Optional[str] = None,
@@ -1121,7 +1121,9 @@ class Queue:
                     if self._delivery_state(task_id, attempt) in ("taken", "ended"):
                         del held[task_id]
                 seen.swept[self.name] = len(held)
-            return list(seen.notices.pop(self.name, ()))
+            # (checked again: a change the disk then lost is undone, and its notice with it)
+            return [task_id for task_id, attempt in seen.notices.pop(self.name, {}).items()
+                    if self._taken_from_worker(task_id, attempt)]
 
     def _delivery_state(self, task_id: str, attempt: int) -> str:
         """Delivery `attempt` of a task, as its worker should see it: "held" (in progress), "lapsed" (its lease ran
@@ -1138,6 +1140,13 @@ class Queue:
             if self._open_delivery(task):
                 return "lapsed"
         return "taken" if self._taken_because(task, attempt) is not None else "ended"
+
+    def _taken_from_worker(self, task_id: str, attempt: int) -> bool:
+        """Whether delivery `attempt` of a task was taken from its worker: cancelled, past max_run, superseded, or
+        the task dropped altogether (purged)."""
+        if task_id not in self._tasks and task_id not in self._finished:
+            return True
+        return self._delivery_state(task_id, attempt) == "taken"
 
     def held_view(self, held: Dict[str, int], now: int) -> List[Dict[str, Any]]:
         """Lock held: the deliveries of `held` ({task id: attempt}) in progress at `now`, with their lease deadlines
@@ -1403,7 +1412,7 @@ class Queue:
                 heapq.heappush(leases, (until, task_id, attempt))  # it expires on a later tick
                 return
             if record["error"] == RUN_TIME_EXCEEDED:
-                self._tell(task.worker, task_id)
+                self._tell(task.worker, task_id, task.attempt)
         self._end_aged(now)
         self._close_key_windows(now)
         self._serve_waiters(now)
@@ -1478,12 +1487,12 @@ class Queue:
         if self.options["expire_after"] or self.options["retain"] or self._key_ends:
             self._tick(now)
 
-    def _tell(self, worker: Optional[str], task_id: str) -> None:
+    def _tell(self, worker: Optional[str], task_id: str, attempt: int) -> None:
         """A delivery of task `task_id` was taken from `worker`: note it for its next answer's `cancel`, and answer
         its parked long polls now (with no tasks), so that it hears at once rather than when its wait ends."""
         if worker is None:
             return  # an anonymous worker learns from the 409 of its next report
-        self._broker.fleet.notice(worker, self.name, task_id)
+        self._broker.fleet.notice(worker, self.name, task_id, attempt)
         for waiter in list(self._parked_by_worker.get(worker, ())):
             if waiter.parked:
                 waiter.parked, waiter.result = False, []
@@ -1558,7 +1567,7 @@ class Queue:
             if task.attempt > 1:  # a delivery whose lease ran out is now superseded: its worker must stop
                 earlier = task.delivery(task.attempt - 1)
                 if earlier is not None and earlier["outcome"] == "expired" and earlier["worker"] != worker:
-                    self._tell(earlier["worker"], task_id)
+                    self._tell(earlier["worker"], task_id, earlier["attempt"])
             leased.append({"_id": task_id, "data": task.data, "attempt": task.attempt})
         return leased
 

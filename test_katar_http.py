@@ -2031,6 +2031,33 @@ class JournalOverHttpTest(JournalOverHttpTestCase):
         self.assertEqual([t["data"] for t in expected["jobs"][1]["tasks"]], ["before", "queued", "after"])
         self.assertTrue(added)
 
+    def test_a_failing_disk_refuses_steering_and_flow_changes_and_tells_no_worker(self):
+        running, = self.insert({"data": "running"})
+        leased = self.lease_one(worker="w1")
+        options = self.jobs.describe()
+
+        def full_disk(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.journal._fsync = full_disk
+        for method, path, body in (
+                ("DELETE", f"/v1/queue/jobs/tasks/{running}", None),
+                ("POST", "/v1/queue/jobs", {"tasks": [{"_id": running, "status": "in progress", "attempt": 1,
+                                                       "progress": {"step": 9}, "lease": 90000}], "worker": "w1"}),
+                ("POST", "/v1/queue/jobs", {"max": 0, "throttle": 60000}),
+                ("POST", "/v1/queue/jobs/tasks", {"data": "grouped", "group": "g"}),
+                ("PUT", "/v1/queue/jobs", {"group_limit": 1, "rate": 5, "max_queued": 3, "expire_after": 1000})):
+            status, payload, _ = self.call(method, path, body, allow_503=True)
+            self.assertEqual(status, 503, (method, path, payload))
+        self.journal._fsync = os.fsync  # the disk recovers: nothing of the refused changes is there
+        task = self.task(running)
+        self.assertEqual((task["status"], task["progress"], task["lease_expires_at"]),
+                         ("in progress", None, self.clock.ms + 60000))
+        stats = self.call("GET", "/v1/queue/jobs/stats")[1]
+        self.assertEqual((stats["throttled_for_ms"], stats["total"]), (0, 1))
+        self.assertEqual(self.jobs.describe(), options)
+        self.assertEqual(self.poll({"worker": "w1", "max": 0})[0], 204)  # told of no cancel that did not happen
+        self.poll({"tasks": [{"_id": leased["_id"], "status": "done", "attempt": 1}], "max": 0}, expect=204)
+
     def test_a_producer_waiting_for_a_result_is_never_told_done_before_the_disk_has_it(self):
         task_id, = self.insert({"data": "work"})
         leased = self.lease_one()
