@@ -1162,11 +1162,8 @@ class Queue:
         with self._broker._lock:
             now = self._broker._now()
             self._tick(now)
-            ready, tasks = self._ready, self._tasks
-            while ready:  # stale entries at the front are dropped, as a lease would drop them
-                task = tasks.get(ready[0][1])
-                if task is not None and task.status == QUEUED and task.run_at <= now:
-                    break
+            ready = self._ready
+            while ready and not self._due(ready[0], now):  # stale entries at the front go, as a lease drops them
                 heapq.heappop(ready)
             turns = self._turns
             while turns and self._turn_of.get(turns[0][3]) != turns[0][:3]:
@@ -1482,7 +1479,7 @@ class Queue:
             self._key_windows[key] = window
 
     def run_ages(self, now: int) -> None:
-        """For a queue with expire_after or retain: end the tasks whose age is up by `now` (broker lock held).
+        """For a queue with expire_after, retain or key windows open: end what is due by `now` (broker lock held).
         The server runs it every AGE_SECONDS; any request to the queue does too."""
         if self.options["expire_after"] or self.options["retain"] or self._key_ends:
             self._tick(now)
@@ -2007,13 +2004,8 @@ class Queue:
         """The next task to lease, or None: the best due ungrouped task, or the best task of the group whose turn
         it is, whichever comes first by priority, then id or stamp. Stale entries met on the way are dropped; a
         group that may not lease now leaves the line until a task of it finishes or comes due."""
-        ready, tasks, turns = self._ready, self._tasks, self._turns
-
-        def due(entry: Tuple[int, str]) -> bool:
-            task = tasks.get(entry[1])
-            return task is not None and task.status == QUEUED and task.run_at <= now and entry[1] not in picked
-
-        while ready and not due(ready[0]):
+        ready, turns = self._ready, self._turns
+        while ready and not self._due(ready[0], now, picked):
             heapq.heappop(ready)
         while turns:
             best, stamp, count, group = turns[0]
@@ -2021,7 +2013,7 @@ class Queue:
                 heapq.heappop(turns)  # stale
                 continue
             heap = self._group_ready.get(group, [])
-            while heap and not due(heap[0]):
+            while heap and not self._due(heap[0], now, picked):
                 heapq.heappop(heap)
                 self._grouped_entries -= 1
             if not heap or not self._group_open(group, now, taking):
@@ -2051,6 +2043,12 @@ class Queue:
         else:
             del self._group_ready[group]
         return task_id
+
+    def _due(self, entry: Tuple[int, str], now: int, picked: Iterable[str] = ()) -> bool:
+        """Whether a ready heap's entry (-priority, id) names a task queued and due at `now` (not one stale, or
+        already picked). (_take's hot path makes the same check inline.)"""
+        task = self._tasks.get(entry[1])
+        return task is not None and task.status == QUEUED and task.run_at <= now and entry[1] not in picked
 
     def _reindex_queued(self, now: int) -> None:
         self._ready, self._delayed = [], []
@@ -2303,7 +2301,7 @@ class Broker:
                 self._admit(_options_bytes(merged) - (_options_bytes(queue.options) if queue is not None else 0))
                 records = [{"op": "queue", "q": name, "options": merged}]
                 now = self._now()
-                if queue is not None and queue.throttled_until > now + merged.get("max_throttle", MAX_DELAY_MS):
+                if queue is not None and queue.throttled_until > now + merged["max_throttle"]:
                     records.append({"op": "throttle", "q": name, "until": now + merged["max_throttle"], "at": now,
                                     "shorten": True})  # an operator lowers max_throttle: the throttle in force too
                 self._commit(records)
@@ -2392,8 +2390,8 @@ class Broker:
             self._journal.settle_listeners.append(listener)
 
     def run_ages(self) -> None:
-        """End the tasks whose age is up (expire_after, retain) in every queue that sets one; the server calls it
-        every AGE_SECONDS, so that ages end without a request."""
+        """End the tasks whose age is up (expire_after, retain) and close the key windows that are (key_ttl), in
+        every queue that has any; the server calls it every AGE_SECONDS, so that ages end without a request."""
         with self._changing():
             now = self._now()
             for queue in self._queues.values():
@@ -5838,18 +5836,13 @@ class Runner:
         if taken is not None:  # the server ended this delivery: there is nothing to report
             self.log("%s attempt %d stopped after %d ms: %s" % (task_id, attempt, (time.monotonic() - started) * 1000,
                                                                 taken))
-            self.client.close()
-            with self._changed:
-                self._running.pop(delivery, None)
-                self._since.pop(delivery, None)
-                self._changed.notify_all()
-            return
-        if not self.quiet:  # one line per task: what ran, how it ended, how long it took
-            why = " (%s)" % report["error"].splitlines()[0][:200] if report["status"] == FAILED and report[
-                "error"].strip() else ""
-            self.log("%s attempt %d %s%s in %d ms" % (task_id, attempt, report["status"], why,
-                                                      (time.monotonic() - started) * 1000))
-        self._report([report])
+        else:
+            if not self.quiet:  # one line per task: what ran, how it ended, how long it took
+                why = " (%s)" % report["error"].splitlines()[0][:200] if report["status"] == FAILED and report[
+                    "error"].strip() else ""
+                self.log("%s attempt %d %s%s in %d ms" % (task_id, attempt, report["status"], why,
+                                                          (time.monotonic() - started) * 1000))
+            self._report([report])
         self.client.close()  # this thread's connection: the thread ends here
         with self._changed:
             self._running.pop(delivery, None)
