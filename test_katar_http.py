@@ -1,7 +1,7 @@
 """Tests for katar_http: a real server on port 0, real HTTP through urllib and http.client, a fake clock where
 time matters. Run: python3 -m unittest -v test_katar_http
 
-Longer runs by hand: KATAR_SOAK_SECONDS (default 12) is the length of the compaction soak's load, KATAR_CRASH_ROUNDS
+Longer runs by hand: KATAR_SOAK_SECONDS (default 9) is the length of the compaction soak's load, KATAR_CRASH_ROUNDS
 (default 12) the number of kill -9 rounds aimed at compactions, e.g.
     KATAR_SOAK_SECONDS=600 python3 -m unittest -v test_katar_http.CompactionSoakTest"""
 
@@ -3036,7 +3036,7 @@ class CompactionSoakTest(CompactionLoadTestCase):
     """Writers on several queues while the journal is compacted over and over: nothing acknowledged is lost across a
     clean restart, nor across a kill -9 after more of the same."""
 
-    seconds = float(os.environ.get("KATAR_SOAK_SECONDS", "12"))
+    seconds = float(os.environ.get("KATAR_SOAK_SECONDS", "9"))
     persistent_tasks = 20000  # per persistent queue over the whole soak: a long soak inserts into them more slowly
 
     def run_load(self, server, load, seconds, until=lambda: True):
