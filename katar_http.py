@@ -144,6 +144,7 @@ QUEUE_DEFAULTS: Dict[str, Any] = {
     "group_limit": 0,        # tasks of one group in progress at once (1: one at a time, in order); 0: no limit
     "group_on_failure": "block",  # a retrying task holds its group back ("block": order kept) or not ("skip")
     "max_throttle": 300000,  # ms a worker's throttle may stop the queue at most; lowering it shortens one in force
+    "schedules": [],         # periodic tasks: [{"name", "cron" or "every", "data", "priority", "missed", "utc_offset"}]
 }
 # A queue's figures since the server started (stats' `totals`).
 TOTALS = ("inserted", "leased", "done", "failed", "retried", "expired", "released", "cancelled", "refused",
@@ -402,8 +403,10 @@ def _json_sized(field: str, value: Any) -> Tuple[Any, int]:
 
 
 def _options_bytes(options: Dict[str, Any]) -> int:
-    """The memory estimate of a queue without tasks: its tables, and its configuration (any JSON a user sends)."""
-    return QUEUE_BYTES + _value_bytes(options.get("configuration"))
+    """The memory estimate of a queue without tasks: its tables, its configuration and its schedules (any JSON a
+    user sends)."""
+    return QUEUE_BYTES + _value_bytes(options.get("configuration")) + \
+        sum(MEMO_BYTES + _value_bytes(schedule) for schedule in options.get("schedules", ()))
 
 
 def _value_bytes(value: Any) -> int:
@@ -433,6 +436,8 @@ def _check_options(options: Dict[str, Any]) -> Dict[str, Any]:
             value = _check_number(name, value, *RATE_OPTIONS[name])
             if 0 < value < MIN_RATE:
                 raise BadRequest(f"{name} must be 0 (no limit) or at least {MIN_RATE} (a task in {1 / MIN_RATE:g} s)")
+        elif name == "schedules":
+            value = _check_schedules(value)
         elif name in CHOICE_OPTIONS:
             if value not in CHOICE_OPTIONS[name]:
                 raise BadRequest(f"{name} must be one of {', '.join(CHOICE_OPTIONS[name])}, got {_shown(value)}")
@@ -535,6 +540,142 @@ def next_fire(cron: Cron, after_ms: int, utc_offset_minutes: int = 0) -> Optiona
                         return (moment - epoch) // datetime.timedelta(milliseconds=1) - offset
         day += datetime.timedelta(days=1)
     return None
+
+
+def prev_fire(cron: Cron, upto_ms: int, utc_offset_minutes: int = 0) -> Optional[int]:
+    """The last minute at or before `upto_ms` that `cron` names (next_fire's mirror), or None if none came within
+    CRON_SEARCH_DAYS."""
+    offset = utc_offset_minutes * 60000
+    epoch = datetime.datetime(1970, 1, 1)
+    local = epoch + datetime.timedelta(minutes=(upto_ms + offset) // 60000)
+    day = local.date()
+    for _ in range(CRON_SEARCH_DAYS):
+        weekday = (day.weekday() + 1) % 7
+        by_day, by_weekday = day.day in cron.days, weekday in cron.weekdays
+        matches = (by_day and by_weekday) if cron.any_day or cron.any_weekday else (by_day or by_weekday)
+        if day.month in cron.months and matches:
+            for hour in sorted(cron.hours, reverse=True):
+                for minute in sorted(cron.minutes, reverse=True):
+                    moment = datetime.datetime(day.year, day.month, day.day, hour, minute)
+                    if moment <= local:
+                        return (moment - epoch) // datetime.timedelta(milliseconds=1) - offset
+        day -= datetime.timedelta(days=1)
+    return None
+
+
+# Schedules (the queue option `schedules`): each due slot inserts one task, keyed schedule:<name>:<slot time>.
+SCHEDULE_FIELDS = ("name", "cron", "every", "data", "priority", "missed", "utc_offset")
+MISSED_CHOICES = ("skip", "once", "all")  # what becomes of slots missed while the server was down (or refusing)
+MAX_SCHEDULES = 100          # schedules per queue
+MIN_EVERY_MS = 1000          # the shortest `every`
+SCHEDULE_GRACE_MS = 60000    # a slot inserted within this of its time is on time; later, it was missed
+MAX_MISSED_RUNS = 1000       # missed "all": at most this many missed slots are run, the latest ones
+SCHEDULE_RETRY_MS = 1000     # a slot refused (a full queue, the disk failing) is tried again this much later
+
+
+class Schedule(NamedTuple):
+    """A checked schedule: its slots are the minutes `cron` names (on a clock `utc_offset` minutes ahead of UTC),
+    or the multiples of `every` ms since the epoch (so that they are the same across restarts)."""
+    name: str
+    cron: Optional[Cron]
+    every: int
+    utc_offset: int
+
+    def next_slot(self, after_ms: int) -> Optional[int]:
+        """The first slot strictly after `after_ms`."""
+        if self.cron is None:
+            return (after_ms // self.every + 1) * self.every
+        return next_fire(self.cron, after_ms, self.utc_offset)
+
+    def last_slot(self, upto_ms: int) -> Optional[int]:
+        """The last slot at or before `upto_ms`."""
+        if self.cron is None:
+            return upto_ms // self.every * self.every
+        return prev_fire(self.cron, upto_ms, self.utc_offset)
+
+    def due(self, handled: int, now: int, missed: str) -> Tuple[List[int], Optional[int]]:
+        """The slots to run at `now` when those up to `handled` were run or passed over: every slot on time (due
+        within SCHEDULE_GRACE_MS), and of the missed ones none (skip), the latest (once) or the latest
+        MAX_MISSED_RUNS (all), oldest first; and the latest slot due, which is then handled (None: none is)."""
+        latest = self.last_slot(now)
+        if latest is None or latest <= handled:
+            return [], None
+        slots, slot = [], latest
+        while slot is not None and slot > handled and slot >= now - SCHEDULE_GRACE_MS:
+            slots.append(slot)
+            slot = self.last_slot(slot - 1)
+        if missed != "skip":
+            while slot is not None and slot > handled and len(slots) < MAX_MISSED_RUNS:
+                slots.append(slot)
+                if missed == "once":
+                    break
+                slot = self.last_slot(slot - 1)
+        return slots[::-1], latest
+
+
+def slot_name(slot_ms: int) -> str:
+    """A slot's time as its key shows it: UTC, ISO 8601, to the millisecond."""
+    moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(milliseconds=slot_ms)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (slot_ms % 1000)
+
+
+def _check_schedules(value: Any) -> List[Dict[str, Any]]:
+    """Validate the option `schedules`: a list of {name, cron or every, data?, priority?, missed?, utc_offset?};
+    returns them with their defaults filled in. A BadRequest names the schedule's place and field."""
+    if not isinstance(value, list):
+        raise BadRequest('schedules must be a list of {"name", "cron" or "every", "data", ...}', field="schedules")
+    if len(value) > MAX_SCHEDULES:
+        raise BadRequest(f"schedules holds {len(value)}; a queue has at most {MAX_SCHEDULES}", field="schedules")
+    checked, names = [], set()
+    for index, entry in enumerate(value):
+        where = f"schedules[{index}]"
+        if not isinstance(entry, dict):
+            raise BadRequest(f"{where} must be an object", field=where)
+        unknown = [name for name in entry if name not in SCHEDULE_FIELDS]
+        if unknown:
+            raise BadRequest(f"unknown field {_shown(unknown[0])} in {where}; a schedule's fields are "
+                             f"{', '.join(SCHEDULE_FIELDS)}", field=f"{where}.{str(unknown[0])[:100]}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not QUEUE_NAME.match(name) or len(name) > 100:
+            raise BadRequest(f"{where}.name must be 1 to 100 letters, digits, '_', '.' or '-' (not starting with "
+                             f"'_', '.' or '-'), got {_shown(name)}", field=f"{where}.name")
+        if name in names:
+            raise BadRequest(f"{where}.name {name!r} is taken by an earlier schedule: names are unique",
+                             field=f"{where}.name")
+        names.add(name)
+        if ("cron" in entry) == ("every" in entry):
+            raise BadRequest(f"{where} needs either cron (\"*/5 * * * *\") or every (ms), not both or neither",
+                             field=where)
+        schedule: Dict[str, Any] = {"name": name}
+        if "cron" in entry:
+            parse_cron(entry["cron"], f"{where}.cron")
+            schedule["cron"] = entry["cron"]
+        else:
+            schedule["every"] = _check_int(f"{where}.every", entry["every"], MIN_EVERY_MS, MAX_DELAY_MS)
+        schedule["data"] = _json_value(f"{where}.data", entry.get("data"))
+        try:
+            schedule["priority"] = _check_priority(entry.get("priority", 0))
+        except BadRequest as exc:
+            raise BadRequest(f"{where}.{exc}", field=f"{where}.priority") from None
+        missed = entry.get("missed", "once")
+        if missed not in MISSED_CHOICES:
+            raise BadRequest(f"{where}.missed must be one of {', '.join(MISSED_CHOICES)}, got {_shown(missed)}",
+                             field=f"{where}.missed")
+        schedule["missed"] = missed
+        schedule["utc_offset"] = _check_int(f"{where}.utc_offset", entry.get("utc_offset", 0), -1439, 1439)
+        checked.append(schedule)
+    return checked
+
+
+def _timing(option: Optional[Dict[str, Any]]) -> Any:
+    """What decides a schedule's slots (a change of it starts the schedule anew)."""
+    return None if option is None else (option.get("cron"), option.get("every"), option["utc_offset"])
+
+
+def make_schedule(option: Dict[str, Any]) -> Schedule:
+    """The Schedule of a checked `schedules` entry."""
+    cron = parse_cron(option["cron"]) if "cron" in option else None
+    return Schedule(option["name"], cron, option.get("every", 0), option["utc_offset"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -808,6 +949,10 @@ class Queue:
         self._key_windows: Dict[str, Tuple[str, str, int]] = {}
         self._key_ends: List[Tuple[int, str, str]] = []
         self.throttled_until = 0  # (state: a worker's throttle is journalled) nothing is leased before this (ms)
+        # Schedules: each one's Schedule (from the options), and the latest slot of each that was run or passed
+        # over (state: "fire" records, which go with the inserts of the slots they run).
+        self._schedules = {option["name"]: make_schedule(option) for option in self.options["schedules"]}
+        self._fired: Dict[str, int] = {}
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
@@ -819,6 +964,8 @@ class Queue:
         self.memory -= _options_bytes(self.options)
         self.options.update(options)
         self.memory += _options_bytes(self.options)
+        if self.options["schedules"] is not was["schedules"]:
+            self._schedules = {option["name"]: make_schedule(option) for option in self.options["schedules"]}
         if self.options["expire_after"] and not was["expire_after"]:
             self._reindex_aging()
         if self.options["retain"] and not was["retain"]:
@@ -1194,6 +1341,7 @@ class Queue:
                 "full": bool(self.options["max_queued"]) and len(queued) + len(self._by_status[PAUSED])
                 >= self.options["max_queued"],
                 "totals": dict(self.totals),
+                **({"schedules": self.schedules_view()} if self._schedules else {}),
             }
 
     # -- validation and planning (under the lock; no state changes) ---------------------------------------------
@@ -1483,6 +1631,87 @@ class Queue:
         The server runs it every AGE_SECONDS; any request to the queue does too."""
         if self.options["expire_after"] or self.options["retain"] or self._key_ends:
             self._tick(now)
+
+    # -- schedules -----------------------------------------------------------------------------------------------
+
+    def run_schedules(self, now: int) -> Optional[int]:
+        """Insert a task for each slot of the queue's schedules due by `now` (broker lock held, in a change): one
+        commit holds the inserts and the "fire" record of the slots they run, so a slot runs once across restarts,
+        crashes and replays. Returns when a slot is next due (ms), or None. A slot the queue cannot take (its
+        max_queued, --max-memory, a failing disk) is tried again SCHEDULE_RETRY_MS later; if that makes it late,
+        its schedule's `missed` decides."""
+        if not self._schedules:
+            return None
+        rows, fired = [], []
+        for option in self.options["schedules"]:
+            name = option["name"]
+            handled = self._fired.get(name)
+            if handled is None:  # (a schedule whose start was not recorded starts now)
+                fired.append([name, now])
+                continue
+            slots, latest = self._schedules[name].due(handled, now, option["missed"])
+            if latest is None:
+                continue
+            fired.append([name, latest])
+            for slot in slots:
+                key = f"schedule:{name}:{slot_name(slot)}"
+                if key not in self._keys:  # (the key of a slot run before, while its task is remembered)
+                    rows.append([self._broker._next_id(), option["data"], option["priority"], QUEUED, key, 0,
+                                 _value_bytes(option["data"]) + len(key)])
+        if fired:
+            limit = self.options["max_queued"]
+            if rows and limit and len(self._by_status[QUEUED]) + len(self._by_status[PAUSED]) + len(rows) > limit:
+                return now + SCHEDULE_RETRY_MS
+            try:
+                if rows:
+                    self._broker._admit(sum(TASK_BYTES + row[6] for row in rows))
+                self._broker._commit(([{"op": "insert", "q": self.name, "at": now, "tasks": rows}] if rows else []) +
+                                     [{"op": "fire", "q": self.name, "at": now, "slots": fired}])
+            except Unavailable:
+                return now + SCHEDULE_RETRY_MS
+            if rows:
+                self._serve_waiters(now)
+        return self._next_slot()
+
+    def _next_slot(self) -> Optional[int]:
+        """When the next slot of any schedule is due (ms), or None."""
+        times = [self._schedules[name].next_slot(handled) for name, handled in self._fired.items()
+                 if name in self._schedules]
+        times = [at for at in times if at is not None]
+        return min(times) if times else None
+
+    def schedules_view(self) -> List[Dict[str, Any]]:
+        """Lock held: each schedule's next slot (ms since the epoch, and as text), and the time through which its
+        slots were run or passed over."""
+        view = []
+        for name, schedule in self._schedules.items():
+            handled = self._fired.get(name)
+            upcoming = schedule.next_slot(handled) if handled is not None else None
+            view.append({"name": name, "next_fire_ms": upcoming,
+                         "next_fire": slot_name(upcoming) if upcoming is not None else None,
+                         "handled_through": slot_name(handled) if handled is not None else None})
+        return view
+
+    def fired_slots(self) -> List[List[Any]]:
+        """Lock held: [schedule name, the latest slot run or passed over], for a compacted journal."""
+        return [[name, slot] for name, slot in self._fired.items() if name in self._schedules]
+
+    def _apply_fire(self, rec: Dict[str, Any]) -> None:
+        undo = self._broker._undo
+        for name, slot in rec["slots"]:
+            if undo is not None:
+                undo.append((self._put_back_fired, name, self._fired.get(name)))
+            self._fired[name] = slot
+        for name in [name for name in self._fired if name not in self._schedules]:  # schedules taken away
+            if undo is not None:
+                undo.append((self._put_back_fired, name, self._fired[name]))
+            del self._fired[name]
+
+    def _put_back_fired(self, name: str, slot: Optional[int]) -> None:
+        if slot is None:
+            self._fired.pop(name, None)
+        else:
+            self._fired[name] = slot
 
     def _tell(self, worker: Optional[str], task_id: str, attempt: int) -> None:
         """A delivery of task `task_id` was taken from `worker`: note it for its next answer's `cancel`, and answer
@@ -1790,6 +2019,7 @@ class Queue:
     def _apply_restore(self, rec: Dict[str, Any]) -> None:
         self.totals.update(rec["totals"])
         self.throttled_until = rec.get("throttled_until", 0)
+        self._fired.update(rec.get("fired", ()))
         for key, task_id, status, at in rec.get("keys", ()):
             self._set_window(key, (task_id, status, at))
             heapq.heappush(self._key_ends, (at, key, task_id))
@@ -1809,7 +2039,7 @@ class Queue:
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
                      "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "_group_ready",
                      "_group_running", "_group_retrying", "_turns", "_turn_of", "_turn_count", "_grouped_entries",
-                     "totals", "memory"):
+                     "totals", "memory", "_schedules", "_fired"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -2301,6 +2531,11 @@ class Broker:
                 self._admit(_options_bytes(merged) - (_options_bytes(queue.options) if queue is not None else 0))
                 records = [{"op": "queue", "q": name, "options": merged}]
                 now = self._now()
+                timing = {option["name"]: _timing(option) for option in (queue.options["schedules"] if queue else ())}
+                starts = [[option["name"], now] for option in merged.get("schedules", ())
+                          if timing.get(option["name"]) != _timing(option)]
+                if starts:  # a schedule new, or timed anew, runs the slots after now
+                    records.append({"op": "fire", "q": name, "at": now, "slots": starts})
                 if queue is not None and queue.throttled_until > now + merged["max_throttle"]:
                     records.append({"op": "throttle", "q": name, "until": now + merged["max_throttle"], "at": now,
                                     "shorten": True})  # an operator lowers max_throttle: the throttle in force too
@@ -2397,6 +2632,20 @@ class Broker:
             for queue in self._queues.values():
                 queue.run_ages(now)
 
+    def run_schedules(self) -> Optional[float]:
+        """Insert the tasks of the schedules' slots due now, in every queue; returns the seconds until a slot is
+        next due, or None. The server calls it from a timer set for that moment; a program using the Broker alone
+        calls it itself."""
+        with self._changing():
+            if not self._durability.writable():  # the journal's disk fails: the slots wait for it
+                return SCHEDULE_RETRY_MS / 1000.0
+            now, due = self._now(), None
+            for queue in self._queues.values():
+                at = queue.run_schedules(now)
+                if at is not None and (due is None or at < due):
+                    due = at
+        return None if due is None else max(0.0, (due - self._now()) / 1000.0)
+
     def next_due(self) -> Optional[float]:
         """Run the clock for the parked long polls (a delay ended, a lease ran out: their tasks go to the polls);
         returns the seconds until that is next needed, or None. The server calls it from a timer."""
@@ -2474,7 +2723,8 @@ class Broker:
             records.extend(task.record(queue.name) for task in queue._tasks.values())
             records.append({"op": "restore", "q": queue.name, "totals": dict(queue.totals),
                             "finished": [[task_id] + list(memo) for task_id, memo in queue._finished.items()],
-                            "throttled_until": queue.throttled_until, "keys": queue.key_windows()})
+                            "throttled_until": queue.throttled_until, "keys": queue.key_windows(),
+                            "fired": queue.fired_slots()})
         return records
 
     def compact(self) -> None:
@@ -3931,6 +4181,10 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
            [("", f'queue="{s["queue"]}"', s["groups"]) for s in stats])
     family("katar_queue_throttled_seconds", "gauge", "How long the queue still hands out nothing (a worker's "
            "throttle).", [("", f'queue="{s["queue"]}"', s["throttled_for_ms"] / 1000.0) for s in stats])
+    family("katar_schedule_next_fire_timestamp_seconds", "gauge", "When a schedule's next slot is due (seconds "
+           "since the epoch).", [("", f'queue="{s["queue"]}",schedule="{schedule["name"]}"',
+                                  schedule["next_fire_ms"] / 1000.0) for s in stats
+                                 for schedule in s.get("schedules", ()) if schedule["next_fire_ms"] is not None])
     seen = broker.worker_counts()
     family("katar_queue_workers", "gauge", "Workers heard from in the last hour (named ones by id, anonymous "
            "pollers by address).", [("", f'queue="{s["queue"]}"', seen.get(s["queue"], 0)) for s in stats])
@@ -4343,6 +4597,8 @@ class Handler(BaseHTTPRequestHandler):
         self.check_values("queue", [body], "configuration", single=True)
         existed = name in self.server.broker
         queue = self.server.broker.queue(name, **body)
+        if "schedules" in body:
+            self.server.arm_schedules()  # the first slot of a new schedule may come before the timer rings
         return (HTTPStatus.OK if existed else HTTPStatus.CREATED), queue.describe()
 
     def route_stats(self, name: str) -> Reply:
@@ -4443,6 +4699,8 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             return _schema("number", minimum=RATE_OPTIONS[name][0], maximum=RATE_OPTIONS[name][1])
         if name in CHOICE_OPTIONS:
             return _schema("string", enum=list(CHOICE_OPTIONS[name]))
+        if name == "schedules":
+            return _schema("array", maxItems=MAX_SCHEDULES, items=_ref("Schedule"))
         return _integer(*QUEUE_BOUNDS[name])
     queue_options = {name: option_schema(name, value) for name, value in QUEUE_DEFAULTS.items()}
     return {
@@ -4565,6 +4823,13 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
                                                                "worker's throttle)"),
             "full": _schema("boolean", description="the queue holds its max_queued: inserts are refused"),
             "groups": _schema("integer", description="groups with tasks due or in progress"),
+            "schedules": _schema("array", description="with schedules: each one's next slot", items=_object({
+                "name": _schema("string"),
+                "next_fire_ms": nullable_int,
+                "next_fire": _schema(["string", "null"], description="UTC, ISO 8601; null: it never fires again"),
+                "handled_through": _schema(["string", "null"], description="slots up to this time were run or "
+                                                                           "passed over (missed: skip)")},
+                required=["name", "next_fire_ms", "next_fire", "handled_through"])),
             "totals": _object({name: _schema("integer") for name in TOTALS}, required=TOTALS, closed=False)},
             required=["queue", "counts", "total", "oldest_queued", "oldest_queued_age_ms", "waiting_workers",
                       "paused", "totals"], closed=False),
@@ -4573,6 +4838,24 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             {"interval": _integer(0, MAX_INTERVAL_MS, description=f"default {DEFAULT_INTERVAL_MS}")}, closed=False,
             description=f"what workers will receive: `interval`, and any other keys; at most {limits.max_data} "
                         f"bytes of JSON (413), nested at most {limits.max_depth} deep"),
+        "Schedule": _object({
+            "name": _schema("string", pattern=QUEUE_NAME_PATTERN, maxLength=100,
+                            description="unique in its queue; each slot's task has the key schedule:<name>:<slot "
+                                        "time, UTC ISO 8601 to the ms>"),
+            "cron": _schema("string", example="*/5 * * * *", description="minute hour day-of-month month "
+                                                                       "day-of-week: numbers, names, ranges, steps, "
+                                                                       "lists; Sunday 0 or 7 (either cron or every)"),
+            "every": _integer(MIN_EVERY_MS, MAX_DELAY_MS, description="ms: slots at the multiples of it since the "
+                                                                      "epoch (either cron or every)"),
+            "data": dict(any_json, description="each task's data"),
+            "priority": _schema(["integer", "string"], description="each task's priority (or high, normal, low)"),
+            "missed": _schema("string", enum=list(MISSED_CHOICES),
+                              description=f"slots more than {SCHEDULE_GRACE_MS // 1000} s late (the server was down, "
+                                          f"the queue full): skip them, run the latest once (default), or run them "
+                                          f"all (the latest {MAX_MISSED_RUNS})"),
+            "utc_offset": _integer(-1439, 1439, description="minutes ahead of UTC the cron fields are read in "
+                                                            "(a fixed offset; default 0)")},
+            required=["name"], description="a periodic task: cron or every"),
         "QueueOptions": _object(dict(queue_options, configuration=_ref("ConfigurationInput"))),
         "Queue": _object(dict(queue_options, name=_schema("string"), configuration=_ref("Configuration")),
                          required=["name", "configuration"] + list(QUEUE_DEFAULTS), closed=False),
@@ -4864,7 +5147,8 @@ async function refresh() {
       });
       row.cells[0].textContent = s.queue + (s.paused ? " (paused)" : "") + (s.full ? " (full)" : "") +
         (s.groups ? " (" + s.groups + " groups)" : "") +
-        (s.throttled_for_ms ? " (throttled for " + (s.throttled_for_ms / 1000).toFixed(0) + " s)" : "");
+        (s.throttled_for_ms ? " (throttled for " + (s.throttled_for_ms / 1000).toFixed(0) + " s)" : "") +
+        (s.schedules || []).map(x => " (schedule " + x.name + ": next " + (x.next_fire || "never") + ")").join("");
       statuses.forEach((status, i) => { row.cells[i + 1].textContent = s.counts[status]; });
       row.cells[7].textContent = s.waiting_workers;
       row.cells[8].textContent = s.oldest_queued === null ? "-"
@@ -4896,6 +5180,7 @@ MAX_PIPELINED = 64       # answers a connection may have held back for the disk 
 LINGER_SECONDS = 0.5     # after a last answer, how long what the client still sends is read (and dropped)
 CLOCK_SECONDS = 0.1      # while waits are parked, the broker's clock runs at least this often
 AGE_SECONDS = 1.0        # how often tasks whose age is up (expire_after, retain) are ended without a request
+SCHEDULE_CHECK_SECONDS = 60.0  # the schedules' timer rings at least this often (a schedule set from another thread)
 FD_RESERVE = 64          # file descriptors kept for the journal, a compaction, the listener and the interpreter
 
 
@@ -4952,6 +5237,7 @@ class HTTPServer:
         self.settling = False     # _settle is releasing held answers (the only place they leave)
         self._clock: Optional[asyncio.TimerHandle] = None
         self._clock_at = 0.0
+        self._schedule_timer: Optional[asyncio.TimerHandle] = None
         self._resources_warned = -10.0
         self.refusing = 0         # connections past the cap being answered 503 and closed
 
@@ -4966,6 +5252,24 @@ class HTTPServer:
         self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, ssl=self.tls,
                                                        ssl_handshake_timeout=handshake, backlog=1024)
         self.loop.call_later(AGE_SECONDS, self._run_ages)
+        self.arm_schedules()
+
+    def arm_schedules(self) -> None:
+        """Run the schedules' slots due now, and set the timer for the moment the next one is due (on the loop;
+        again whenever a queue's options change). Their records reach the disk with the next flush."""
+        if self.closing:
+            return
+        try:
+            with self.broker.deferring() as promise:
+                delay = self.broker.run_schedules()
+            if promise.ticket:
+                self.broker.request_flush()
+        except KatarError:
+            delay = SCHEDULE_RETRY_MS / 1000.0  # the journal fails: try again soon
+        if self._schedule_timer is not None:
+            self._schedule_timer.cancel()
+        delay = SCHEDULE_CHECK_SECONDS if delay is None else min(SCHEDULE_CHECK_SECONDS, delay + 0.001)
+        self._schedule_timer = self.loop.call_later(delay, self.arm_schedules)
 
     def _run_ages(self) -> None:
         """Every AGE_SECONDS: end the tasks whose age is up; their records reach the disk with the next flush."""
