@@ -6832,5 +6832,252 @@ class CronTest(unittest.TestCase):
                 self.assertEqual(refused.exception.fields["field"], "schedules[0].cron")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules: periodic tasks that fire once per slot, across restarts
+# ---------------------------------------------------------------------------------------------------------------
+
+MIDNIGHT = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc).timestamp()  # a Tuesday
+
+
+def slot_keys(queue, name):
+    """The slots (ms since the epoch) of the tasks schedule `name` inserted into `queue`, in order of insertion."""
+    keys = [task["key"] for task in queue.tasks(limit=1000)["tasks"] if (task["key"] or "").startswith("schedule:")]
+    prefix = f"schedule:{name}:"
+    return [int(datetime.datetime.strptime(key[len(prefix):], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp() * 1000) for key in keys if key.startswith(prefix)]
+
+
+class ScheduleTest(unittest.TestCase):
+    """The core's schedules with a fake clock, and a journal where restarts matter."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "tasks.journal")
+        self.clock = FakeClock(MIDNIGHT - 30)
+
+    def open(self, journal=True):
+        broker = K.Broker(clock=self.clock, journal=self.path if journal else None)
+        self.addCleanup(broker.close)
+        return broker
+
+    def minutes(self, broker, minutes, step_ms=37000):
+        """Let `minutes` pass in uneven steps, running the schedules after each, as the server's timer would."""
+        end = self.clock.elapsed + minutes * 60
+        while self.clock.elapsed < end:
+            self.clock.advance(min(step_ms, (end - self.clock.elapsed) * 1000))
+            broker.run_schedules()
+
+    def test_every_five_minutes_fires_each_slot_of_a_day_exactly_once_and_on_time(self):
+        broker = self.open(journal=False)
+        queue = broker.queue("jobs", persistent=True, schedules=[{"name": "five", "cron": "*/5 * * * *",
+                                                                  "data": {"report": True}, "priority": "high"}])
+        self.minutes(broker, 24 * 60 + 1)
+        slots = slot_keys(queue, "five")
+        day = int(MIDNIGHT * 1000)
+        self.assertEqual(slots, [day + n * 300000 for n in range(288)] + [day + 86400000])
+        for task in queue.tasks(limit=1000)["tasks"]:
+            self.assertEqual((task["data"], task["priority"]), ({"report": True}, 10))
+        created = {task["key"]: task["created_at"] for task in queue.tasks(limit=1000)["tasks"]}
+        lateness = [created[f"schedule:five:{K.slot_name(slot)}"] - slot for slot in slots]
+        self.assertTrue(all(0 <= late < 37000 for late in lateness), max(lateness))  # within one step of the slot
+        next_fire = queue.stats()["schedules"][0]
+        self.assertEqual(next_fire["next_fire_ms"], day + 86400000 + 300000)
+        self.assertEqual(next_fire["next_fire"], "2026-12-02T00:05:00.000Z")
+
+    def test_the_server_asks_for_the_moment_of_the_next_slot_not_a_polling_interval(self):
+        broker = self.open(journal=False)
+        broker.queue("jobs", schedules=[{"name": "nightly", "cron": "0 3 * * *"}])
+        self.assertAlmostEqual(broker.run_schedules(), 3 * 3600 + 30, delta=0.01)
+        broker.queue("other", schedules=[{"name": "often", "every": 7000}])
+        self.assertLessEqual(broker.run_schedules(), 7.0)
+
+    def test_a_new_schedule_starts_now_and_a_retimed_one_does_not_run_its_past(self):
+        broker = self.open(journal=False)
+        queue = broker.queue("jobs", persistent=True, schedules=[{"name": "hourly", "cron": "0 * * * *"}])
+        self.minutes(broker, 90)  # 00:00 and 01:00
+        self.assertEqual(len(slot_keys(queue, "hourly")), 2)
+        queue.configure(schedules=[{"name": "hourly", "cron": "* * * * *"}])  # every minute from now on
+        broker.run_schedules()
+        self.assertEqual(len(slot_keys(queue, "hourly")), 2, "the minutes before the change are not missed runs")
+        self.minutes(broker, 3)
+        self.assertEqual(len(slot_keys(queue, "hourly")), 5)
+        queue.configure(schedules=[])
+        self.minutes(broker, 3)
+        self.assertEqual(len(slot_keys(queue, "hourly")), 5)
+        self.assertNotIn("schedules", queue.stats())
+
+    def test_a_restart_in_the_middle_of_a_due_slot_fires_it_once(self):
+        schedules = [{"name": "five", "cron": "*/5 * * * *"}]
+        self.clock.advance(30000 + 240000)  # 00:04
+        broker = self.open()
+        broker.queue("jobs", persistent=True, schedules=schedules)
+        self.clock.advance(62000)  # 00:05:02: the slot is due, the timer has not rung yet
+        broker.close()  # the server stops before it runs the slot, and comes back 20 s later
+        self.clock.advance(20000)
+        broker = self.open()
+        broker.run_schedules()
+        broker.run_schedules()
+        self.assertEqual(slot_keys(broker.get("jobs"), "five"), [int(MIDNIGHT * 1000) + 300000])
+        broker.close()  # it stops again, just after running the slot: the slot is not run a second time
+        for compact in (False, True):
+            broker = self.open()
+            if compact:
+                broker.compact()
+                broker.close()
+                broker = self.open()
+            broker.run_schedules()
+            self.assertEqual(slot_keys(broker.get("jobs"), "five"), [int(MIDNIGHT * 1000) + 300000])
+            broker.close()
+
+    def test_slots_missed_in_an_outage_of_three_hours_are_skipped_run_once_or_all_run(self):
+        policies = {"skip": [], "once": ["02:55"], "all": None}
+        broker = self.open()
+        for missed in policies:
+            broker.queue(missed, persistent=True,
+                         schedules=[{"name": "five", "cron": "*/5 * * * *", "missed": missed}])
+        self.minutes(broker, 1)  # 00:00 runs
+        broker.close()
+        self.clock.advance(3 * 3600 * 1000)  # down from 00:00:30 to 03:00:30: 00:05 to 03:00 are missed
+        broker = self.open()
+        broker.run_schedules()
+        day = int(MIDNIGHT * 1000)
+        at = lambda hhmm: day + int(hhmm[:2]) * 3600000 + int(hhmm[3:]) * 60000  # noqa: E731
+        self.assertEqual(slot_keys(broker.get("skip"), "five"), [day, at("03:00")])  # 03:00 is on time
+        self.assertEqual(slot_keys(broker.get("once"), "five"), [day, at("02:55"), at("03:00")])
+        self.assertEqual(slot_keys(broker.get("all"), "five"), [day + n * 300000 for n in range(37)])
+        for missed in policies:
+            self.assertEqual(broker.get(missed).stats()["schedules"][0]["next_fire"], "2026-12-01T03:05:00.000Z")
+        self.minutes(broker, 5)
+        self.assertEqual(slot_keys(broker.get("skip"), "five")[-1], at("03:05"))
+
+    def test_missed_all_runs_at_most_the_latest_thousand_slots(self):
+        broker = self.open(journal=False)
+        queue = broker.queue("jobs", persistent=True, schedules=[{"name": "second", "every": 1000, "missed": "all"}])
+        self.clock.advance(3 * 3600 * 1000)  # 10,800 slots late
+        broker.run_schedules()
+        slots = slot_keys(queue, "second")
+        self.assertEqual(len(slots), K.MAX_MISSED_RUNS)
+        self.assertEqual(slots[-1], self.clock.ms // 1000 * 1000)
+        self.assertEqual(slots, sorted(set(slots)))
+
+    def test_a_full_queue_holds_a_slot_back_until_it_has_room_then_missed_decides(self):
+        broker = self.open(journal=False)
+        queue = broker.queue("jobs", persistent=True, max_queued=1,
+                             schedules=[{"name": "minute", "cron": "* * * * *", "missed": "skip"}])
+        self.minutes(broker, 1, step_ms=1000)  # 00:00 runs and fills the queue
+        self.assertEqual(len(slot_keys(queue, "minute")), 1)
+        self.clock.advance(30000)
+        self.assertEqual(broker.run_schedules(), K.SCHEDULE_RETRY_MS / 1000.0)  # 00:01 waits for room
+        self.clock.advance(10000)
+        queue.lease()
+        broker.run_schedules()
+        self.assertEqual(len(slot_keys(queue, "minute")), 2, "00:01, 10 s late, is still on time")
+        self.assertEqual(queue.stats()["totals"]["refused"], 0)  # a slot waiting is not a producer refused
+
+    def test_tasks_of_a_slot_wake_a_long_poll(self):
+        broker = self.open(journal=False)
+        queue = broker.queue("jobs", schedules=[{"name": "minute", "cron": "* * * * *", "data": "tick"}])
+        woken = []
+        waiter = queue.begin_poll(wait=120000, wake=lambda: woken.append(1))
+        self.clock.advance(30000)
+        broker.run_schedules()
+        self.assertEqual(woken, [1])
+        self.assertEqual([task["data"] for task in queue.end_wait(waiter)], ["tick"])
+
+    def test_bad_schedules_are_refused_naming_the_field_and_change_nothing(self):
+        broker = self.open(journal=False)
+        queue = broker.queue("jobs", schedules=[{"name": "keep", "every": 60000}])
+        cases = [
+            ("not a list", "schedules must be a list"), ([1], "schedules[0] must be an object"),
+            ([{"name": "a"}], "either cron"), ([{"name": "a", "cron": "* * * * *", "every": 1000}], "either cron"),
+            ([{"name": "a", "cron": "61 * * * *"}], "schedules[0].cron: minute 61"),
+            ([{"name": "a", "cron": "* * * * mon-xyz"}], "schedules[0].cron"),
+            ([{"name": "a", "every": 999}], "schedules[0].every"), ([{"name": "a", "every": "60"}], "every"),
+            ([{"name": "a", "every": 1e999}], "every"), ([{"name": "", "every": 1000}], "schedules[0].name"),
+            ([{"name": "a/b", "every": 1000}], "name"), ([{"name": "x" * 101, "every": 1000}], "name"),
+            ([{"name": "a", "every": 1000}, {"name": "a", "every": 2000}], "schedules[1].name 'a' is taken"),
+            ([{"name": "a", "every": 1000, "missed": "twice"}], "schedules[0].missed"),
+            ([{"name": "a", "every": 1000, "utc_offset": 1440}], "utc_offset"),
+            ([{"name": "a", "every": 1000, "priority": "urgent"}], "schedules[0].priority"),
+            ([{"name": "a", "every": 1000, "data": float("nan")}], "data"),
+            ([{"name": "a", "every": 1000, "when": 1}], "unknown field 'when'"),
+            ([{"name": f"s{n}", "every": 1000} for n in range(K.MAX_SCHEDULES + 1)], "at most"),
+            ([{"name": None, "every": 1000}], "name"), ([{"name": "a", "cron": None}], "cron must be a string"),
+        ]
+        for schedules, named in cases:
+            with self.subTest(schedules=str(schedules)[:60]):
+                with self.assertRaises(K.BadRequest) as refused:
+                    queue.configure(schedules=schedules)
+                self.assertIn(named, str(refused.exception))
+        self.assertEqual(queue.describe()["schedules"][0]["name"], "keep")
+        self.assertEqual(len(queue.describe()["schedules"]), 1)
+
+
+class ScheduleOverHttpTest(ServerTestCase):
+    real_clock = True
+
+    def test_put_sets_schedules_and_stats_metrics_and_the_description_show_the_next_fire(self):
+        status, queue, _ = self.call("PUT", "/v1/queue/jobs", {"schedules": [
+            {"name": "nightly", "cron": "0 3 * * *", "data": {"kind": "report"}, "utc_offset": 60}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(queue["schedules"], [{"name": "nightly", "cron": "0 3 * * *", "data": {"kind": "report"},
+                                               "priority": 0, "missed": "once", "utc_offset": 60}])
+        stats = self.call("GET", "/v1/queue/jobs/stats")[1]["schedules"][0]
+        expected = K.next_fire(K.parse_cron("0 3 * * *"), int(time.time() * 1000), 60)
+        self.assertEqual(stats["next_fire_ms"], expected)
+        self.assertTrue(stats["next_fire"].endswith("T02:00:00.000Z"), stats)
+        metrics = urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
+        self.assertIn(f'katar_schedule_next_fire_timestamp_seconds{{queue="jobs",schedule="nightly"}} '
+                      f'{expected / 1000.0}', metrics)
+
+    def test_an_every_schedule_fires_through_the_server_timer_without_requests(self):
+        self.call("PUT", "/v1/queue/jobs", {"persistent": True, "schedules": [{"name": "tick", "every": 1000}]})
+        until(self, lambda: len(slot_keys(self.broker.get("jobs"), "tick")) >= 2, "two slots of a 1 s schedule")
+        slots = slot_keys(self.broker.get("jobs"), "tick")
+        self.assertEqual(slots[1] - slots[0], 1000)
+
+    def test_bad_schedules_are_400_naming_the_field(self):
+        for schedules, field in [([{"name": "a", "cron": "* * 32 * *"}], "schedules[0].cron"),
+                                 ([{"name": "a"}], "schedules[0]"), ("x", "schedules")]:
+            status, payload, _ = self.call("PUT", "/v1/queue/jobs", {"schedules": schedules})
+            self.assertEqual(status, 400)
+            self.assertEqual(payload.get("field"), field, payload)
+        self.assertEqual(self.call("GET", "/v1/queue/jobs/stats")[1].get("schedules"), None)
+
+
+class ScheduleCrashTest(unittest.TestCase):
+    def test_a_one_second_schedule_runs_every_slot_once_across_kill_9(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "queues.json"), "w") as handle:
+            json.dump({"queues": {"jobs": {"persistent": True,
+                                           "schedules": [{"name": "tick", "every": 1000, "missed": "all"}]}}}, handle)
+        process, url = start_journalled_server(self, directory)
+        client = K.Client(url)
+        self.addCleanup(client.close)
+
+        def slots():
+            tasks = client.request("GET", "/v1/queue/jobs/tasks?limit=1000")[1]["tasks"]
+            return [task["key"] for task in tasks]
+
+        until(self, lambda: len(slots()) >= 2, "two slots")
+        process.kill()  # kill -9
+        process.wait()
+        time.sleep(1.2)  # a slot passes while it is down
+        client.close()
+        process, url = start_journalled_server(self, directory)
+        client = K.Client(url)
+        self.addCleanup(client.close)
+        before = len(slots())
+        until(self, lambda: len(slots()) >= before + 2, "two more slots after the restart")
+        keys = slots()
+        self.assertEqual(len(keys), len(set(keys)), "no slot ran twice")
+        stamps = [datetime.datetime.strptime(key.split(":", 2)[2], "%Y-%m-%dT%H:%M:%S.%fZ") for key in keys]
+        self.assertEqual(sorted(stamps), stamps)
+        gaps = {(later - earlier).total_seconds() for earlier, later in zip(stamps, stamps[1:])}
+        self.assertEqual(gaps, {1.0}, "no slot went missing across the kill")
+
+
 if __name__ == "__main__":
     unittest.main()
