@@ -171,6 +171,8 @@ WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgott
 MAX_WORKERS_SEEN = 10000      # workers remembered at once; past that, the one heard from least recently goes
 WORKER_TASKS_SHOWN = 100      # tasks GET /v1/workers lists per worker (tasks_held counts them all)
 MAX_PRIORITY = 10 ** 9
+MAX_POLL_QUEUES = 32         # queues one poll may name (POST /v1/poll)
+MAX_WEIGHT = 10 ** 6         # the highest weight of a queue in such a poll
 MAX_TEXT = 65536             # characters in an error
 MAX_KEY = 256                # characters in an insert key
 MAX_TASK_ID = 256            # characters of a task id in a report (ids are about 21)
@@ -799,11 +801,13 @@ class Waiter:
     also ends it at its `deadline` (time.monotonic() seconds) if nothing came. The event loop's wake schedules
     the connection's answer; a thread using the Python API waits on a condition that wake notifies."""
 
-    __slots__ = ("max", "worker", "lease", "task_id", "deadline", "wake", "result", "parked")
+    __slots__ = ("max", "worker", "lease", "task_id", "deadline", "wake", "result", "parked", "queues")
 
     def __init__(self, wake: Callable[[], None], deadline: float, max_tasks: int = 0, worker: Optional[str] = None,
-                 task_id: Optional[str] = None, lease: Optional[int] = None) -> None:
+                 task_id: Optional[str] = None, lease: Optional[int] = None,
+                 queues: Optional[Tuple["Queue", ...]] = None) -> None:
         self.max, self.worker, self.lease, self.task_id = max_tasks, worker, lease, task_id
+        self.queues = queues  # a long poll over several queues (Broker.begin_poll): parked in each one's line
         self.deadline, self.wake = deadline, wake
         self.result: Any = None   # the leased tasks, or (the finished task's view, its journal ticket)
         self.parked = True        # until end_wait: a wait that ended is skipped where it still sits in a line
@@ -1084,11 +1088,45 @@ class Queue:
             if leased or not max or wait_ms <= 0 or broker._closed:
                 return leased
             waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, max, worker, lease=lease)
-            self._waiters.append(waiter)
-            self._parked += 1
-            if worker is not None:  # so that a cancel of what it holds answers it at once (see _tell)
-                self._parked_by_worker.setdefault(worker, set()).add(waiter)
+            self._park(waiter)
             return waiter
+
+    def holds(self, task_id: str) -> bool:
+        """Whether the task `task_id` is this queue's (held, or remembered since it was discarded)."""
+        return task_id in self._tasks or task_id in self._finished
+
+    def _park(self, waiter: Waiter) -> None:
+        """Put a long poll in this queue's line (lock held)."""
+        self._waiters.append(waiter)
+        self._parked += 1
+        if waiter.worker is not None:  # so that a cancel of what it holds answers it at once (see _tell)
+            self._parked_by_worker.setdefault(waiter.worker, set()).add(waiter)
+
+    def _unpark(self, waiter: Waiter) -> None:
+        """A long poll parked here has ended (answered, here or in another of its queues, or not): out of the
+        counts; the line itself drops it when it reaches the front, or when ended waits pile up."""
+        self._parked -= 1
+        if waiter.worker is not None:
+            parked = self._parked_by_worker.get(waiter.worker)
+            if parked is not None:
+                parked.discard(waiter)
+                if not parked:
+                    del self._parked_by_worker[waiter.worker]
+        if len(self._waiters) > 2 * self._parked + 64:  # ended waits pile up behind a long one
+            self._waiters = collections.deque(w for w in self._waiters if w.parked)
+
+    def _settle(self, waiter: Waiter, leased: List[Dict[str, Any]]) -> None:
+        """Answer a parked long poll with `leased` (from this queue), and wake it. A poll over several queues is
+        out of all their lines, and learns which queue each task is from."""
+        waiter.parked, waiter.result = False, leased
+        if waiter.queues is None:
+            self._unpark(waiter)
+        else:
+            for task in leased:
+                task["queue"] = self.name
+            for queue in waiter.queues:
+                queue._unpark(waiter)
+        waiter.wake()
 
     def task(self, task_id: str, wait: float = 0) -> Dict[str, Any]:
         """A task's full record; with `wait` ms, hold until it is done, failed or cancelled (or the time is up).
@@ -1121,18 +1159,11 @@ class Queue:
         what to wait for)."""
         broker = self._broker
         with broker._changing():
-            if waiter.worker is not None and waiter.task_id is None:
-                parked = self._parked_by_worker.get(waiter.worker)
-                if parked is not None:
-                    parked.discard(waiter)
-                    if not parked:
-                        del self._parked_by_worker[waiter.worker]
             if waiter.parked:
                 waiter.parked = False
                 if waiter.task_id is None:
-                    self._parked -= 1
-                    if len(self._waiters) > 2 * self._parked + 64:  # ended waits pile up behind a long one
-                        self._waiters = collections.deque(w for w in self._waiters if w.parked)
+                    for queue in waiter.queues or (self,):
+                        queue._unpark(waiter)
                 else:
                     waiting = self._result_waiters.get(waiter.task_id, [])
                     waiting.remove(waiter)
@@ -1154,17 +1185,19 @@ class Queue:
         outcome = begin(wake=woken.notify)  # the core calls wake with the lock held, as notify wants
         if not isinstance(outcome, Waiter):
             return outcome
+        queues = outcome.queues or (self,)  # (a long poll over several queues runs the clock of each)
         with broker._lock:
             while outcome.parked and not broker._closed:
                 remaining = outcome.deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                due = self._next_due()
+                due = min((at for at in (queue._next_due() for queue in queues) if at is not None), default=None)
                 if due is not None:
                     remaining = min(remaining, max(0.001, (due - broker._now()) / 1000.0))
                 woken.wait(remaining)
-                if outcome.parked:
-                    self._tick(broker._now())
+                for queue in queues:
+                    if outcome.parked:
+                        queue._tick(broker._now())
         return self.end_wait(outcome)
 
     def set_status(self, task_id: str, status: str) -> Dict[str, Any]:
@@ -1721,9 +1754,7 @@ class Queue:
         self._broker.fleet.notice(worker, self.name, task_id, attempt)
         for waiter in list(self._parked_by_worker.get(worker, ())):
             if waiter.parked:
-                waiter.parked, waiter.result = False, []
-                self._parked -= 1
-                waiter.wake()
+                self._settle(waiter, [])
 
     def _next_due(self) -> Optional[int]:
         """When the next delayed task comes due or the next lease runs out (ms), if ever; and, while long polls
@@ -1799,11 +1830,10 @@ class Queue:
 
     def _serve_waiters(self, now: int) -> None:
         """Hand ready tasks to parked long polls, oldest first, so that nobody barges ahead of them."""
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters[0]
+        while self._waiters:  # (read each time: settling a wait may sweep the line into a new one)
+            waiter = self._waiters[0]
             if not waiter.parked:
-                waiters.popleft()  # it ended already (out of time, its client gone)
+                self._waiters.popleft()  # it ended already (out of time, its client gone, served by another queue)
                 continue
             try:
                 leased = self._take(waiter.max, waiter.worker, now, waiter.lease)
@@ -1811,10 +1841,8 @@ class Queue:
                 return  # the change that called for this stands; the waiter goes on waiting
             if not leased:
                 return
-            waiters.popleft()
-            waiter.parked, waiter.result = False, leased
-            self._parked -= 1
-            waiter.wake()
+            self._waiters.popleft()
+            self._settle(waiter, leased)
 
     def run_clock(self, now: int) -> Optional[int]:
         """For a queue with parked long polls: hand them the tasks whose delay ended or whose lease ran out by
@@ -1826,7 +1854,8 @@ class Queue:
         return self._next_due() if self._parked else None
 
     def wake_all(self) -> None:
-        """The broker closes (lock held): every parked wait is woken, to end at once."""
+        """The broker closes (lock held): every parked wait is woken, to end at once (a wait over several queues
+        may be woken more than once: waking is idempotent)."""
         for waiter in list(self._waiters) + [w for waiting in self._result_waiters.values() for w in waiting]:
             if waiter.parked:
                 waiter.wake()
@@ -2551,6 +2580,141 @@ class Broker:
         if queue is None:
             raise NotFound("Queue not found", queue=name, queues=self.names(100))
         return queue
+
+    # -- one poll over several queues -----------------------------------------------------------------------------
+
+    def poll(self, queues: Union[List[str], Dict[str, float]], reports: Iterable[Dict[str, Any]] = (),
+             max: Optional[int] = None, wait: float = 0, worker: Optional[str] = None,
+             lease: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Queue.poll over several queues (POST /v1/poll). `queues` lists them in priority order (a lease takes
+        from the first one with a task ready, then the next, up to `max`), or maps them to weights (each poll
+        draws its order at random in proportion to the weights, as Sidekiq's weighted queues do). `reports` may
+        name tasks of any of them, and are applied all or none; a long poll waits on all of them at once. Each
+        task leased carries its `queue`. Blocks while it waits (see begin_poll)."""
+        named, _ = self._poll_queues(queues)
+        return named[0]._block(functools.partial(self.begin_poll, queues, reports, max, wait, worker, lease))
+
+    def begin_poll(self, queues: Union[List[str], Dict[str, float]], reports: Iterable[Dict[str, Any]] = (),
+                   max: Optional[int] = None, wait: float = 0, worker: Optional[str] = None,
+                   lease: Optional[int] = None, *, wake: Callable[[], None]) -> Union[List[Dict[str, Any]], Waiter]:
+        """poll() without blocking: the tasks leased now, or a Waiter parked in the line of each queue (the first
+        to have a task answers it); end it with end_wait."""
+        named, weights = self._poll_queues(queues)
+        reports = _check_reports(reports)
+        if max is None:
+            max = 0 if reports and all(report["status"] in (IN_PROGRESS, QUEUED) for report in reports) else 1
+        max = _check_int("max", max, 0, MAX_LEASE_BATCH)
+        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
+        if worker is not None:
+            worker = _check_text("worker", worker, MAX_WORKER)
+        if lease is not None:
+            lease = _check_int("lease", lease, 1, MAX_DELAY_MS)
+        with self._changing():
+            now = self._now()
+            for queue in named:
+                queue._check_lease("lease", lease)
+            for queue in named:
+                queue._tick(now)
+                queue.last_polled = now
+            mine: Dict[str, List[Dict[str, Any]]] = {}
+            missing = []
+            for report in reports:
+                owner = next((queue for queue in named if queue.holds(report["_id"])), None)
+                if owner is None:
+                    missing.append(report["_id"])
+                else:
+                    mine.setdefault(owner.name, []).append(report)
+            if missing:
+                raise NotFound(f"no task {', '.join(missing)} in queue {' or '.join(q.name for q in named)}", missing)
+            records: List[Dict[str, Any]] = []
+            for name, its_reports in mine.items():
+                try:
+                    records += self._queues[name]._plan_reports(its_reports, now, lease)
+                except Conflict as exc:
+                    if worker is not None and exc.fields.get("cancel"):
+                        self.fleet.told(worker, name, exc.fields["cancel"])
+                    raise
+            if records:
+                self._commit(records)
+            for name in mine:
+                self._queues[name]._serve_waiters(now)
+            leased = self._take_from(named, weights, max, worker, now, lease)
+            if leased or not max or wait_ms <= 0 or self._closed:
+                return leased
+            waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, max, worker, lease=lease, queues=tuple(named))
+            for queue in named:
+                queue._park(waiter)
+            return waiter
+
+    def heard_from(self, queues: List[str], worker: Optional[str], address: Optional[str],
+                   leased: Iterable[Dict[str, Any]] = (), heartbeat: bool = False, waiting: int = 0) -> List[str]:
+        """Queue.heard_from for a poll of several queues (each leased task names its `queue`): the ids the worker
+        should stop, of all of them."""
+        leased, cancel = list(leased), []
+        for index, name in enumerate(queues):
+            queue = self._queues.get(name)
+            if queue is not None:
+                cancel += queue.heard_from(worker, address, [task for task in leased if task["queue"] == name],
+                                           heartbeat, waiting if index == 0 else 0)  # (one wait, counted once)
+        return cancel
+
+    def end_wait(self, waiter: Waiter) -> List[Dict[str, Any]]:
+        """End a wait begin_poll parked (see Queue.end_wait): the tasks it got, each with its `queue`."""
+        assert waiter.queues
+        return waiter.queues[0].end_wait(waiter)
+
+    def _poll_queues(self, queues: Any) -> Tuple[List[Queue], Optional[List[float]]]:
+        """The queues a poll names, in order, and their weights (None: in that order, strictly)."""
+        if isinstance(queues, dict):
+            names, weights = list(queues), [_check_number(f"queues.{name}"[:120], weight, 0, MAX_WEIGHT)
+                                            for name, weight in queues.items()]
+            if not all(weights):
+                raise BadRequest("a queue's weight must be above 0 (leave the queue out instead)", field="queues")
+        elif isinstance(queues, list):
+            names, weights = queues, None
+        else:
+            raise BadRequest('queues must be a list of queue names in priority order, or an object of names and '
+                             'weights, like ["critical", "default"] or {"critical": 3, "default": 1}',
+                             field="queues")
+        if not 1 <= len(names) <= MAX_POLL_QUEUES:
+            raise BadRequest(f"queues names {len(names)} queues; a poll names 1 to {MAX_POLL_QUEUES}", field="queues")
+        if len(set(map(str, names))) != len(names) or not all(isinstance(name, str) for name in names):
+            raise BadRequest("queues must name each queue once, by its name (a string)", field="queues")
+        return [self.get(name) for name in names], weights
+
+    def _take_from(self, named: List[Queue], weights: Optional[List[float]], max_tasks: int,
+                   worker: Optional[str], now: int, lease: Optional[int]) -> List[Dict[str, Any]]:
+        """Lease up to `max_tasks` from `named` in order, or in an order drawn by `weights`; each task with its
+        `queue`."""
+        order = named if weights is None else self._draw(named, weights)
+        leased: List[Dict[str, Any]] = []
+        for queue in order:
+            if len(leased) >= max_tasks:
+                break
+            try:
+                got = queue._take(max_tasks - len(leased), worker, now, lease)
+            except Unavailable:
+                if leased:
+                    break  # what was leased stands; the rest waits for the disk
+                raise
+            for task in got:
+                task["queue"] = queue.name
+            leased += got
+        return leased
+
+    def _draw(self, named: List[Queue], weights: List[float]) -> List[Queue]:
+        """An order of `named` drawn at random, each next queue picked in proportion to its weight among those
+        left: over many polls of busy queues, each queue's share of first places is its share of the weights."""
+        pool, order = list(zip(weights, named)), []
+        while pool:
+            pick = self._random.random() * sum(weight for weight, _ in pool)
+            for index, (weight, queue) in enumerate(pool):
+                pick -= weight
+                if pick < 0 or index == len(pool) - 1:
+                    order.append(queue)
+                    del pool[index]
+                    break
+        return order
 
     def names(self, limit: int) -> List[str]:
         """The first `limit` queue names in sorted order."""
@@ -3730,6 +3894,7 @@ ROUTE_TABLE: List[Tuple[str, Dict[str, str]]] = [
     ("/ui", {"GET": "route_page"}),
     ("/v1/queues", {"GET": "route_queues"}),
     ("/v1/workers", {"GET": "route_workers"}),
+    ("/v1/poll", {"POST": "route_multi_poll"}),
     ("/v1/queue/{queue}", {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
     ("/v1/queue/{queue}/stats", {"GET": "route_stats"}),
     ("/v1/queue/{queue}/tasks", {"GET": "route_list", "POST": "route_insert", "DELETE": "route_purge"}),
@@ -3752,8 +3917,9 @@ CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"  # what a page of an --allow-orig
 CORS_HEADERS = "authorization, content-type"
 # The fields of each request body; any other is a 400 that names it.
 POLL_FIELDS = ("tasks", "max", "wait", "worker", "lease", "throttle")
+MULTI_POLL_FIELDS = ("queues", "tasks", "max", "wait", "worker", "lease")
 QUEUE_FIELDS = ("configuration",) + tuple(QUEUE_DEFAULTS)
-WORKER_ROUTES = ("route_configuration", "route_poll")   # all a worker token may do, on its queues
+WORKER_ROUTES = ("route_configuration", "route_poll", "route_multi_poll")  # all a worker token may do, on its queues
 JSON_MEDIA = ("", "application/json")
 # curl -d and many HTTP libraries label a JSON body as a form or as text; such a body is accepted when it is JSON.
 LENIENT_MEDIA = ("application/x-www-form-urlencoded", "text/plain")
@@ -3965,6 +4131,8 @@ class Access:
             return
         if route not in WORKER_ROUTES:
             raise Forbidden("a worker token may only read the configuration of, lease from and report to its queues")
+        if route == "route_multi_poll" and queue is None:
+            return  # its queues are in its body: the route checks each one
         if "*" not in scope and queue not in scope:
             raise Forbidden(f"this worker token is not for queue {queue}")
 
@@ -4344,6 +4512,7 @@ class Handler(BaseHTTPRequestHandler):
         route, params, self.query = self.match()
         self.route_name = route  # counted under its route even when it fails
         access.check(scope, route, params[0] if params else None)
+        self.scope = scope
         try:
             status, payload = getattr(self, route)(*params)
         except NotFound as exc:
@@ -4566,6 +4735,61 @@ class Handler(BaseHTTPRequestHandler):
             return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_poll, queue, outcome))
         return self.leased(queue, outcome, queue.heard_from(worker, self.client_address[0], outcome, heartbeat))
 
+    def route_multi_poll(self) -> Reply:
+        broker = self.server.broker
+        body = self.read_object()
+        self.check_fields("a poll of several queues", body, MULTI_POLL_FIELDS)
+        queues = body.get("queues")
+        if not isinstance(queues, (list, dict)) or not all(isinstance(name, str) for name in queues):
+            raise BadRequest('queues must name the queues to poll, in order (["critical", "default"]) or with '
+                             'weights ({"critical": 3, "default": 1})', field="queues")
+        for name in queues:  # a worker token polls its own queues only
+            self.server.access.check(self.scope, "route_poll", name)
+        reports = body.get("tasks", [])
+        self.check_count("tasks", reports)
+        self.check_values("tasks", reports, "result")
+        self.check_values("tasks", reports, "progress")
+        self.check_errors(reports)
+        max_tasks = body.get("max")
+        if max_tasks is not None:
+            max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
+        worker = body.get("worker")
+        outcome = broker.begin_poll(queues, reports, max=max_tasks, wait=self.capped_wait(body.get("wait", 0)),
+                                    worker=worker, lease=body.get("lease"), wake=self.channel.wake)
+        heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
+        names = list(queues)
+        if isinstance(outcome, Waiter):
+            broker.heard_from(names, worker, self.client_address[0], heartbeat=heartbeat, waiting=1)
+            return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_multi_poll, names, outcome))
+        return self.leased_over(outcome, broker.heard_from(names, worker, self.client_address[0], outcome, heartbeat))
+
+    def finish_multi_poll(self, names: List[str], waiter: Waiter) -> Reply:
+        broker = self.server.broker
+        leased = broker.end_wait(waiter)
+        if leased and self.channel.gone:
+            self.hand_back_over(leased)  # the worker hung up while it waited
+            broker.heard_from(names, waiter.worker, self.client_address[0], waiting=-1)
+            return HTTPStatus.NO_CONTENT, None
+        return self.leased_over(leased, broker.heard_from(names, waiter.worker, self.client_address[0], leased,
+                                                          waiting=-1))
+
+    def leased_over(self, tasks: List[Dict[str, Any]], cancel: List[str]) -> Reply:
+        """The answer of a poll of several queues: as leased(), each task naming its `queue`."""
+        if not tasks and not cancel:
+            return HTTPStatus.NO_CONTENT, None
+        if tasks:
+            self.undo = functools.partial(self.hand_back_over, tasks)
+        return HTTPStatus.OK, dict(tasks=tasks, **({"cancel": cancel} if cancel else {}))
+
+    def hand_back_over(self, tasks: List[Dict[str, Any]]) -> None:
+        """hand_back() for tasks of several queues."""
+        by_queue: Dict[str, List[Dict[str, Any]]] = {}
+        for task in tasks:
+            by_queue.setdefault(task["queue"], []).append(task)
+        for name, its_tasks in by_queue.items():
+            with contextlib.suppress(KatarError):
+                self.hand_back(self.server.broker.get(name), its_tasks)
+
     def finish_poll(self, queue: Queue, waiter: Waiter) -> Reply:
         leased = queue.end_wait(waiter)
         if leased and self.channel.gone:
@@ -4750,8 +4974,27 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
                                                            "without their own (at most the queue's max_lease)"),
             "throttle": _integer(0, MAX_DELAY_MS, description="ms the queue hands out nothing, to anyone (the worker "
                                                               "was told to slow down: a 429 downstream)")}),
-        "LeasedTask": _object({"_id": _ref("TaskId"), "data": any_json, "attempt": _integer(1, MAX_ATTEMPT)},
+        "LeasedTask": _object({"_id": _ref("TaskId"), "data": any_json, "attempt": _integer(1, MAX_ATTEMPT),
+                               "queue": _schema("string", description="its queue (a poll of several queues)")},
                               required=["_id", "data", "attempt"], closed=False),
+        "MultiPollRequest": _object({
+            "queues": {"oneOf": [
+                _schema("array", items=_schema("string", pattern=QUEUE_NAME_PATTERN), minItems=1,
+                        maxItems=MAX_POLL_QUEUES, uniqueItems=True,
+                        description="in priority order: a lease takes from the first with a task ready, then the "
+                                    "next, up to max"),
+                _schema("object", minProperties=1, maxProperties=MAX_POLL_QUEUES,
+                        additionalProperties=_schema("number", exclusiveMinimum=0, maximum=MAX_WEIGHT),
+                        description="weights: each poll draws its order at random in proportion to them")]},
+            "tasks": _schema("array", items=_ref("Report"), maxItems=limits.max_tasks,
+                             description="reports on tasks of any of the queues, applied first: all, or none"),
+            "max": _integer(0, limits.max_tasks, description="lease up to this many tasks, from all the queues"),
+            "wait": _schema("number", minimum=0, maximum=MAX_WAIT_MS,
+                            description=f"ms to wait for a task of any of the queues (the server cuts it to "
+                                        f"{limits.max_wait} ms)"),
+            "worker": _schema("string", maxLength=MAX_WORKER, description="a name for the worker"),
+            "lease": _integer(1, MAX_DELAY_MS, description="ms of lease (at most each queue's max_lease)")},
+            required=["queues"]),
         "Leased": _object({
             "tasks": _schema("array", items=_ref("LeasedTask")),
             "cancel": _schema("array", items=_ref("TaskId"), description="tasks this (named) worker was handed that "
@@ -4943,6 +5186,11 @@ def _openapi(limits: "Limits") -> Dict[str, Any]:
             "/v1/workers": {"get": _operation("listWorkers", "The workers heard from in the last hour", {
                 "200": _json("the workers, the most recently heard from first", _ref("WorkerList"))}, query=[
                     {"name": "queue", "schema": _schema("string"), "description": "only those that polled it"}])},
+            "/v1/poll": {"post": _operation("pollQueues", "Report tasks, then lease from several queues at once", {
+                "200": _json("leased tasks, each naming its queue, and those to stop", _ref("Leased")),
+                "204": {"description": "no task in any of the queues, none to stop"}},
+                body="MultiPollRequest",
+                example={"queues": ["critical", "default"], "max": 1, "wait": 20000, "worker": "w1"})},
             "/v1/queue/{queue}": {
                 "get": _operation("getConfiguration", "The queue's configuration, for its workers", {
                     "200": _json("configuration", _ref("ConfigurationReply"))}, path=queue),
@@ -5961,17 +6209,18 @@ class Client:
         """Insert tasks ({"data", "priority"?, "delay"?, "key"?}); returns [{"_id", "status", "created"}]."""
         return self.request("POST", "/v1/queue/%s/tasks" % quote(queue, safe=""), {"tasks": tasks})[1]["tasks"]
 
-    def poll(self, queue: str, reports: Iterable[Dict[str, Any]] = (), max: int = 1, wait: float = 0,
+    def poll(self, queue: "Polled", reports: Iterable[Dict[str, Any]] = (), max: int = 1, wait: float = 0,
              worker: Optional[str] = None, lease: Optional[int] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
         """Report `reports`, then lease up to `max` tasks, waiting up to `wait` ms: (the tasks, `cancel`: the
         deliveries this worker should stop, see GET /v1/workers). A refused report raises Conflict, whose
-        fields["cancel"] names the reported tasks taken from the worker."""
+        fields["cancel"] names the reported tasks taken from the worker. `queue` may be several queues: a list
+        in priority order or a dict of weights (POST /v1/poll); each task then names its `queue`."""
         body: Dict[str, Any] = {"tasks": list(reports), "max": max, "wait": wait}
         if worker:
             body["worker"] = worker
         if lease is not None:
             body["lease"] = lease
-        status, payload = self.request("POST", "/v1/queue/" + quote(queue, safe=""), body, wait_ms=wait)
+        status, payload = self.request("POST", *self._poll_target(queue, body), wait_ms=wait)
         if status != HTTPStatus.OK:
             return [], []
         return payload["tasks"], payload.get("cancel", [])
@@ -5981,10 +6230,17 @@ class Client:
         """Report `reports`, then lease up to `max` tasks, waiting up to `wait` ms; returns the tasks."""
         return self.poll(queue, reports, max=max, wait=wait, worker=worker)[0]
 
-    def report(self, queue: str, reports: Iterable[Dict[str, Any]]) -> None:
-        self.request("POST", "/v1/queue/" + quote(queue, safe=""), {"tasks": list(reports), "max": 0})
+    def report(self, queue: "Polled", reports: Iterable[Dict[str, Any]]) -> None:
+        self.request("POST", *self._poll_target(queue, {"tasks": list(reports), "max": 0}))
 
-    def heartbeat(self, queue: str, task_id: str, attempt: Optional[int] = None, worker: Optional[str] = None,
+    @staticmethod
+    def _poll_target(queue: "Polled", body: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        """The path and body of a poll of one queue (its name), or of several (a list, or a dict of weights)."""
+        if isinstance(queue, str):
+            return "/v1/queue/" + quote(queue, safe=""), body
+        return "/v1/poll", dict(body, queues=queue)
+
+    def heartbeat(self, queue: "Polled", task_id: str, attempt: Optional[int] = None, worker: Optional[str] = None,
                   **more: Any) -> List[str]:
         """Keep a lease; `more` may give `progress` and `lease` (ms from now). Returns `cancel` (see poll)."""
         return self.poll(queue, [dict(more, _id=task_id, status=IN_PROGRESS, attempt=attempt)], max=0,
@@ -5999,6 +6255,27 @@ class Client:
         if queue is not None:
             return [self.request("GET", "/v1/queue/%s/stats" % quote(queue, safe=""))[1]]
         return self.request("GET", "/v1/queues")[1]["queues"]
+
+
+Polled = Union[str, List[str], Dict[str, float]]  # what a worker polls: one queue, several in order, or weighted
+
+
+def parse_polled(text: str) -> Polled:
+    """`work`'s QUEUE: one name, several separated by commas in priority order ("critical,default"), or with
+    weights ("critical:3,default:1")."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) == 1 and ":" not in parts[0]:
+        return parts[0]
+    if not any(":" in part for part in parts):
+        return parts
+    weights: Dict[str, float] = {}
+    for part in parts:
+        name, colon, weight = part.partition(":")
+        try:
+            weights[name] = float(weight) if colon else 1.0
+        except ValueError:
+            raise ValueError(f"the weight of {name} must be a number, like critical:3,default:1") from None
+    return weights
 
 
 class Runner:
@@ -6017,7 +6294,7 @@ class Runner:
     after a lost answer has no second effect, and a delivery that was superseded meanwhile is refused (409) and
     dropped. Leases are retried the same way, so a restarting server is simply waited for."""
 
-    def __init__(self, client: Client, queue: str, command: List[str], concurrency: int = 1,
+    def __init__(self, client: Client, queue: Polled, command: List[str], concurrency: int = 1,
                  timeout: Optional[float] = None, wait: int = 5000, heartbeat: float = 2.0, grace: float = 30.0,
                  worker: Optional[str] = None, max_output: int = 65536, cancel_grace: float = 5.0,
                  log: Callable[[str], None] = lambda line: print("katar_http work: " + line, file=sys.stderr,
@@ -6045,13 +6322,17 @@ class Runner:
 
     def run(self) -> int:
         """Work until stop(); 0 when stopped cleanly, 1 when the server refuses this worker (token, queue)."""
-        configuration = self._retry("read the configuration", lambda: self.client.configuration(self.queue))
-        if configuration is None:
-            return 0 if self.stopping.is_set() else 1
-        interval = configuration.get("interval", DEFAULT_INTERVAL_MS) / 1000.0
+        names = [self.queue] if isinstance(self.queue, str) else list(self.queue)
+        intervals = []
+        for name in names:  # (each one checked: a misspelled queue stops the worker at once)
+            configuration = self._retry("read the configuration", lambda: self.client.configuration(name))
+            if configuration is None:
+                return 0 if self.stopping.is_set() else 1
+            intervals.append(configuration.get("interval", DEFAULT_INTERVAL_MS))
+        interval = min(intervals) / 1000.0
         if not self.quiet:
             command = " ".join(shlex.quote(part) for part in self.command).replace("\n", "\\n")
-            self.log(f"working on {self.queue} at {self.client.url}, {self.concurrency} at a time, as {self.worker}: "
+            self.log(f"working on {', '.join(names)} at {self.client.url}, {self.concurrency} at a time, as {self.worker}: "
                      f"{command[:200]}")
         threads: List[threading.Thread] = []
         while not self.stopping.is_set():
@@ -6109,7 +6390,7 @@ class Runner:
         task_id, attempt = delivery = task["_id"], task["attempt"]
         descriptor, progress_file = tempfile.mkstemp(prefix="katar-progress-")
         os.close(descriptor)
-        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=self.queue, KATAR_ATTEMPT=str(attempt),
+        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=task.get("queue", self.queue), KATAR_ATTEMPT=str(attempt),
                            KATAR_PROGRESS_FILE=progress_file)
         report: Dict[str, Any] = {"_id": task_id, "attempt": attempt}
         started = time.monotonic()
@@ -6499,7 +6780,8 @@ def build_tool_parser(tool: str) -> argparse.ArgumentParser:
     if tool == "stats":
         parser.add_argument("queue", metavar="QUEUE", nargs="?")
         return parser
-    parser.add_argument("queue", metavar="QUEUE")
+    parser.add_argument("queue", metavar="QUEUE", help="the queue; for work, several in priority order "
+                        "(critical,default) or with weights (critical:3,default:1)" if tool == "work" else None)
     if tool == "put":
         parser.add_argument("data", metavar="DATA", nargs="?", help="the task's data as JSON (else read stdin)")
         parser.add_argument("--priority", default=0, help="an integer, or high, normal, low")
@@ -6557,7 +6839,12 @@ def run_worker(client: Client, args: argparse.Namespace) -> int:
     if not command:
         print("katar_http work: give the command after --, like: work URL jobs -- ./process.sh", file=sys.stderr)
         return 2
-    runner = Runner(client, args.queue, command, concurrency=max(1, args.concurrency), timeout=args.timeout,
+    try:
+        polled = parse_polled(args.queue)
+    except ValueError as exc:
+        print(f"katar_http work: {exc}", file=sys.stderr)
+        return 2
+    runner = Runner(client, polled, command, concurrency=max(1, args.concurrency), timeout=args.timeout,
                     wait=args.wait, heartbeat=args.heartbeat, grace=args.grace, worker=args.worker,
                     max_output=args.max_output, quiet=args.quiet, cancel_grace=args.cancel_grace)
     for signum in (signal.SIGINT, signal.SIGTERM):

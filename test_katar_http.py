@@ -4542,7 +4542,7 @@ class DescriptionTest(ServerTestCase):
                     self.assertEqual(schema_errors(content["example"], content["schema"], root=document), [],
                                      (path, method))
                     checked += 1
-        self.assertEqual(checked, 4)
+        self.assertEqual(checked, 5)
         poll = {"$ref": "#/components/schemas/PollRequest"}
         for bad in ({"tasks": "x"}, {"max": "1"}, {"task": []}, {"tasks": [{"_id": "a", "status": "failed"}]},
                     {"wait": -1}, {"tasks": None}):
