@@ -3275,7 +3275,7 @@ ROUTE_CALLS = [("GET", "/v1/queues", None), ("GET", "/v1/queue/jobs", None), ("P
                ("GET", "/v1/queue/jobs/tasks", None), ("POST", "/v1/queue/jobs/tasks", {"data": 1}),
                ("DELETE", "/v1/queue/jobs/tasks?status=done", None), ("GET", "/v1/queue/jobs/tasks/{id}", None),
                ("PATCH", "/v1/queue/jobs/tasks/{id}", {"status": "paused"}),
-               ("DELETE", "/v1/queue/jobs/tasks/{id}", None)]
+               ("DELETE", "/v1/queue/jobs/tasks/{id}", None), ("POST", "/v1/poll", {"queues": ["jobs"], "max": 0})]
 
 
 class TokenTest(ServerTestCase):
@@ -7077,6 +7077,195 @@ class ScheduleCrashTest(unittest.TestCase):
         self.assertEqual(sorted(stamps), stamps)
         gaps = {(later - earlier).total_seconds() for earlier, later in zip(stamps, stamps[1:])}
         self.assertEqual(gaps, {1.0}, "no slot went missing across the kill")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One poll over several queues
+# ---------------------------------------------------------------------------------------------------------------
+
+class MultiPollTest(ServerTestCase):
+    real_clock = True
+    queue_options = {"persistent": True}
+
+    def setUp(self):
+        super().setUp()
+        for name in ("critical", "default", "low"):
+            self.broker.queue(name, persistent=True)
+
+    def multi(self, body, expect=None, headers=None):
+        status, payload, _ = self.call("POST", "/v1/poll", body, headers=headers)
+        if expect is not None:
+            self.assertEqual(status, expect, payload)
+        return status, payload
+
+    def test_strict_order_holds_under_load(self):
+        # Eight workers poll critical, then default, then low, while a producer keeps adding to critical: no task
+        # of a later queue is leased while a task of an earlier one was due and waiting.
+        for name in ("critical", "default", "low"):
+            self.insert(*[{"data": n} for n in range(150)], queue=name)
+        produced = threading.Event()
+
+        def worker(number):
+            client = K.Client(self.url)
+            try:
+                while True:
+                    tasks, _ = client.poll(["critical", "default", "low"], max=3, worker=f"w{number}", wait=100)
+                    if not tasks and produced.is_set():
+                        return
+                    order = [["critical", "default", "low"].index(task["queue"]) for task in tasks]
+                    if order != sorted(order):
+                        errors.append(order)
+                    client.report(["critical", "default", "low"],
+                                  [{"_id": task["_id"], "status": "done"} for task in tasks])
+            finally:
+                client.close()
+
+        def producer():
+            client = K.Client(self.url)
+            for n in range(40):
+                client.insert("critical", [{"data": f"late {n}"}])
+                time.sleep(0.005)
+            client.close()
+            produced.set()
+
+        errors = []
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)] + [threading.Thread(target=producer)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(errors, [], "each answer lists its tasks in the queues' order")
+        tasks = {name: self.broker.get(name).tasks(limit=1000)["tasks"] for name in ("critical", "default", "low")}
+        self.assertTrue(all(task["status"] == "done" for listed in tasks.values() for task in listed))
+        leased_at = {name: [task["history"][0]["leased_at"] for task in listed] for name, listed in tasks.items()}
+        for earlier, later in (("critical", "default"), ("default", "low")):
+            for task in tasks[earlier]:
+                # Leased after the first of `later` only if it was made after it (the producer's late tasks).
+                if task["history"][0]["leased_at"] > min(leased_at[later]):
+                    self.assertGreaterEqual(task["created_at"], min(leased_at[later]), (earlier, task["data"]))
+        self.assertEqual(len(tasks["critical"]), 190)
+
+    def test_weights_share_the_leases_within_ten_percent_over_ten_thousand(self):
+        for name in ("critical", "default"):
+            self.broker.get(name).insert([{"data": n} for n in range(10000)])
+        counts = collections.Counter()
+        for _ in range(10000):
+            for task in self.broker.poll({"critical": 3, "default": 1}):
+                counts[task["queue"]] += 1
+        self.assertEqual(sum(counts.values()), 10000)
+        self.assertLess(abs(counts["critical"] - 7500), 750, counts)
+        self.assertLess(abs(counts["default"] - 2500), 250, counts)
+        # And through HTTP, with max: the queue drawn first gives what it has, the other the rest.
+        status, payload = self.multi({"queues": {"critical": 1, "default": 1000000}, "max": 4}, expect=200)
+        self.assertEqual(len(payload["tasks"]), 4)
+
+    def test_one_long_poll_over_three_queues_is_woken_by_an_insert_into_any(self):
+        for name in ("critical", "default", "low"):
+            answers = []
+            poller = threading.Thread(target=lambda: answers.append(self.multi(
+                {"queues": ["critical", "default", "low"], "wait": 5000, "worker": "w"})))
+            started = time.monotonic()
+            poller.start()
+            until(self, lambda: all(self.broker.get(n).stats()["waiting_workers"] == 1
+                                    for n in ("critical", "default", "low")), "the poll parked in all three")
+            self.insert({"data": name}, queue=name)
+            poller.join(5)
+            self.assertLess(time.monotonic() - started, 3.0)
+            status, payload = answers[0]
+            self.assertEqual((status, [(t["queue"], t["data"]) for t in payload["tasks"]]), (200, [(name, name)]))
+            self.assertEqual([self.broker.get(n).stats()["waiting_workers"] for n in ("critical", "default", "low")],
+                             [0, 0, 0], "answered by one queue, it left the lines of the others")
+        status, payload = self.multi({"queues": ["critical", "low"], "wait": 200})  # nothing comes: 204 in time
+        self.assertEqual(status, 204)
+
+    def test_a_cancel_in_any_queue_answers_a_named_workers_long_poll_at_once(self):
+        task_id = self.insert({"data": "x"}, queue="low")[0]
+        self.multi({"queues": ["critical", "low"], "worker": "w"}, expect=200)
+        answers = []
+        poller = threading.Thread(target=lambda: answers.append(self.multi(
+            {"queues": ["critical", "low"], "wait": 5000, "worker": "w"})))
+        poller.start()
+        until(self, lambda: self.broker.get("critical").stats()["waiting_workers"] == 1, "the poll parked")
+        self.call("DELETE", f"/v1/queue/low/tasks/{task_id}")
+        poller.join(5)
+        self.assertEqual(answers[0], (200, {"tasks": [], "cancel": [task_id]}))
+
+    def test_reports_name_tasks_of_any_queue_all_or_none(self):
+        a = self.insert({"data": "a"}, queue="critical")[0]
+        b = self.insert({"data": "b"}, queue="default")[0]
+        status, payload = self.multi({"queues": ["critical", "default"], "max": 2}, expect=200)
+        self.assertEqual({t["_id"] for t in payload["tasks"]}, {a, b})
+        # b's report names a delivery it never had: 409, and a's done is not applied either.
+        status, payload = self.multi({"queues": ["critical", "default"], "max": 0, "tasks": [
+            {"_id": a, "status": "done"}, {"_id": b, "status": "done", "attempt": 2}]}, expect=409)
+        self.assertEqual(self.broker.get("critical").task(a)["status"], "in progress")
+        self.multi({"queues": ["default", "critical"], "max": 0, "tasks": [
+            {"_id": a, "status": "done", "result": 1}, {"_id": b, "status": "failed", "error": "no", "retry": False}]},
+            expect=204)
+        self.assertEqual((self.broker.get("critical").task(a)["status"], self.broker.get("default").task(b)["status"]),
+                         ("done", "failed"))
+        # A task of a queue the poll does not name is unknown to it.
+        c = self.insert({"data": "c"}, queue="low")[0]
+        self.broker.get("low").lease()
+        status, payload = self.multi({"queues": ["critical"], "tasks": [{"_id": c, "status": "done"}]}, expect=404)
+        self.assertEqual(payload["ids"], [c])
+        self.assertEqual(self.broker.get("low").task(c)["status"], "in progress")
+
+    def test_a_worker_token_for_one_queue_is_refused_on_the_others(self):
+        self.server.httpd.access = K.Access([ADMIN], {WORKER: ["critical"]})
+        self.broker.get("default").insert({"data": "d"})
+        mine = {"Authorization": f"Bearer {WORKER}"}
+        self.multi({"queues": ["critical"], "wait": 0}, expect=204, headers=mine)
+        for queues in (["critical", "default"], {"default": 1}, ["low"], ["nowhere"]):
+            status, payload = self.multi({"queues": queues}, expect=403, headers=mine)
+            self.assertIn("not for queue", payload["error"])
+        self.assertEqual(self.broker.get("default").stats()["counts"]["queued"], 1)
+        self.multi({"queues": ["critical", "default"]}, expect=200, headers={"Authorization": f"Bearer {ADMIN}"})
+
+    def test_hostile_polls_are_400_and_change_nothing(self):
+        self.insert({"data": "keep"}, queue="critical")
+        cases = [{}, {"queues": []}, {"queues": "critical"}, {"queues": None}, {"queues": [1]},
+                 {"queues": ["critical", "critical"]}, {"queues": ["critical"] + [f"q{n}" for n in range(40)]},
+                 {"queues": {"critical": 0}}, {"queues": {"critical": -1}}, {"queues": {"critical": "3"}},
+                 {"queues": {"critical": True}}, {"queues": {"critical": 1e999}}, {"queues": {"critical": 10 ** 7}},
+                 {"queues": ["bad/name"]}, {"queues": ["critical"], "throttle": 1000},
+                 {"queues": ["critical"], "max": "1"}, {"queues": ["critical"], "max": -1},
+                 {"queues": ["critical"], "wait": -5}, {"queues": ["critical"], "tasks": "x"},
+                 {"queues": ["critical"], "tasks": [{"_id": 5, "status": "done"}]},
+                 {"queues": ["critical"], "worker": ["w"]}, {"queues": ["critical"], "lease": 0},
+                 {"queues": {"critical": float("nan")}}]
+        for body in cases:
+            with self.subTest(body=str(body)[:80]):
+                raw = json.dumps(body).replace("Infinity", "1e999").encode()
+                status, payload, _ = self.call("POST", "/v1/poll", raw=raw,
+                                               headers={"Content-Type": "application/json"})
+                self.assertIn(status, (400, 404), payload)
+                self.assertIn("error", payload)
+        self.assertEqual(self.broker.get("critical").stats()["counts"]["queued"], 1)
+        self.assertEqual(self.multi({"queues": ["nowhere", "critical"]}, expect=404)[1]["queue"], "nowhere")
+
+
+class WorkSeveralQueuesTest(WorkTestCase):
+    def test_work_serves_several_queues_in_order_and_tells_the_command_its_queue(self):
+        self.broker.queue("urgent", persistent=True)
+        for queue in ("jobs", "urgent"):
+            self.broker.get(queue).insert([{"data": f"{queue} {n}"} for n in range(3)])
+        out = os.path.join(self.directory, "out")
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "work", self.server.url,
+                                    "urgent,jobs", "--wait", "200", "--", "sh", "-c",
+                                    f'echo "$KATAR_QUEUE $(cat)" >> {out}.both'], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(stop_process, process)
+        until(self, lambda: all(self.broker.get(q).stats()["counts"]["done"] == 3 for q in ("jobs", "urgent")),
+              "both queues worked off")
+        with open(out + ".both") as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual(len(lines), 6)
+        self.assertTrue(all(line.split(" ", 1)[0] == json.loads(line.split(" ", 1)[1]).split()[0] for line in lines),
+                        lines)
+        self.assertEqual([line for line in lines if line.startswith("urgent")], lines[:len(
+            [line for line in lines if line.startswith("urgent")])], "urgent before jobs")
 
 
 if __name__ == "__main__":
