@@ -3312,9 +3312,11 @@ class TokenTest(ServerTestCase):
         self.assertEqual(self.as_(WORKER, "POST", "/v1/queue/jobs", {"tasks": [{"_id": self.task_id,
                                                                                  "status": "done"}]})[0], 204)
         for method, path, body in ROUTE_CALLS:
-            if path in ("/v1/queue/jobs",) and method in ("GET", "POST"):
+            if path in ("/v1/queue/jobs", "/v1/poll") and method in ("GET", "POST"):
                 continue
             self.assertEqual(self.as_(WORKER, method, path, body)[0], 403, (method, path))
+        self.assertEqual(self.as_(WORKER, "POST", "/v1/poll", {"queues": ["jobs"]})[0], 204)
+        self.assertEqual(self.as_(WORKER, "POST", "/v1/poll", {"queues": ["jobs", "mail"]})[0], 403)
         for path in ("/v1/queue/mail", "/v1/queue/nope"):  # another queue, existing or not: the same answer
             self.assertEqual(self.as_(WORKER, "GET", path)[0], 403)
             self.assertEqual(self.as_(WORKER, "POST", path, {})[0], 403)
