@@ -171,6 +171,12 @@ WORKER_IDLE_MS = 3600 * 1000  # a worker not heard from for this long is forgott
 MAX_WORKERS_SEEN = 10000      # workers remembered at once; past that, the one heard from least recently goes
 WORKER_TASKS_SHOWN = 100      # tasks GET /v1/workers lists per worker (tasks_held counts them all)
 MAX_PRIORITY = 10 ** 9
+BATCH_FIELDS = ("id", "callback", "open")   # an insert's "batch", and PUT /v1/batches/<id> (no id)
+CALLBACK_FIELDS = ("queue", "data", "priority")
+MAX_BATCH_FAILED_IDS = 10000  # ids of dead letters a batch keeps (and its callback's data carries); counts are whole
+BATCH_FAILED_SHOWN = 1000     # of which GET /v1/batches/<id> shows the first
+MAX_ENDED_BATCHES = 10000     # batches kept after their callback; past that, the oldest is forgotten
+BATCH_BYTES = 1000            # the memory estimate of a batch (and MEMO_BYTES a task in it not yet ended)
 MAX_POLL_QUEUES = 32         # queues one poll may name (POST /v1/poll)
 MAX_WEIGHT = 10 ** 6         # the highest weight of a queue in such a poll
 MAX_TEXT = 65536             # characters in an error
@@ -996,11 +1002,13 @@ class Queue:
         self._broker.queue(self.name, **options)
         return self.describe()
 
-    def insert(self, tasks: Union[Dict[str, Any], List[Dict[str, Any]]]) -> Any:
+    def insert(self, tasks: Union[Dict[str, Any], List[Dict[str, Any]]], batch: Optional[Dict[str, Any]] = None) -> Any:
         """Insert one task `{"data", "priority"?, "delay"? ms, "key"?, "status"? queued|paused}` or a list of them.
 
         Returns a dict (or a list of dicts) `{"_id", "status", "created"}`; `created` is false when `key` matched a
-        task the queue still holds or remembers, which is then the task returned."""
+        task the queue still holds or remembers, which is then the task returned. With `batch` {"id", "callback"?,
+        "open"?}, the tasks made join that batch (see Broker.put_batch); the insert that makes a batch closes it,
+        unless `open` is true."""
         single = isinstance(tasks, dict)
         entries = [tasks] if single else tasks
         if not isinstance(entries, list) or not entries:
@@ -1024,10 +1032,18 @@ class Queue:
                     new_keys[key] = (task_id, status)
                 rows.append([task_id, data, priority, status, key, delay, size] + ([group] if group else []))
                 results.append({"_id": task_id, "status": status, "created": True})
+            records = []
             if rows:  # one record for the whole request: [id, data, priority, status, key, delay, size, group?]
                 self._admit(len(rows))
                 broker._admit(sum(TASK_BYTES + row[6] for row in rows))
-                broker._commit([{"op": "insert", "q": self.name, "at": now, "tasks": rows}])
+                records.append({"op": "insert", "q": self.name, "at": now, "tasks": rows})
+            if batch is not None:
+                before, after, batch_id = broker._plan_batch(batch, len(rows), now)
+                if rows:
+                    records[0]["batch"] = batch_id
+                records = before + records + after
+            if records:
+                broker._commit(records)
             self._serve_waiters(now)
         return results[0] if single else results
 
@@ -1893,6 +1909,8 @@ class Queue:
             if status == QUEUED:
                 self._place(task, at)
             self._hold(task)
+            if "batch" in rec:
+                self._broker._join_batch(rec["batch"], task_id)
         self.totals["inserted"] += len(rec["tasks"])
 
     def _apply_lease(self, rec: Dict[str, Any]) -> None:
@@ -2075,6 +2093,7 @@ class Queue:
         for task_id in rec["ids"]:
             task = self._tasks.get(task_id)
             if task is not None:
+                self._broker._task_ended(task_id, CANCELLED, rec.get("at", 0))  # (a queued task purged never ran)
                 self._touch(task)
                 del self._tasks[task_id]
                 del self._by_status[task.status][task_id]
@@ -2359,6 +2378,7 @@ class Queue:
         discarded and remembered. Dead letters (failed) are always kept. Result waiters are answered once the
         commit has succeeded."""
         self._move(task, status, at)
+        self._broker._task_ended(task.id, status, at)
         if task.id in self._result_waiters:
             self._broker._answers.append((self._answer, task.id, task.snapshot(self.name)))
         if task.key is not None and self.options["key_ttl"]:
@@ -2487,6 +2507,79 @@ def default_max_memory() -> int:
     return bound
 
 
+class Batch:
+    """Tasks that end together: when the batch is closed and each of its tasks has ended (done, dead letter,
+    cancelled or purged; each counted once, when it first ends), one callback task is inserted into the callback
+    queue. State, changed only by records: "batch" (made, closed), an insert's "batch" (its tasks join), the ends of
+    its tasks, and "callback" (the callback task inserted, in the same commit as its insert)."""
+
+    __slots__ = ("id", "callback", "open", "total", "counts", "failed_ids", "callback_id", "created_at", "ended_at")
+
+    def __init__(self, batch_id: str, callback: Dict[str, Any], created_at: int) -> None:
+        self.id, self.callback, self.created_at = batch_id, callback, created_at
+        self.open = True
+        self.total = 0  # tasks that joined
+        self.counts = {DONE: 0, FAILED: 0, CANCELLED: 0}
+        self.failed_ids: List[str] = []  # the dead letters, the first MAX_BATCH_FAILED_IDS
+        self.callback_id: Optional[str] = None
+        self.ended_at: Optional[int] = None
+
+    @property
+    def pending(self) -> int:
+        return self.total - sum(self.counts.values())
+
+    def state(self) -> Tuple[Any, ...]:
+        """What the records change, to put back after a failed commit."""
+        return (self.open, self.total, dict(self.counts), len(self.failed_ids), self.callback_id, self.ended_at)
+
+    def put_back(self, state: Tuple[Any, ...]) -> None:
+        self.open, self.total, self.counts, failed, self.callback_id, self.ended_at = state
+        del self.failed_ids[failed:]
+
+    def view(self) -> Dict[str, Any]:
+        return {"id": self.id, "open": self.open, "ended": self.ended_at is not None, "total": self.total,
+                "counts": dict(self.counts, pending=self.pending), "failed": self.failed_ids[:BATCH_FAILED_SHOWN],
+                "callback": dict(self.callback, task=self.callback_id), "created_at": self.created_at,
+                "ended_at": self.ended_at}
+
+    def callback_data(self) -> Dict[str, Any]:
+        """The callback task's data."""
+        return {"batch": self.id, "counts": dict(self.counts), "failed": list(self.failed_ids),
+                "data": self.callback.get("data")}
+
+    def record(self, pending: List[str]) -> Dict[str, Any]:
+        """The batch as one record, for a compacted journal; `pending` its tasks not yet ended."""
+        return {"op": "batch", "id": self.id, "callback": self.callback, "open": self.open, "at": self.created_at,
+                "state": {"total": self.total, "counts": self.counts, "failed": self.failed_ids,
+                          "callback_id": self.callback_id, "ended_at": self.ended_at, "pending": pending}}
+
+
+def _check_batch_id(value: Any, field: str = "batch.id") -> str:
+    if not isinstance(value, str) or not QUEUE_NAME.match(value):
+        raise BadRequest(f"{field} must be 1 to 128 letters, digits, '_', '.' or '-' (not starting with '_', '.' or "
+                         f"'-'), got {_shown(value)}", field=field)
+    return value
+
+
+def _check_callback(value: Any, field: str = "batch.callback") -> Dict[str, Any]:
+    """A batch's callback: {"queue", "data"?, "priority"?}."""
+    if not isinstance(value, dict):
+        raise BadRequest(f'{field} must be an object like {{"queue": "reports", "data": ...}}', field=field)
+    unknown = [name for name in value if name not in CALLBACK_FIELDS]
+    if unknown:
+        raise BadRequest(f"unknown field {_shown(unknown[0])} in {field}; its fields are {', '.join(CALLBACK_FIELDS)}",
+                         field=field)
+    queue = value.get("queue")
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        raise BadRequest(f"{field}.queue must name a queue, got {_shown(queue)}", field=f"{field}.queue")
+    callback = {"queue": queue, "data": _json_value(f"{field}.data", value.get("data"))}
+    try:
+        callback["priority"] = _check_priority(value.get("priority", 0))
+    except BadRequest as exc:
+        raise BadRequest(f"{field}.{exc}", field=f"{field}.priority") from None
+    return callback
+
+
 class Broker:
     """The queues and the one lock that guards all of their state.
 
@@ -2521,6 +2614,15 @@ class Broker:
         self._undo: Optional[List[Tuple[Any, ...]]] = None   # during a live commit: how to put back its changes
         self._answers: List[Tuple[Any, ...]] = []            # result waiters to answer once the commit stands
         self.fleet = Fleet()  # the workers heard from (observed, not state; guarded by the lock too)
+        # Batches (state): by id; the batch of each task not yet ended; those ended whose callback is not inserted
+        # yet (it goes in a commit of its own, right after the one that ended the batch, or after a restart); those
+        # whose callback is in, oldest first (the oldest is forgotten past MAX_ENDED_BATCHES).
+        self._batches: Dict[str, Batch] = {}
+        self._batch_of: Dict[str, str] = {}
+        self._callbacks_due: Dict[str, None] = {}
+        self._completed: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        self._batch_waiters: Dict[str, List[Waiter]] = {}
+        self._sending = False
         self._latest = 0   # the latest time a replayed record carries
         self._journal: Optional[Journal] = None
         self._durability = Durability(self._lock, None, self._rebuild, self._snapshot)
@@ -2534,6 +2636,9 @@ class Broker:
             if journal.records == 0:
                 with self._changing():
                     self._commit([self._header()])
+            if self._callbacks_due:  # a batch ended just before the server stopped: its callback goes in now
+                with self._changing():
+                    self._send_callbacks()
 
     def _now(self) -> int:
         wall_ms, monotonic = self._origin
@@ -2580,6 +2685,233 @@ class Broker:
         if queue is None:
             raise NotFound("Queue not found", queue=name, queues=self.names(100))
         return queue
+
+    # -- batches --------------------------------------------------------------------------------------------------
+
+    def put_batch(self, batch_id: str, callback: Optional[Dict[str, Any]] = None, open: Optional[bool] = None
+                  ) -> Tuple[bool, Dict[str, Any]]:
+        """Make a batch (PUT /v1/batches/<id>): its `callback` {"queue", "data"?, "priority"?}, open for inserts
+        unless `open` is false (a batch closed with no task ends at once); or close one (`open` false). Returns
+        (whether it was made, its view)."""
+        batch_id = _check_batch_id(batch_id, "id")
+        if callback is not None:
+            callback = _check_callback(callback, "callback")
+        if open is not None:
+            _check_bool("open", open)
+        with self._changing():
+            made = batch_id not in self._batches
+            records = self._batch_records(batch_id, callback, open, self._now(), "callback")
+            if records:
+                self._commit(records)
+            return made, self._batches[batch_id].view()
+
+    def _batch_records(self, batch_id: str, callback: Optional[Dict[str, Any]], open: Optional[bool], now: int,
+                       field: str) -> List[Dict[str, Any]]:
+        """Lock held: the "batch" records that make batch `batch_id` (with `callback`) or change whether it is open;
+        Conflict for a change a batch refuses (a closed one is closed for good)."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            if callback is None:
+                raise BadRequest(f"batch {batch_id} is new: give its {field} ({{\"queue\": ..., \"data\": ...}})",
+                                 field=field)
+            if callback["queue"] not in self._queues:  # (lock held: not get(), whose error lists the queues)
+                raise NotFound(f"no queue {callback['queue']} for the callback of batch {batch_id}: make it first",
+                               queue=callback["queue"], queues=heapq.nsmallest(100, self._queues))
+            return [{"op": "batch", "id": batch_id, "callback": callback, "open": True if open is None else open,
+                     "at": now}]
+        if callback is not None and callback != batch.callback:
+            raise Conflict(f"batch {batch_id} has another callback ({_shown(batch.callback)}); a batch's callback "
+                           f"cannot change", [batch_id])
+        if open and not batch.open:
+            raise Conflict(f"batch {batch_id} is closed: no task can join it any more; make another batch",
+                           [batch_id])
+        if open is False and batch.open:
+            return [{"op": "batch", "id": batch_id, "open": False, "at": now}]
+        return []
+
+    def _plan_batch(self, spec: Any, adding: int, now: int) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
+        """Lock held: for an insert of `adding` new tasks that carries `batch` {"id", "callback"?, "open"?}: the
+        records to commit before the insert (the batch made) and after it (closed: the insert that makes a batch
+        closes it unless `open` is true), and the batch's id."""
+        if not isinstance(spec, dict):
+            raise BadRequest('batch must be an object like {"id": "nightly-42", "callback": {"queue": "reports"}}',
+                             field="batch")
+        unknown = [name for name in spec if name not in BATCH_FIELDS]
+        if unknown:
+            raise BadRequest(f"unknown field {_shown(unknown[0])} in batch; its fields are {', '.join(BATCH_FIELDS)}",
+                             field="batch")
+        batch_id = _check_batch_id(spec.get("id"))
+        callback = _check_callback(spec["callback"]) if "callback" in spec else None
+        open = _check_bool("batch.open", spec["open"]) if "open" in spec else None
+        existing = self._batches.get(batch_id)
+        if existing is not None and not existing.open:
+            raise Conflict(f"batch {batch_id} is closed: no task can join it any more; make another batch",
+                           [batch_id])
+        before = self._batch_records(batch_id, callback, True if existing is None else None, now, "batch.callback")
+        after = [] if open or (existing is not None and open is None) else \
+            [{"op": "batch", "id": batch_id, "open": False, "at": now}]
+        return before, after, batch_id
+
+    def batch(self, batch_id: str, wait: float = 0) -> Dict[str, Any]:
+        """A batch's view (GET /v1/batches/<id>); with `wait` ms, hold until it has ended (its callback is in)."""
+        woken = threading.Condition(self._lock)
+        outcome = self.begin_batch(batch_id, wait, wake=woken.notify)
+        if not isinstance(outcome, Waiter):
+            return outcome
+        with self._lock:
+            while outcome.parked and not self._closed and time.monotonic() < outcome.deadline:
+                woken.wait(outcome.deadline - time.monotonic())
+        return self.end_batch_wait(outcome)
+
+    def begin_batch(self, batch_id: str, wait: float = 0, *, wake: Callable[[], None]
+                    ) -> Union[Dict[str, Any], Waiter]:
+        """batch() without blocking: its view, or a parked Waiter for its end (see Queue.begin_poll)."""
+        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
+        with self._changing():
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                raise NotFound(f"no batch {str(batch_id)[:200]}", [str(batch_id)[:200]])
+            if wait_ms <= 0 or batch.callback_id is not None or self._closed:
+                return batch.view()
+            waiter = Waiter(wake, time.monotonic() + wait_ms / 1000.0, task_id=batch_id)
+            self._batch_waiters.setdefault(batch_id, []).append(waiter)
+            return waiter
+
+    def end_batch_wait(self, waiter: Waiter) -> Dict[str, Any]:
+        """End a batch wait (answered or not): the batch as it is (on disk: the answer is durable)."""
+        with self._changing():
+            if waiter.parked:
+                waiter.parked = False
+                waiting = self._batch_waiters.get(waiter.task_id, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                if not waiting:
+                    self._batch_waiters.pop(waiter.task_id, None)
+            batch = self._batches.get(waiter.task_id)
+            if batch is None:
+                raise NotFound(f"no batch {waiter.task_id} (forgotten: more than {MAX_ENDED_BATCHES} ended since)",
+                               [waiter.task_id])
+            return batch.view()
+
+    def _join_batch(self, batch_id: str, task_id: str) -> None:
+        batch = self._batches[batch_id]
+        if self._undo is not None:
+            self._undo.append((self._put_back_batch, batch, batch.state(), task_id, None))
+        batch.total += 1
+        self._batch_of[task_id] = batch_id
+        self._memory += MEMO_BYTES
+
+    def _task_ended(self, task_id: str, status: str, at: int) -> None:
+        """A task ended (done, dead letter, cancelled, purged before its end): counted in its batch, if any, once."""
+        batch_id = self._batch_of.pop(task_id, None)
+        if batch_id is None:
+            return
+        batch = self._batches[batch_id]
+        if self._undo is not None:
+            self._undo.append((self._put_back_batch, batch, batch.state(), None, task_id))
+        batch.counts[status] += 1
+        if status == FAILED and len(batch.failed_ids) < MAX_BATCH_FAILED_IDS:
+            batch.failed_ids.append(task_id)
+        self._memory -= MEMO_BYTES
+        self._check_batch_end(batch, at)
+
+    def _check_batch_end(self, batch: Batch, at: int) -> None:
+        if not batch.open and batch.pending == 0 and batch.ended_at is None:
+            batch.ended_at = at
+            self._callbacks_due[batch.id] = None
+
+    def _apply_batch(self, rec: Dict[str, Any]) -> None:
+        batch = self._batches.get(rec["id"])
+        if "state" in rec:  # a compacted journal's: the whole batch
+            state = rec["state"]
+            batch = self._batches[rec["id"]] = Batch(rec["id"], rec["callback"], rec["at"])
+            batch.open, batch.total, batch.counts = rec["open"], state["total"], dict(state["counts"])
+            batch.failed_ids, batch.callback_id, batch.ended_at = list(state["failed"]), state["callback_id"], \
+                state["ended_at"]
+            for task_id in state["pending"]:
+                self._batch_of[task_id] = batch.id
+            self._memory += BATCH_BYTES + _value_bytes(batch.callback) + MEMO_BYTES * len(state["pending"])
+            if batch.callback_id is not None:
+                self._completed[batch.id] = None
+            elif batch.ended_at is not None:
+                self._callbacks_due[batch.id] = None
+            return
+        if batch is None:
+            batch = self._batches[rec["id"]] = Batch(rec["id"], rec["callback"], rec["at"])
+            self._memory += BATCH_BYTES + _value_bytes(batch.callback)
+            if self._undo is not None:
+                self._undo.append((self._forget_batch, batch.id))
+        elif self._undo is not None:
+            self._undo.append((self._put_back_batch, batch, batch.state(), None, None))
+        batch.open = rec["open"]
+        self._check_batch_end(batch, rec["at"])
+
+    def _apply_callback(self, rec: Dict[str, Any]) -> None:
+        """The callback task of an ended batch was inserted (by the insert of the same commit)."""
+        batch = self._batches[rec["id"]]
+        if self._undo is not None:
+            self._undo.append((self._put_back_batch, batch, batch.state(), None, None))
+        batch.callback_id = rec["task"]
+        self._callbacks_due.pop(batch.id, None)
+        self._completed[batch.id] = None
+        if self._undo is not None and batch.id in self._batch_waiters:
+            self._answers.append((self._answer_batch, batch.id, batch.view()))
+        while len(self._completed) > MAX_ENDED_BATCHES:
+            old_id, _ = self._completed.popitem(last=False)
+            old = self._batches.pop(old_id)
+            self._memory -= BATCH_BYTES + _value_bytes(old.callback)
+            if self._undo is not None:
+                self._undo.append((self._put_back_forgotten, old))
+
+    def _answer_batch(self, batch_id: str, result: Tuple[Dict[str, Any], int]) -> None:
+        for waiter in self._batch_waiters.pop(batch_id, ()):
+            if waiter.parked:
+                waiter.parked, waiter.result = False, result
+                waiter.wake()
+
+    def _put_back_batch(self, batch: Batch, state: Tuple[Any, ...], joined: Optional[str],
+                        ended: Optional[str]) -> None:
+        batch.put_back(state)
+        if joined is not None:
+            self._batch_of.pop(joined, None)
+        if ended is not None:
+            self._batch_of[ended] = batch.id
+        if batch.callback_id is None:
+            self._completed.pop(batch.id, None)
+        if batch.ended_at is None or batch.callback_id is not None:
+            self._callbacks_due.pop(batch.id, None)
+        elif batch.callback_id is None:
+            self._callbacks_due[batch.id] = None
+
+    def _forget_batch(self, batch_id: str) -> None:
+        self._batches.pop(batch_id, None)
+        self._callbacks_due.pop(batch_id, None)
+
+    def _put_back_forgotten(self, batch: Batch) -> None:
+        self._batches[batch.id] = batch
+        self._completed[batch.id] = None
+        self._completed.move_to_end(batch.id, last=False)
+
+    def _send_callbacks(self) -> None:
+        """Lock held, in a change: insert the callback task of each batch that ended, in a commit of its own with
+        the "callback" record that says so; one the disk refuses is sent again after the next change (or the
+        ages' timer, or a restart)."""
+        self._sending = True
+        try:
+            for batch_id in list(self._callbacks_due):
+                batch = self._batches[batch_id]
+                queue = self._queues[batch.callback["queue"]]
+                now, task_id, data = self._now(), self._next_id(), batch.callback_data()
+                key = f"batch:{batch.id}"
+                row = [task_id, data, batch.callback["priority"], QUEUED, key, 0, _value_bytes(data) + len(key)]
+                try:
+                    self._commit([{"op": "insert", "q": queue.name, "at": now, "tasks": [row]},
+                                  {"op": "callback", "id": batch.id, "task": task_id, "at": now}])
+                except Unavailable:
+                    return
+                queue._serve_waiters(now)
+        finally:
+            self._sending = False
 
     # -- one poll over several queues -----------------------------------------------------------------------------
 
@@ -2761,6 +3093,9 @@ class Broker:
             self._closed = True
             for queue in self._queues.values():
                 queue.wake_all()
+            for waiters in self._batch_waiters.values():
+                for waiter in waiters:
+                    waiter.wake()
         self._durability.close()
 
     def deferring(self) -> ContextManager["Promise"]:
@@ -2795,6 +3130,8 @@ class Broker:
             now = self._now()
             for queue in self._queues.values():
                 queue.run_ages(now)
+            if self._callbacks_due:  # (one that a failing disk held back)
+                self._send_callbacks()
 
     def run_schedules(self) -> Optional[float]:
         """Insert the tasks of the schedules' slots due now, in every queue; returns the seconds until a slot is
@@ -2847,6 +3184,8 @@ class Broker:
                 self._queues[name] = queue
         self._epoch, self._seq = fresh._epoch, fresh._seq
         self._memory, self._live = fresh._memory, fresh._live
+        self._batches, self._batch_of, self._completed = fresh._batches, fresh._batch_of, fresh._completed
+        self._callbacks_due = fresh._callbacks_due
 
     def _load(self, journal: "Journal") -> None:
         """Open the journal and replay it; with repair, a record that cannot be applied is set aside with the
@@ -2889,6 +3228,11 @@ class Broker:
                             "finished": [[task_id] + list(memo) for task_id, memo in queue._finished.items()],
                             "throttled_until": queue.throttled_until, "keys": queue.key_windows(),
                             "fired": queue.fired_slots()})
+        pending: Dict[str, List[str]] = {}
+        for task_id, batch_id in self._batch_of.items():
+            pending.setdefault(batch_id, []).append(task_id)
+        for batch_id in list(self._completed) + [b for b in self._batches if b not in self._completed]:
+            records.append(self._batches[batch_id].record(pending.get(batch_id, [])))
         return records
 
     def compact(self) -> None:
@@ -2951,6 +3295,8 @@ class Broker:
         ticket = journal.ticket if journal is not None else 0
         for answer, task_id, view in self._answers:
             answer(task_id, (view, ticket))
+        if self._callbacks_due and not self._sending:
+            self._send_callbacks()
         if journal is not None and not self._closed:
             self._durability.maybe_compact(self._live + 2 * len(self._queues))
 
@@ -2983,6 +3329,9 @@ class Broker:
             return
         if op == "queue":
             self._apply_queue(record)
+            return
+        if op in ("batch", "callback"):
+            getattr(self, "_apply_" + op)(record)
             return
         queue = self._queues[record["q"]]
         memory, held = queue.memory, len(queue)
@@ -3895,6 +4244,7 @@ ROUTE_TABLE: List[Tuple[str, Dict[str, str]]] = [
     ("/v1/queues", {"GET": "route_queues"}),
     ("/v1/workers", {"GET": "route_workers"}),
     ("/v1/poll", {"POST": "route_multi_poll"}),
+    ("/v1/batches/{batch}", {"GET": "route_batch", "PUT": "route_put_batch"}),
     ("/v1/queue/{queue}", {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
     ("/v1/queue/{queue}/stats", {"GET": "route_stats"}),
     ("/v1/queue/{queue}/tasks", {"GET": "route_list", "POST": "route_insert", "DELETE": "route_purge"}),
@@ -4833,18 +5183,39 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_object()
         if not body:
             raise BadRequest('an insert needs a body: one task {"data": ...} or a list {"tasks": [{"data": ...}]}')
+        if "batch" in body and body["batch"] is None:
+            raise BadRequest("batch is null; leave it out for no batch", field="batch")
+        batch = body.pop("batch", None)
+        if batch is not None:
+            self.check_values("batch", [batch.get("callback") if isinstance(batch, dict) else None], "data",
+                              single=True)
         if "tasks" in body:
-            self.check_fields("an insert of a list", body, ("tasks",))
+            self.check_fields("an insert of a list", body, ("tasks", "batch"))
             if not isinstance(body["tasks"], list):
                 raise BadRequest("tasks must be a list of task objects")
             self.check_count("tasks", body["tasks"])
             self.check_values("tasks", body["tasks"], "data")
-            results = queue.insert(body["tasks"])
+            results = queue.insert(body["tasks"], batch=batch)
         else:
             self.check_values("task", [body], "data", single=True)  # its fields: checked by the core
-            results = [queue.insert(body)]
+            results = [queue.insert(body, batch=batch)]
         created = any(result["created"] for result in results)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}
+
+    def route_batch(self, batch_id: str) -> Reply:
+        broker = self.server.broker
+        outcome = broker.begin_batch(batch_id, wait=self.capped_wait(self.query_number("wait", 0)),
+                                     wake=self.channel.wake)
+        if isinstance(outcome, Waiter):
+            return HTTPStatus.OK, Parked(outcome, lambda: (HTTPStatus.OK, broker.end_batch_wait(outcome)))
+        return HTTPStatus.OK, outcome
+
+    def route_put_batch(self, batch_id: str) -> Reply:
+        body = self.read_object()
+        self.check_fields("a batch", body, ("callback", "open"))
+        self.check_values("callback", [body.get("callback")], "data", single=True)
+        made, view = self.server.broker.put_batch(batch_id, body.get("callback"), body.get("open"))
+        return (HTTPStatus.CREATED if made else HTTPStatus.OK), view
 
     def route_list(self, name: str) -> Reply:
         queue = self.server.broker.get(name)
@@ -5027,11 +5398,41 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "group": _schema("string", minLength=1, maxLength=MAX_GROUP,
                              description="its group: at most group_limit of a group in progress at once, groups take "
                                          "turns"),
-            "status": _schema("string", enum=[QUEUED, PAUSED])}, required=["data"]),
+            "status": _schema("string", enum=[QUEUED, PAUSED]),
+            "batch": _ref("BatchJoin")}, required=["data"]),
         "Insert": {"oneOf": [_ref("TaskInput"), _ref("TaskList")]},
         "TaskList": _object({"tasks": _schema("array", items=_ref("TaskInput"), minItems=1,
-                                              maxItems=min(limits.max_tasks, MAX_INSERT_BATCH))},
+                                              maxItems=min(limits.max_tasks, MAX_INSERT_BATCH)),
+                             "batch": _ref("BatchJoin")},
                             required=["tasks"]),
+        "Callback": _object({"queue": _schema("string", pattern=QUEUE_NAME_PATTERN,
+                                              description="the queue the callback task goes to (it must exist)"),
+                             "data": dict(any_json, description="carried in the callback task's data, as `data`"),
+                             "priority": {"oneOf": [_integer(-MAX_PRIORITY, MAX_PRIORITY),
+                                                    _schema("string", enum=list(PRIORITIES))]}},
+                            required=["queue"]),
+        "BatchJoin": _object({
+            "id": _schema("string", pattern=QUEUE_NAME_PATTERN, description="the batch the tasks made join"),
+            "callback": _ref("Callback"),
+            "open": _schema("boolean", description="false closes the batch after this insert; true keeps it open. "
+                                                   "Left out: the insert that makes a batch closes it, later ones "
+                                                   "leave it as it is")},
+            required=["id"], description="needs callback when the batch is new"),
+        "BatchInput": _object({"callback": _ref("Callback"),
+                               "open": _schema("boolean", description="false: closed (no task joins it any more)")}),
+        "Batch": _object({
+            "id": _schema("string"), "open": _schema("boolean"),
+            "ended": _schema("boolean", description="closed, and every task of it ended"),
+            "total": _schema("integer"),
+            "counts": _object({name: _schema("integer") for name in (DONE, FAILED, CANCELLED, "pending")},
+                              required=[DONE, FAILED, CANCELLED, "pending"]),
+            "failed": _schema("array", items=_ref("TaskId"), maxItems=BATCH_FAILED_SHOWN,
+                              description="the dead letters among its tasks (the first ones)"),
+            "callback": _object({"queue": _schema("string"), "data": any_json, "priority": _schema("integer"),
+                                 "task": _schema(["string", "null"], description="the callback task, once inserted")},
+                                required=["queue", "task"], closed=False),
+            "created_at": _schema("integer"), "ended_at": nullable_int},
+            required=["id", "open", "ended", "total", "counts", "failed", "callback"]),
         "Inserted": _object({"tasks": _schema("array", items=_object({
             "_id": _ref("TaskId"), "status": _schema("string", enum=list(STATUSES)),
             "created": _schema("boolean", description="false: a task with this key existed, and is the one named")},
@@ -5141,6 +5542,7 @@ def _operation(operation_id: str, summary: str, responses: Dict[str, Any], body:
 PATH_PARAMETERS = {
     "queue": {"schema": _schema("string", pattern=QUEUE_NAME_PATTERN), "description": "the queue's name"},
     "id": {"schema": _schema("string", minLength=1), "description": "the task's id"},
+    "batch": {"schema": _schema("string", pattern=QUEUE_NAME_PATTERN), "description": "the batch's id"},
 }
 
 
@@ -5186,6 +5588,15 @@ def _openapi(limits: "Limits") -> Dict[str, Any]:
             "/v1/workers": {"get": _operation("listWorkers", "The workers heard from in the last hour", {
                 "200": _json("the workers, the most recently heard from first", _ref("WorkerList"))}, query=[
                     {"name": "queue", "schema": _schema("string"), "description": "only those that polled it"}])},
+            "/v1/batches/{batch}": {
+                "get": _operation("getBatch", "A batch's counts; with wait, wait for it to end", {
+                    "200": _json("the batch", _ref("Batch"))}, path=["batch"], query=[
+                        {"name": "wait", "schema": _schema("number", minimum=0, maximum=MAX_WAIT_MS),
+                         "description": f"ms to wait for the batch to end (cut to {limits.max_wait})"}]),
+                "put": _operation("putBatch", "Make a batch (empty, open for inserts), or close one", {
+                    "200": _json("changed", _ref("Batch")), "201": _json("made", _ref("Batch"))},
+                    body="BatchInput", path=["batch"],
+                    example={"callback": {"queue": "reports", "data": {"kind": "nightly"}}})},
             "/v1/poll": {"post": _operation("pollQueues", "Report tasks, then lease from several queues at once", {
                 "200": _json("leased tasks, each naming its queue, and those to stop", _ref("Leased")),
                 "204": {"description": "no task in any of the queues, none to stop"}},

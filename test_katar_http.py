@@ -3275,7 +3275,8 @@ ROUTE_CALLS = [("GET", "/v1/queues", None), ("GET", "/v1/queue/jobs", None), ("P
                ("GET", "/v1/queue/jobs/tasks", None), ("POST", "/v1/queue/jobs/tasks", {"data": 1}),
                ("DELETE", "/v1/queue/jobs/tasks?status=done", None), ("GET", "/v1/queue/jobs/tasks/{id}", None),
                ("PATCH", "/v1/queue/jobs/tasks/{id}", {"status": "paused"}),
-               ("DELETE", "/v1/queue/jobs/tasks/{id}", None), ("POST", "/v1/poll", {"queues": ["jobs"], "max": 0})]
+               ("DELETE", "/v1/queue/jobs/tasks/{id}", None), ("POST", "/v1/poll", {"queues": ["jobs"], "max": 0}),
+               ("PUT", "/v1/batches/b1", {"callback": {"queue": "jobs"}}), ("GET", "/v1/batches/b1", None)]
 
 
 class TokenTest(ServerTestCase):
@@ -3914,10 +3915,11 @@ class RfcTest(GuardedStateTestCase):
         return raw_exchange(self.server.host, self.server.port, request)
 
     def test_head_answers_every_get_route_with_its_headers_and_no_body(self):
+        self.broker.put_batch("b1", {"queue": "jobs"})
         for template, methods in K.ROUTE_TABLE:
             if "GET" not in methods:
                 continue
-            path = template.format(queue="jobs", id=self.ids[0])
+            path = template.format(queue="jobs", id=self.ids[0], batch="b1")
             get = self.exchange(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
             head = self.exchange(b"HEAD %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
             get_head, _, get_body = get.partition(b"\r\n\r\n")
@@ -4538,13 +4540,14 @@ class DescriptionTest(ServerTestCase):
                 if content:
                     # A bare POST (the original's workers) and a bare PUT (a queue with the defaults) are fine.
                     self.assertEqual(operation["requestBody"]["required"], method in ("post", "patch") and
-                                     path != "/v1/queue/{queue}", (path, method))
-                    self.assertEqual(self.call(method.upper(), path.format(queue="jobs", id="none-1"))[0] == 400,
+                                     path != "/v1/queue/{queue}" or path == "/v1/batches/{batch}", (path, method))
+                    self.assertEqual(self.call(method.upper(), path.format(queue="jobs", id="none-1",
+                                                                           batch="none"))[0] == 400,
                                      operation["requestBody"]["required"], (path, method))
                     self.assertEqual(schema_errors(content["example"], content["schema"], root=document), [],
                                      (path, method))
                     checked += 1
-        self.assertEqual(checked, 5)
+        self.assertEqual(checked, 6)
         poll = {"$ref": "#/components/schemas/PollRequest"}
         for bad in ({"tasks": "x"}, {"max": "1"}, {"task": []}, {"tasks": [{"_id": "a", "status": "failed"}]},
                     {"wait": -1}, {"tasks": None}):
@@ -7268,6 +7271,231 @@ class WorkSeveralQueuesTest(WorkTestCase):
                         lines)
         self.assertEqual([line for line in lines if line.startswith("urgent")], lines[:len(
             [line for line in lines if line.startswith("urgent")])], "urgent before jobs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: one callback when a set of tasks has ended
+# ---------------------------------------------------------------------------------------------------------------
+
+def callbacks(broker, queue="reports"):
+    """The callback tasks in `queue`: their data."""
+    return [task["data"] for task in broker.get(queue).tasks(limit=1000)["tasks"] if (task["key"] or "").startswith("batch:")]
+
+
+def work_off(queue, failing):
+    """Lease every task of `queue` and report each done, but those whose data is in `failing` failed for good."""
+    while True:
+        tasks = queue.lease(max=100)
+        if not tasks:
+            return
+        queue.report([{"_id": t["_id"], "status": "failed", "error": "bad", "retry": False} if t["data"] in failing
+                      else {"_id": t["_id"], "status": "done"} for t in tasks])
+
+
+class BatchTest(unittest.TestCase):
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "tasks.journal")
+
+    def open(self):
+        broker = K.Broker(journal=self.path)
+        self.addCleanup(broker.close)
+        return broker
+
+    def test_five_hundred_tasks_fifty_failing_give_one_callback_with_the_counts(self):
+        broker = self.open()
+        jobs, reports = broker.queue("jobs", persistent=True), broker.queue("reports", persistent=True)
+        ids = [r["_id"] for r in jobs.insert([{"data": n} for n in range(500)],
+                                             batch={"id": "b1", "callback": {"queue": "reports", "data": "hi"}})]
+        failing = set(range(0, 500, 10))
+        work_off(jobs, failing)
+        self.assertEqual(callbacks(broker), [{"batch": "b1", "counts": {"done": 450, "failed": 50, "cancelled": 0},
+                                              "failed": [ids[n] for n in sorted(failing)], "data": "hi"}])
+        view = broker.batch("b1")
+        self.assertEqual((view["ended"], view["counts"]["pending"], view["callback"]["task"] is not None),
+                         (True, 0, True))
+        broker.close()
+        for compact in (False, True, False):  # replayed, compacted, read back compacted: still one callback
+            again = self.open()
+            self.assertEqual(len(callbacks(again)), 1)
+            self.assertEqual(again.batch("b1"), view)
+            if compact:
+                again.compact()
+            again.close()
+
+    def test_a_crash_between_the_last_end_and_the_callback_inserts_it_once_at_restart(self):
+        broker = self.open()
+        jobs = broker.queue("jobs", persistent=True)
+        broker.queue("reports", persistent=True)
+        jobs.insert([{"data": n} for n in range(500)], batch={"id": "b1", "callback": {"queue": "reports"}})
+        work_off(jobs, set(range(50)))
+        broker.close()
+        # What kill -9 leaves when it strikes between the two changes: the journal without the callback's.
+        with open(self.path, "rb") as handle:
+            lines = handle.read().splitlines(keepends=True)
+        cut = next(index for index, line in enumerate(lines) if b'"op":"insert","q":"reports"' in line)
+        self.assertIn(b'"op":"callback"', lines[cut + 1])
+        with open(self.path, "wb") as handle:
+            handle.writelines(lines[:cut])
+        for _ in range(3):
+            again = self.open()
+            self.assertEqual([data["counts"] for data in callbacks(again)],
+                             [{"done": 450, "failed": 50, "cancelled": 0}])
+            again.close()
+
+    def test_batches_stay_open_until_closed_and_an_empty_one_ends_at_once(self):
+        broker = K.Broker()
+        jobs, reports = broker.queue("jobs"), broker.queue("reports")
+        made, view = broker.put_batch("b", {"queue": "reports"})
+        self.assertEqual((made, view["open"], view["total"]), (True, True, 0))
+        jobs.insert([{"data": 1}], batch={"id": "b"})
+        work_off(jobs, ())
+        self.assertEqual(callbacks(broker), [], "open: more tasks may come")
+        jobs.insert([{"data": 2}, {"data": 3, "key": "k"}], batch={"id": "b"})
+        jobs.insert([{"data": 4, "key": "k"}], batch={"id": "b", "open": False})  # a known key joins nothing
+        self.assertEqual(broker.batch("b")["total"], 3)
+        with self.assertRaises(K.Conflict):
+            jobs.insert([{"data": 5}], batch={"id": "b"})
+        with self.assertRaises(K.Conflict):
+            broker.put_batch("b", open=True)
+        work_off(jobs, {3})
+        self.assertEqual([d["counts"] for d in callbacks(broker)], [{"done": 2, "failed": 1, "cancelled": 0}])
+        self.assertEqual(broker.put_batch("empty", {"queue": "reports"}, open=False)[1]["ended"], True)
+        self.assertEqual(len(callbacks(broker)), 2)
+        # made and closed by one insert; cancelled and purged tasks count as cancelled; a retried dead letter
+        # does not reopen its batch
+        ids = [r["_id"] for r in jobs.insert([{"data": n} for n in range(4)], batch={
+            "id": "c", "callback": {"queue": "reports", "priority": "high"}})]
+        jobs.cancel(ids[0])
+        jobs.set_status(ids[1], "paused")
+        jobs.purge("paused")
+        work_off(jobs, {2})
+        self.assertEqual(callbacks(broker)[-1]["counts"], {"done": 1, "failed": 1, "cancelled": 2})
+        jobs.set_status(ids[2], "queued")
+        work_off(jobs, ())
+        self.assertEqual(len(callbacks(broker)), 3)
+        self.assertEqual(reports.tasks(limit=10)["tasks"][-1]["priority"], 10)
+
+    def test_hostile_batches_are_refused_and_insert_nothing(self):
+        broker = K.Broker()
+        jobs = broker.queue("jobs")
+        broker.queue("reports", max_queued=0)
+        jobs.insert([{"data": 0}], batch={"id": "closed", "callback": {"queue": "reports"}})
+        cases = [("x", K.BadRequest), ({"callback": {"queue": "reports"}}, K.BadRequest),
+                 ({"id": "", "callback": {"queue": "reports"}}, K.BadRequest),
+                 ({"id": "a/b", "callback": {"queue": "reports"}}, K.BadRequest),
+                 ({"id": "x" * 200, "callback": {"queue": "reports"}}, K.BadRequest),
+                 ({"id": "new"}, K.BadRequest), ({"id": "new", "callback": "reports"}, K.BadRequest),
+                 ({"id": "new", "callback": {"queue": "nowhere"}}, K.NotFound),
+                 ({"id": "new", "callback": {"queue": "reports", "when": 1}}, K.BadRequest),
+                 ({"id": "new", "callback": {"queue": "reports", "data": float("nan")}}, K.BadRequest),
+                 ({"id": "new", "callback": {"queue": "reports", "priority": "top"}}, K.BadRequest),
+                 ({"id": "new", "callback": {"queue": "reports"}, "open": "yes"}, K.BadRequest),
+                 ({"id": "new", "callback": {"queue": "reports"}, "extra": 1}, K.BadRequest),
+                 ({"id": "closed"}, K.Conflict), ({"id": "closed", "callback": {"queue": "jobs"}}, K.Conflict)]
+        for spec, error in cases:
+            with self.subTest(spec=str(spec)[:60]):
+                with self.assertRaises(error):
+                    jobs.insert([{"data": 1}], batch=spec)
+        self.assertEqual(jobs.stats()["total"], 1)
+        self.assertNotIn("new", [view for view in ("new",) if self._exists(broker, view)])
+        broker.queue("jobs", max_queued=1)
+        with self.assertRaises(K.Unavailable):  # all or nothing: the batch is not made either
+            jobs.insert([{"data": 1}], batch={"id": "full", "callback": {"queue": "reports"}})
+        self.assertFalse(self._exists(broker, "full"))
+
+    @staticmethod
+    def _exists(broker, batch_id):
+        try:
+            broker.batch(batch_id)
+            return True
+        except K.NotFound:
+            return False
+
+
+class BatchOverHttpTest(ServerTestCase):
+    real_clock = True
+    queue_options = {"persistent": True}
+
+    def test_a_producer_waiting_on_a_batch_is_answered_when_it_ends(self):
+        self.broker.queue("reports")
+        status, payload, _ = self.call("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": n} for n in range(20)],
+                                       "batch": {"id": "b1", "callback": {"queue": "reports", "data": {"n": 20}}}})
+        self.assertEqual(status, 201)
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(self.call("GET", "/v1/batches/b1?wait=5000")))
+        started = time.monotonic()
+        waiter.start()
+        time.sleep(0.1)
+        self.assertEqual(answers, [], "it waits")
+        tasks = self.poll({"max": 20}, expect=200)[1]
+        self.poll({"max": 0, "tasks": [{"_id": t["_id"], "status": "done"} for t in tasks]}, expect=204)
+        waiter.join(5)
+        self.assertLess(time.monotonic() - started, 3)
+        status, view, _ = answers[0]
+        self.assertEqual((status, view["ended"], view["counts"]), (200, True, {"done": 20, "failed": 0,
+                                                                              "cancelled": 0, "pending": 0}))
+        callback = self.call("POST", "/v1/queue/reports", {})[1]["tasks"][0]
+        self.assertEqual((callback["_id"], callback["data"]["data"]), (view["callback"]["task"], {"n": 20}))
+        self.assertEqual(self.call("GET", "/v1/batches/b1?wait=5000")[1]["ended"], True)  # at once, ended
+        self.assertEqual(self.call("GET", "/v1/batches/nope")[0], 404)
+
+    def test_hostile_batch_requests_are_4xx_and_change_nothing(self):
+        self.broker.queue("reports")
+        for method, path, body, status in [
+                ("PUT", "/v1/batches/b", {}, 400), ("PUT", "/v1/batches/b", {"callback": None}, 400),
+                ("PUT", "/v1/batches/b", {"callback": {"queue": "reports"}, "open": 1}, 400),
+                ("PUT", "/v1/batches/b", {"callback": {"queue": "reports"}, "other": 1}, 400),
+                ("PUT", "/v1/batches/b", {"callback": {"queue": "nowhere"}}, 404),
+                ("PUT", "/v1/batches/b", {"callback": {"queue": "reports", "data": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[
+                    []]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}, 400),
+                ("PUT", "/v1/batches/" + "x" * 200, {"callback": {"queue": "reports"}}, 400),
+                ("PUT", "/v1/batches/b", {"open": False}, 400),
+                ("POST", "/v1/queue/jobs/tasks", {"data": 1, "batch": None}, 400),
+                ("POST", "/v1/queue/jobs/tasks", {"data": 1, "batch": []}, 400),
+                ("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": 1}], "batch": {"id": "b"}}, 400),
+                ("GET", "/v1/batches/b?wait=-1", None, 400), ("GET", "/v1/batches/b?wait=x", None, 400)]:
+            with self.subTest(method=method, path=path[:40], body=str(body)[:60]):
+                self.assertEqual(self.call(method, path, body)[0], status)
+        self.assertEqual(self.jobs.stats()["total"], 0)
+        self.assertEqual(self.call("GET", "/v1/batches/b")[0], 404)
+        status, view, _ = self.call("PUT", "/v1/batches/b", {"callback": {"queue": "reports"}})
+        self.assertEqual((status, view["open"]), (201, True))
+        self.assertEqual(self.call("PUT", "/v1/batches/b", {"callback": {"queue": "reports"}})[0], 200)
+        self.assertEqual(self.call("PUT", "/v1/batches/b", {"callback": {"queue": "jobs"}})[0], 409)
+
+
+class BatchCrashTest(unittest.TestCase):
+    def test_one_callback_across_kill_9_as_the_batch_ends(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "queues.json"), "w") as handle:
+            json.dump({"queues": {"jobs": {"persistent": True}, "reports": {"persistent": True}}}, handle)
+        process, url = start_journalled_server(self, directory)
+        client = K.Client(url)
+        self.addCleanup(client.close)
+        client.request("POST", "/v1/queue/jobs/tasks", {"tasks": [{"data": n} for n in range(500)],
+                                                         "batch": {"id": "b1", "callback": {"queue": "reports"}}})
+        for _ in range(5):  # 500 leased and reported, 50 of them failed for good: the batch ends with the last
+            tasks, _ = client.poll("jobs", max=100)
+            client.report("jobs", [{"_id": t["_id"], "status": "failed", "error": "x", "retry": False}
+                                   if t["data"] % 10 == 0 else {"_id": t["_id"], "status": "done"} for t in tasks])
+        process.kill()  # kill -9 the moment the last report was acknowledged
+        process.wait()
+        client.close()
+        for _ in range(2):
+            process, url = start_journalled_server(self, directory)
+            client = K.Client(url)
+            view = client.request("GET", "/v1/batches/b1?wait=5000")[1]
+            self.assertEqual(view["counts"], {"done": 450, "failed": 50, "cancelled": 0, "pending": 0})
+            reports = client.request("GET", "/v1/queue/reports/tasks")[1]["tasks"]
+            self.assertEqual([(t["key"], t["data"]["counts"]) for t in reports],
+                             [("batch:b1", {"done": 450, "failed": 50, "cancelled": 0})])
+            self.assertEqual(len(reports[0]["data"]["failed"]), 50)
+            process.kill()
+            process.wait()
+            client.close()
 
 
 if __name__ == "__main__":
