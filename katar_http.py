@@ -17,7 +17,9 @@ operator routes (insert, list, inspect, wait for a result, cancel, pause, retry,
 be steered: cancelled (the worker is told in `cancel`), followed through its `progress`, leased for as long as its
 worker asks (up to `max_lease`), snoozed, capped in run time (`max_run`); GET /v1/workers shows the fleet. And the
 flow shaped: groups that take turns with a limit each (`group`, `group_limit`), a rate, a capacity (`max_queued`),
-and ages (`expire_after`, `retain`, `key_ttl`).
+and ages (`expire_after`, `retain`, `key_ttl`). And composed: periodic tasks (`schedules`: cron or every, each slot
+run once across restarts), batches that insert one callback task when all their tasks have ended (`batch`,
+/v1/batches), and one poll over several queues, in order or by weight (POST /v1/poll).
 
 Task statuses, in katar's words: paused, queued, in progress, done, failed, cancelled. A task is `in progress`
 while leased; `failed` is final (a dead letter): a failure that will be retried puts the task back to `queued`.
@@ -40,8 +42,11 @@ The file reads top to bottom as the architecture:
      change of state is one record (a dict) applied by Broker._apply; the journal writes exactly those records and
      replays them through the same function, so memory and disk cannot disagree. A commit encodes its records
      first and notes how to put back what applying them changes, so a failure halfway leaves nothing behind. A wait
-     (a long poll, a result wait) is a parked Waiter with a deadline, never a blocked thread: begin_poll/begin_task
-     park it, the change that answers it calls its wake, end_wait ends it (the Python API blocks on it itself).
+     (a long poll, a result wait, a batch wait) is a parked Waiter with a deadline, never a blocked thread:
+     begin_poll/begin_task park it (a poll of several queues in each one's line), the change that answers it calls
+     its wake, end_wait ends it (the Python API blocks on it itself). A schedule's slot is one commit (its task and
+     the record that it ran); a batch's callback is a commit of its own right after the one that ended the batch
+     (made again at start if the server died in between).
      The Fleet (the workers heard from, the deliveries handed to each) is observed, not state: never journalled,
      each delivery checked against its task when read, so it needs no undoing;
   3. the journal (Journal: append, group commit, fsync, compaction, recovery) and Durability, which decides when a
@@ -54,8 +59,8 @@ The file reads top to bottom as the architecture:
   6. the server: one asyncio event loop in a thread of its own owns every socket (Connection per client):
      it frames pipelined requests in order, has the Handler serve them, holds each answer until its journal
      records are durable (one write and one fsync per pass, while it goes on parsing), and runs every deadline
-     (request, idle, first authorised request, parked waits, the broker's clock, the ages' timer once a second)
-     from its timer heap;
+     (request, idle, first authorised request, parked waits, the broker's clock, the ages' timer once a second, the
+     schedules' timer at the next slot) from its timer heap;
   7. the client and the worker runner (Client, Runner);
   8. the command line.
 
@@ -115,7 +120,8 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Constants and errors: the status words, bounds and defaults; every error a client can cause carries its HTTP
-#    status, and error_reply is the one place an error becomes an answer.
+#    status, and error_reply is the one place an error becomes an answer. Then the checks of what clients send
+#    (values, queue options) and the time of schedules (cron expressions, slots): pure functions, no state.
 # ---------------------------------------------------------------------------------------------------------------
 
 PAUSED, QUEUED, IN_PROGRESS, DONE, FAILED, CANCELLED = "paused", "queued", "in progress", "done", "failed", "cancelled"
@@ -2752,6 +2758,20 @@ class Broker:
             [{"op": "batch", "id": batch_id, "open": False, "at": now}]
         return before, after, batch_id
 
+    def batches(self, limit: int = 100) -> Dict[str, Any]:
+        """The batches not ended yet (GET /v1/batches), the oldest first, at most `limit` of them; and how many
+        there are, and how many ended batches are remembered."""
+        limit = _check_int("limit", limit, 1, MAX_LIST_LIMIT)
+        with self._lock:
+            shown = []
+            for batch in self._batches.values():  # (ended ones, at most MAX_ENDED_BATCHES, are passed over)
+                if len(shown) >= limit:
+                    break
+                if batch.callback_id is None:
+                    shown.append(batch.view())
+            return {"batches": shown, "not_ended": len(self._batches) - len(self._completed),
+                    "ended": len(self._completed)}
+
     def batch(self, batch_id: str, wait: float = 0) -> Dict[str, Any]:
         """A batch's view (GET /v1/batches/<id>); with `wait` ms, hold until it has ended (its callback is in)."""
         woken = threading.Condition(self._lock)
@@ -4244,6 +4264,7 @@ ROUTE_TABLE: List[Tuple[str, Dict[str, str]]] = [
     ("/v1/queues", {"GET": "route_queues"}),
     ("/v1/workers", {"GET": "route_workers"}),
     ("/v1/poll", {"POST": "route_multi_poll"}),
+    ("/v1/batches", {"GET": "route_batches"}),
     ("/v1/batches/{batch}", {"GET": "route_batch", "PUT": "route_put_batch"}),
     ("/v1/queue/{queue}", {"GET": "route_configuration", "POST": "route_poll", "PUT": "route_put_queue"}),
     ("/v1/queue/{queue}/stats", {"GET": "route_stats"}),
@@ -4703,6 +4724,9 @@ def metrics_text(broker: Broker, requests: Dict[Tuple[str, int], int]) -> str:
            "since the epoch).", [("", f'queue="{s["queue"]}",schedule="{schedule["name"]}"',
                                   schedule["next_fire_ms"] / 1000.0) for s in stats
                                  for schedule in s.get("schedules", ()) if schedule["next_fire_ms"] is not None])
+    batches = broker.batches(1)
+    family("katar_batches", "gauge", "Batches not ended yet, and ended ones remembered.",
+           [("", 'state="not_ended"', batches["not_ended"]), ("", 'state="ended"', batches["ended"])])
     seen = broker.worker_counts()
     family("katar_queue_workers", "gauge", "Workers heard from in the last hour (named ones by id, anonymous "
            "pollers by address).", [("", f'queue="{s["queue"]}"', seen.get(s["queue"], 0)) for s in stats])
@@ -5202,6 +5226,9 @@ class Handler(BaseHTTPRequestHandler):
         created = any(result["created"] for result in results)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"tasks": results}
 
+    def route_batches(self) -> Reply:
+        return HTTPStatus.OK, self.server.broker.batches(int(self.query_number("limit", 100)))
+
     def route_batch(self, batch_id: str) -> Reply:
         broker = self.server.broker
         outcome = broker.begin_batch(batch_id, wait=self.capped_wait(self.query_number("wait", 0)),
@@ -5588,6 +5615,11 @@ def _openapi(limits: "Limits") -> Dict[str, Any]:
             "/v1/workers": {"get": _operation("listWorkers", "The workers heard from in the last hour", {
                 "200": _json("the workers, the most recently heard from first", _ref("WorkerList"))}, query=[
                     {"name": "queue", "schema": _schema("string"), "description": "only those that polled it"}])},
+            "/v1/batches": {"get": _operation("listBatches", "The batches not ended yet, oldest first", {
+                "200": _json("batches", _object({"batches": _schema("array", items=_ref("Batch")),
+                                                 "not_ended": _schema("integer"), "ended": _schema("integer")},
+                                                required=["batches", "not_ended", "ended"]))},
+                query=[{"name": "limit", "schema": _integer(1, MAX_LIST_LIMIT, default=100)}])},
             "/v1/batches/{batch}": {
                 "get": _operation("getBatch", "A batch's counts; with wait, wait for it to end", {
                     "200": _json("the batch", _ref("Batch"))}, path=["batch"], query=[
@@ -5672,6 +5704,9 @@ td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-l
 <h2>Workers heard from in the last hour</h2>
 <div class="scroll"><table id="workers"><thead><tr><th>worker</th><th>queues</th><th>waiting</th><th>holds</th>
 <th>last contact</th><th>last heartbeat</th></tr></thead><tbody></tbody></table></div>
+<h2>Batches not ended yet</h2>
+<div class="scroll"><table id="batches"><thead><tr><th>batch</th><th>open</th><th>done</th><th>failed</th>
+<th>cancelled</th><th>pending</th><th>callback queue</th></tr></thead><tbody></tbody></table></div>
 <div id="running"></div>
 <div id="letters"></div>
 <script>
@@ -5728,6 +5763,17 @@ function section(kind, name) {
   return box;
 }
 const ago = ms => ms === null ? "-" : ((Date.now() - ms) / 1000).toFixed(1) + " s ago";
+async function refreshBatches() {
+  const {batches} = await call("GET", "/v1/batches");
+  const body = document.querySelector("#batches tbody"), keys = new Set();
+  batches.forEach((b, index) => {
+    keys.add(b.id);
+    const row = keep(body, b.id, index, r => cells(r, 7, []));
+    [b.id, b.open ? "yes" : "closed", b.counts.done, b.counts.failed, b.counts.cancelled, b.counts.pending,
+     b.callback.queue].forEach((text, i) => { row.cells[i].textContent = text; });
+  });
+  prune(body, keys);
+}
 async function refreshWorkers() {
   const {workers} = await call("GET", "/v1/workers");
   const body = document.querySelector("#workers tbody"), keys = new Set();
@@ -5816,6 +5862,7 @@ async function refresh() {
     });
     prune(body, shown);
     await refreshWorkers();
+    await refreshBatches();
     await refreshRunning(queues);
     await refreshLetters(queues);
     show("updated " + new Date().toLocaleTimeString());
@@ -5830,8 +5877,9 @@ refresh(); setInterval(refresh, 2000);
 # 6. The server: one asyncio event loop, in a thread of its own, owns every socket. It frames requests from the
 #    bytes it has read, has each connection's Handler serve them in order, and holds an answer back until the
 #    journal records behind it are durable (the journal's flusher thread writes what a pass produced with one write
-#    and one fsync, while the loop goes on; with --fsync interval or never the loop makes that one write itself). Every deadline is a timer in the loop's heap: the first authorised
-#    request's, a request's, the idle one, parked waits, the broker's clock. Nothing on the loop blocks.
+#    and one fsync, while the loop goes on; with --fsync interval or never the loop makes that one write itself).
+#    Every deadline is a timer in the loop's heap: the first authorised request's, a request's, the idle one, parked
+#    waits, the broker's clock, the ages' tick, the schedules' next slot. Nothing on the loop blocks.
 # ---------------------------------------------------------------------------------------------------------------
 
 REQUESTS_PER_PASS = 32   # requests of one connection served in a pass before the other connections get a turn

@@ -3276,7 +3276,8 @@ ROUTE_CALLS = [("GET", "/v1/queues", None), ("GET", "/v1/queue/jobs", None), ("P
                ("DELETE", "/v1/queue/jobs/tasks?status=done", None), ("GET", "/v1/queue/jobs/tasks/{id}", None),
                ("PATCH", "/v1/queue/jobs/tasks/{id}", {"status": "paused"}),
                ("DELETE", "/v1/queue/jobs/tasks/{id}", None), ("POST", "/v1/poll", {"queues": ["jobs"], "max": 0}),
-               ("PUT", "/v1/batches/b1", {"callback": {"queue": "jobs"}}), ("GET", "/v1/batches/b1", None)]
+               ("PUT", "/v1/batches/b1", {"callback": {"queue": "jobs"}}), ("GET", "/v1/batches/b1", None),
+               ("GET", "/v1/batches", None)]
 
 
 class TokenTest(ServerTestCase):
@@ -4743,6 +4744,9 @@ class DescriptionTest(ServerTestCase):
         self.poll({"max": 0})  # an anonymous poller
         dead = self.jobs.lease()[0]["_id"]  # the other one
         self.jobs.report([{"_id": dead, "status": "failed", "error": "<i>broke</i>", "retry": False}])
+        self.broker.queue("reports", schedules=[{"name": "nightly", "cron": "0 3 * * *"}])
+        self.broker.put_batch("album-7", {"queue": "reports"})
+        self.jobs.insert([{"data": 3}], batch={"id": "album-7"})
         dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                               "--dump-dom", self.url + "/"], capture_output=True, text=True, timeout=60).stdout
         workers = re.search(r'<table id="workers">(.*?)</table>', dom, re.S).group(1)
@@ -4758,6 +4762,10 @@ class DescriptionTest(ServerTestCase):
         self.assertIn("Dead letters of jobs: the newest 1 of 1", letters)
         self.assertIn("&lt;i&gt;broke&lt;/i&gt;", letters)
         self.assertIn("Retry", letters)
+        batches = re.search(r'<table id="batches">(.*?)</table>', dom, re.S).group(1)
+        self.assertEqual(re.findall(r"<td[^>]*>([^<]*)</td>", batches), ["album-7", "yes", "0", "0", "0", "1", "reports"])
+        nightly = K.slot_name(K.next_fire(K.parse_cron("0 3 * * *"), self.clock.ms))  # (the fake clock)
+        self.assertIn(f"reports (schedule nightly: next {nightly})", dom)
 
 
 class WorkTestCase(unittest.TestCase):
@@ -7468,6 +7476,11 @@ class BatchOverHttpTest(ServerTestCase):
         self.assertEqual((status, view["open"]), (201, True))
         self.assertEqual(self.call("PUT", "/v1/batches/b", {"callback": {"queue": "reports"}})[0], 200)
         self.assertEqual(self.call("PUT", "/v1/batches/b", {"callback": {"queue": "jobs"}})[0], 409)
+        listed = self.call("GET", "/v1/batches")[1]
+        self.assertEqual(([b["id"] for b in listed["batches"]], listed["not_ended"], listed["ended"]), (["b"], 1, 0))
+        self.assertEqual(self.call("GET", "/v1/batches?limit=0")[0], 400)
+        metrics = urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode()
+        self.assertIn('katar_batches{state="not_ended"} 1', metrics)
 
 
 class BatchCrashTest(unittest.TestCase):
