@@ -6791,7 +6791,8 @@ class Runner:
         interval = min(intervals) / 1000.0
         if not self.quiet:
             command = " ".join(shlex.quote(part) for part in self.command).replace("\n", "\\n")
-            self.log(f"working on {', '.join(names)} at {self.client.url}, {self.concurrency} at a time, as {self.worker}: "
+            self.log(f"working on {', '.join(names)} at {self.client.url}, {self.concurrency} at a time, "
+                     f"as {self.worker}: "
                      f"{command[:200]}")
         threads: List[threading.Thread] = []
         while not self.stopping.is_set():
@@ -6849,7 +6850,8 @@ class Runner:
         task_id, attempt = delivery = task["_id"], task["attempt"]
         descriptor, progress_file = tempfile.mkstemp(prefix="katar-progress-")
         os.close(descriptor)
-        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=task.get("queue", self.queue), KATAR_ATTEMPT=str(attempt),
+        environment = dict(os.environ, KATAR_TASK_ID=task_id, KATAR_QUEUE=task.get("queue") or str(self.queue),
+                           KATAR_ATTEMPT=str(attempt),
                            KATAR_PROGRESS_FILE=progress_file)
         report: Dict[str, Any] = {"_id": task_id, "attempt": attempt}
         started = time.monotonic()

@@ -4763,7 +4763,8 @@ class DescriptionTest(ServerTestCase):
         self.assertIn("&lt;i&gt;broke&lt;/i&gt;", letters)
         self.assertIn("Retry", letters)
         batches = re.search(r'<table id="batches">(.*?)</table>', dom, re.S).group(1)
-        self.assertEqual(re.findall(r"<td[^>]*>([^<]*)</td>", batches), ["album-7", "yes", "0", "0", "0", "1", "reports"])
+        self.assertEqual(re.findall(r"<td[^>]*>([^<]*)</td>", batches),
+                         ["album-7", "yes", "0", "0", "0", "1", "reports"])
         nightly = K.slot_name(K.next_fire(K.parse_cron("0 3 * * *"), self.clock.ms))  # (the fake clock)
         self.assertIn(f"reports (schedule nightly: next {nightly})", dom)
 
@@ -7291,7 +7292,8 @@ class WorkSeveralQueuesTest(WorkTestCase):
 
 def callbacks(broker, queue="reports"):
     """The callback tasks in `queue`: their data."""
-    return [task["data"] for task in broker.get(queue).tasks(limit=1000)["tasks"] if (task["key"] or "").startswith("batch:")]
+    return [task["data"] for task in broker.get(queue).tasks(limit=1000)["tasks"]
+            if (task["key"] or "").startswith("batch:")]
 
 
 def work_off(queue, failing):
@@ -7317,7 +7319,8 @@ class BatchTest(unittest.TestCase):
 
     def test_five_hundred_tasks_fifty_failing_give_one_callback_with_the_counts(self):
         broker = self.open()
-        jobs, reports = broker.queue("jobs", persistent=True), broker.queue("reports", persistent=True)
+        jobs = broker.queue("jobs", persistent=True)
+        broker.queue("reports", persistent=True)
         ids = [r["_id"] for r in jobs.insert([{"data": n} for n in range(500)],
                                              batch={"id": "b1", "callback": {"queue": "reports", "data": "hi"}})]
         failing = set(range(0, 500, 10))
