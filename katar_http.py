@@ -1078,15 +1078,7 @@ class Queue:
                    wake: Callable[[], None]) -> Union[List[Dict[str, Any]], Waiter]:
         """poll() without blocking: the tasks leased now, or, when it must wait for some, a parked Waiter that
         `wake` announces; end it with end_wait. This is where a wait begins: no thread is held by it."""
-        reports = _check_reports(reports)
-        if max is None:
-            max = 0 if reports and all(report["status"] in (IN_PROGRESS, QUEUED) for report in reports) else 1
-        max = _check_int("max", max, 0, MAX_LEASE_BATCH)
-        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
-        if worker is not None:
-            worker = _check_text("worker", worker, MAX_WORKER)
-        if lease is not None:
-            lease = _check_int("lease", lease, 1, MAX_DELAY_MS)
+        reports, max, wait_ms, worker, lease = _check_poll(reports, max, wait, worker, lease)
         throttle = _check_int("throttle", throttle, 0, MAX_DELAY_MS)
         broker = self._broker
         with broker._changing():
@@ -2489,6 +2481,22 @@ def _check_reports(reports: Iterable[Any]) -> List[Dict[str, Any]]:
     return checked
 
 
+def _check_poll(reports: Iterable[Any], max: Optional[int], wait: float, worker: Optional[str],
+                lease: Optional[int]) -> Tuple[List[Dict[str, Any]], int, float, Optional[str], Optional[int]]:
+    """A poll's fields checked (of one queue or several): its reports, `max` (without it, 1; but 0 when every
+    report is a heartbeat or a hand-back), `wait` in ms, `worker` and `lease`."""
+    reports = _check_reports(reports)
+    if max is None:
+        max = 0 if reports and all(report["status"] in (IN_PROGRESS, QUEUED) for report in reports) else 1
+    max = _check_int("max", max, 0, MAX_LEASE_BATCH)
+    wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
+    if worker is not None:
+        worker = _check_text("worker", worker, MAX_WORKER)
+    if lease is not None:
+        lease = _check_int("lease", lease, 1, MAX_DELAY_MS)
+    return reports, max, wait_ms, worker, lease
+
+
 def _format_size(size: int) -> str:
     """Bytes as a person reads them, as --max-memory takes them: 1.5G, 341M, 20K."""
     if size >= 1 << 30:
@@ -2952,15 +2960,7 @@ class Broker:
         """poll() without blocking: the tasks leased now, or a Waiter parked in the line of each queue (the first
         to have a task answers it); end it with end_wait."""
         named, weights = self._poll_queues(queues)
-        reports = _check_reports(reports)
-        if max is None:
-            max = 0 if reports and all(report["status"] in (IN_PROGRESS, QUEUED) for report in reports) else 1
-        max = _check_int("max", max, 0, MAX_LEASE_BATCH)
-        wait_ms = _check_number("wait", wait, 0, MAX_WAIT_MS)
-        if worker is not None:
-            worker = _check_text("worker", worker, MAX_WORKER)
-        if lease is not None:
-            lease = _check_int("lease", lease, 1, MAX_DELAY_MS)
+        reports, max, wait_ms, worker, lease = _check_poll(reports, max, wait, worker, lease)
         with self._changing():
             now = self._now()
             for queue in named:
@@ -3157,23 +3157,22 @@ class Broker:
         """Insert the tasks of the schedules' slots due now, in every queue; returns the seconds until a slot is
         next due, or None. The server calls it from a timer set for that moment; a program using the Broker alone
         calls it itself."""
-        with self._changing():
-            if not self._durability.writable():  # the journal's disk fails: the slots wait for it
-                return SCHEDULE_RETRY_MS / 1000.0
-            now, due = self._now(), None
-            for queue in self._queues.values():
-                at = queue.run_schedules(now)
-                if at is not None and (due is None or at < due):
-                    due = at
-        return None if due is None else max(0.0, (due - self._now()) / 1000.0)
+        return self._each_queue(Queue.run_schedules, writable_only=True)
 
     def next_due(self) -> Optional[float]:
         """Run the clock for the parked long polls (a delay ended, a lease ran out: their tasks go to the polls);
         returns the seconds until that is next needed, or None. The server calls it from a timer."""
+        return self._each_queue(Queue.run_clock)
+
+    def _each_queue(self, run: Callable[[Queue, int], Optional[int]], writable_only: bool = False) -> Optional[float]:
+        """In one change, `run(queue, now)` for every queue; the seconds until the soonest time they return (ms), or
+        None. With `writable_only`, nothing runs while the journal's disk fails (SCHEDULE_RETRY_MS: ask again)."""
         with self._changing():
+            if writable_only and not self._durability.writable():
+                return SCHEDULE_RETRY_MS / 1000.0
             now, due = self._now(), None
             for queue in self._queues.values():
-                at = queue.run_clock(now)
+                at = run(queue, now)
                 if at is not None and (due is None or at < due):
                     due = at
         return None if due is None else max(0.0, (due - self._now()) / 1000.0)
@@ -5091,16 +5090,7 @@ class Handler(BaseHTTPRequestHandler):
         queue = self.server.broker.get(name)
         body = self.read_object()
         self.check_fields("a poll", body, POLL_FIELDS)
-        reports = body.get("tasks", [])
-        self.check_count("tasks", reports)
-        self.check_values("tasks", reports, "result")
-        self.check_values("tasks", reports, "progress")
-        self.check_errors(reports)
-        max_tasks = body.get("max")
-        if max_tasks is not None:
-            max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
-        wait = self.capped_wait(body.get("wait", 0))
-        worker = body.get("worker")
+        reports, max_tasks, wait, worker = self.poll_fields(body)
         outcome = queue.begin_poll(reports, max=max_tasks, wait=wait, worker=worker, lease=body.get("lease"),
                                    throttle=body.get("throttle", 0), wake=self.channel.wake)
         heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
@@ -5119,17 +5109,9 @@ class Handler(BaseHTTPRequestHandler):
                              'weights ({"critical": 3, "default": 1})', field="queues")
         for name in queues:  # a worker token polls its own queues only
             self.server.access.check(self.scope, "route_poll", name)
-        reports = body.get("tasks", [])
-        self.check_count("tasks", reports)
-        self.check_values("tasks", reports, "result")
-        self.check_values("tasks", reports, "progress")
-        self.check_errors(reports)
-        max_tasks = body.get("max")
-        if max_tasks is not None:
-            max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
-        worker = body.get("worker")
-        outcome = broker.begin_poll(queues, reports, max=max_tasks, wait=self.capped_wait(body.get("wait", 0)),
-                                    worker=worker, lease=body.get("lease"), wake=self.channel.wake)
+        reports, max_tasks, wait, worker = self.poll_fields(body)
+        outcome = broker.begin_poll(queues, reports, max=max_tasks, wait=wait, worker=worker, lease=body.get("lease"),
+                                    wake=self.channel.wake)
         heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
         names = list(queues)
         if isinstance(outcome, Waiter):
@@ -5163,6 +5145,19 @@ class Handler(BaseHTTPRequestHandler):
         for name, its_tasks in by_queue.items():
             with contextlib.suppress(KatarError):
                 self.hand_back(self.server.broker.get(name), its_tasks)
+
+    def poll_fields(self, body: Dict[str, Any]) -> Tuple[Any, Optional[int], float, Any]:
+        """A poll body's reports (their values bounded), `max` (bounded by --max-tasks), `wait` (cut to --max-wait)
+        and `worker`; the core checks the rest."""
+        reports = body.get("tasks", [])
+        self.check_count("tasks", reports)
+        self.check_values("tasks", reports, "result")
+        self.check_values("tasks", reports, "progress")
+        self.check_errors(reports)
+        max_tasks = body.get("max")
+        if max_tasks is not None:
+            max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
+        return reports, max_tasks, self.capped_wait(body.get("wait", 0)), body.get("worker")
 
     def finish_poll(self, queue: Queue, waiter: Waiter) -> Reply:
         leased = queue.end_wait(waiter)
