@@ -468,6 +468,7 @@ CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
                ("month", 1, 12, CRON_MONTHS), ("day of week", 0, 7, CRON_DAYS))
 CRON_SEARCH_DAYS = 366 * 8  # how far ahead a next fire time is looked for (Feb 29 on a Monday is years away)
+CRON_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # the most days each month may have
 
 
 class Cron(NamedTuple):
@@ -662,7 +663,11 @@ def _check_schedules(value: Any) -> List[Dict[str, Any]]:
                              field=where)
         schedule: Dict[str, Any] = {"name": name}
         if "cron" in entry:
-            parse_cron(entry["cron"], f"{where}.cron")
+            cron = parse_cron(entry["cron"], f"{where}.cron")
+            if cron.any_weekday and not cron.any_day and \
+                    min(cron.days) > max(CRON_MONTH_DAYS[month - 1] for month in cron.months):
+                raise BadRequest(f"{where}.cron never fires: no month of {entry['cron']!r} has a day "
+                                 f"{min(cron.days)}", field=f"{where}.cron")
             schedule["cron"] = entry["cron"]
         else:
             schedule["every"] = _check_int(f"{where}.every", entry["every"], MIN_EVERY_MS, MAX_DELAY_MS)
@@ -969,6 +974,7 @@ class Queue:
         # over (state: "fire" records, which go with the inserts of the slots they run).
         self._schedules = {option["name"]: make_schedule(option) for option in self.options["schedules"]}
         self._fired: Dict[str, int] = {}
+        self._upcoming: Dict[str, Tuple[int, Optional[int]]] = {}  # (derived) name -> (handled through, next slot)
         self._out_of_order: set = set()  # during an undo: tables (None: _tasks, or a status) to sort again
 
     def __len__(self) -> int:
@@ -982,6 +988,7 @@ class Queue:
         self.memory += _options_bytes(self.options)
         if self.options["schedules"] is not was["schedules"]:
             self._schedules = {option["name"]: make_schedule(option) for option in self.options["schedules"]}
+            self._upcoming = {}
         if self.options["expire_after"] and not was["expire_after"]:
             self._reindex_aging()
         if self.options["retain"] and not was["retain"]:
@@ -1696,6 +1703,9 @@ class Queue:
             if handled is None:  # (a schedule whose start was not recorded starts now)
                 fired.append([name, now])
                 continue
+            upcoming = self._next_after(name, handled)
+            if upcoming is None or upcoming > now:
+                continue  # (the common case, and a schedule that fires once in years: no search of the calendar)
             slots, latest = self._schedules[name].due(handled, now, option["missed"])
             if latest is None:
                 continue
@@ -1722,10 +1732,16 @@ class Queue:
 
     def _next_slot(self) -> Optional[int]:
         """When the next slot of any schedule is due (ms), or None."""
-        times = [self._schedules[name].next_slot(handled) for name, handled in self._fired.items()
-                 if name in self._schedules]
+        times = [self._next_after(name, handled) for name, handled in self._fired.items() if name in self._schedules]
         times = [at for at in times if at is not None]
         return min(times) if times else None
+
+    def _next_after(self, name: str, handled: int) -> Optional[int]:
+        """The first slot of schedule `name` after `handled`, found once (a cron's calendar search is not free)."""
+        known = self._upcoming.get(name)
+        if known is None or known[0] != handled:
+            known = self._upcoming[name] = (handled, self._schedules[name].next_slot(handled))
+        return known[1]
 
     def schedules_view(self) -> List[Dict[str, Any]]:
         """Lock held: each schedule's next slot (ms since the epoch, and as text), and the time through which its
@@ -1733,7 +1749,7 @@ class Queue:
         view = []
         for name, schedule in self._schedules.items():
             handled = self._fired.get(name)
-            upcoming = schedule.next_slot(handled) if handled is not None else None
+            upcoming = self._next_after(name, handled) if handled is not None else None
             view.append({"name": name, "next_fire_ms": upcoming,
                          "next_fire": slot_name(upcoming) if upcoming is not None else None,
                          "handled_through": slot_name(handled) if handled is not None else None})
@@ -2084,7 +2100,7 @@ class Queue:
         for name in ("options", "_tasks", "_by_status", "_ready", "_delayed", "_leases", "_keys", "_finished",
                      "throttled_until", "_aging", "_retired", "_key_windows", "_key_ends", "_group_ready",
                      "_group_running", "_group_retrying", "_turns", "_turn_of", "_turn_count", "_grouped_entries",
-                     "totals", "memory", "_schedules", "_fired"):
+                     "totals", "memory", "_schedules", "_fired", "_upcoming"):
             setattr(self, name, getattr(other, name))
 
     def _apply_purge(self, rec: Dict[str, Any]) -> None:
@@ -2564,7 +2580,7 @@ class Batch:
     def record(self, pending: List[str]) -> Dict[str, Any]:
         """The batch as one record, for a compacted journal; `pending` its tasks not yet ended."""
         return {"op": "batch", "id": self.id, "callback": self.callback, "open": self.open, "at": self.created_at,
-                "state": {"total": self.total, "counts": self.counts, "failed": self.failed_ids,
+                "state": {"total": self.total, "counts": dict(self.counts), "failed": list(self.failed_ids),
                           "callback_id": self.callback_id, "ended_at": self.ended_at, "pending": pending}}
 
 
@@ -2639,12 +2655,12 @@ class Broker:
         self._sending = False
         self._latest = 0   # the latest time a replayed record carries
         self._journal: Optional[Journal] = None
-        self._durability = Durability(self._lock, None, self._rebuild, self._snapshot)
+        self._durability = Durability(self._lock, None, self._rebuild, self._snapshot, self._follow_up)
         if journal is not None:
             journal = Journal(journal) if isinstance(journal, str) else journal
             self._load(journal)
             self._journal = journal
-            self._durability = Durability(self._lock, journal, self._rebuild, self._snapshot)
+            self._durability = Durability(self._lock, journal, self._rebuild, self._snapshot, self._follow_up)
             if self._now() < self._latest:  # the wall clock is behind the journal: time goes on from its end
                 self._origin = (float(self._latest), clock.monotonic())
             if journal.records == 0:
@@ -2652,7 +2668,7 @@ class Broker:
                     self._commit([self._header()])
             if self._callbacks_due:  # a batch ended just before the server stopped: its callback goes in now
                 with self._changing():
-                    self._send_callbacks()
+                    pass  # (the change's follow-up sends it)
 
     def _now(self) -> int:
         wall_ms, monotonic = self._origin
@@ -2920,10 +2936,15 @@ class Broker:
         self._completed[batch.id] = None
         self._completed.move_to_end(batch.id, last=False)
 
+    def _follow_up(self) -> None:
+        """Lock held, as a change ends (Durability.follow_up): send the callbacks of the batches it ended."""
+        if self._callbacks_due and not self._sending:
+            self._send_callbacks()
+
     def _send_callbacks(self) -> None:
-        """Lock held, in a change: insert the callback task of each batch that ended, in a commit of its own with
-        the "callback" record that says so; one the disk refuses is sent again after the next change (or the
-        ages' timer, or a restart)."""
+        """Lock held, at the end of a change: insert the callback task of each batch that ended, in a commit of its
+        own with the "callback" record that says so, and hand it to a waiting poll; one the disk refuses is sent
+        after the next change (the ages' timer makes one a second), or at restart."""
         self._sending = True
         try:
             for batch_id in list(self._callbacks_due):
@@ -3149,9 +3170,7 @@ class Broker:
         with self._changing():
             now = self._now()
             for queue in self._queues.values():
-                queue.run_ages(now)
-            if self._callbacks_due:  # (one that a failing disk held back)
-                self._send_callbacks()
+                queue.run_ages(now)  # (and, as every change ends, a callback a failing disk held back is sent)
 
     def run_schedules(self) -> Optional[float]:
         """Insert the tasks of the schedules' slots due now, in every queue; returns the seconds until a slot is
@@ -3314,8 +3333,6 @@ class Broker:
         ticket = journal.ticket if journal is not None else 0
         for answer, task_id, view in self._answers:
             answer(task_id, (view, ticket))
-        if self._callbacks_due and not self._sending:
-            self._send_callbacks()
         if journal is not None and not self._closed:
             self._durability.maybe_compact(self._live + 2 * len(self._queues))
 
@@ -4065,7 +4082,10 @@ class _Change:
         if kind is not None:
             self.durability._lock.release()  # a change that raised has nothing to wait for
             return
-        self.durability.finish_change()
+        try:
+            self.durability.follow_up()  # (at the end of the change: never inside one of its steps)
+        finally:
+            self.durability.finish_change()
 
 
 class _Deferral:
@@ -4097,9 +4117,10 @@ class Durability:
     own, when the journal has grown well past the state (`snapshot` gives the state as records, lock held)."""
 
     def __init__(self, lock: threading.Lock, journal: Optional[Journal], rebuild: Callable[[Journal], None],
-                 snapshot: Callable[[], List[Dict[str, Any]]]) -> None:
+                 snapshot: Callable[[], List[Dict[str, Any]]], follow_up: Callable[[], None] = lambda: None) -> None:
         self._lock, self.journal = lock, journal
         self._rebuild, self._snapshot = rebuild, snapshot
+        self.follow_up = follow_up  # lock held, as a change ends well: the changes it calls for (a batch's callback)
         self._rebuilt_upto = 0  # the journal's ticket when memory was last rebuilt from the disk
         self._local = threading.local()  # per thread: the Promise of a deferring caller
         self._compaction: Optional[threading.Thread] = None
@@ -5188,6 +5209,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_object()
         self.check_fields("a queue's options", body, QUEUE_FIELDS)
         self.check_values("queue", [body], "configuration", single=True)
+        self.check_values("schedules", body.get("schedules"), "data")  # (their data, as a task's: bounded)
         existed = name in self.server.broker
         queue = self.server.broker.queue(name, **body)
         if "schedules" in body:

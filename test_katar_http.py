@@ -7018,6 +7018,7 @@ class ScheduleTest(unittest.TestCase):
             ([{"name": "a", "every": 1000, "when": 1}], "unknown field 'when'"),
             ([{"name": f"s{n}", "every": 1000} for n in range(K.MAX_SCHEDULES + 1)], "at most"),
             ([{"name": None, "every": 1000}], "name"), ([{"name": "a", "cron": None}], "cron must be a string"),
+            ([{"name": "a", "cron": "0 0 31 2 *"}], "never fires"), ([{"name": "a", "cron": "0 0 30,31 feb *"}], "never"),
         ]
         for schedules, named in cases:
             with self.subTest(schedules=str(schedules)[:60]):
@@ -7055,6 +7056,11 @@ class ScheduleOverHttpTest(ServerTestCase):
         self.assertLess(task["created_at"] - slot, 500, "inserted at its slot, not at a polling interval")
 
     def test_bad_schedules_are_400_naming_the_field(self):
+        deep = json.loads("[" * 200 + "]" * 200)
+        self.assertEqual(self.call("PUT", "/v1/queue/jobs", {"schedules": [{"name": "a", "every": 1000,
+                                                                             "data": deep}]})[0], 400)
+        self.assertEqual(self.call("PUT", "/v1/queue/jobs", {"schedules": [{"name": "a", "every": 1000,
+                                                                             "data": "x" * 70000}]})[0], 413)
         for schedules, field in [([{"name": "a", "cron": "* * 32 * *"}], "schedules[0].cron"),
                                  ([{"name": "a"}], "schedules[0]"), ("x", "schedules")]:
             status, payload, _ = self.call("PUT", "/v1/queue/jobs", {"schedules": schedules})
@@ -7419,6 +7425,55 @@ class BatchTest(unittest.TestCase):
         with self.assertRaises(K.Unavailable):  # all or nothing: the batch is not made either
             jobs.insert([{"data": 1}], batch={"id": "full", "callback": {"queue": "reports"}})
         self.assertFalse(self._exists(broker, "full"))
+
+    def test_a_compaction_taken_while_a_batch_ends_keeps_its_counts(self):
+        # The snapshot is taken under the lock and written later by the compaction's thread: a task that ends in
+        # between must be counted once after a restart (found by an adversarial pass: the snapshot shared the
+        # batch's live counts).
+        broker = self.open()
+        jobs = broker.queue("jobs")
+        broker.queue("reports")
+        jobs.insert([{"data": 1}, {"data": 2}], batch={"id": "b1", "callback": {"queue": "reports"}})
+        first, second = jobs.lease(max=2)
+        jobs.report([{"_id": first["_id"], "status": "failed", "error": "x", "retry": False}])
+        with broker._lock:  # what Durability.maybe_compact does under the lock...
+            generation = broker._journal.begin_compaction()
+            snapshot = broker._snapshot()
+        jobs.report([{"_id": second["_id"], "status": "failed", "error": "y", "retry": False}])
+        live = broker.batch("b1")
+        broker._journal.compact(snapshot, generation)  # ...and its thread, later
+        broker.close()
+        again = self.open()
+        self.assertEqual(again.batch("b1"), live)
+        self.assertEqual([data["counts"] for data in callbacks(again)], [{"done": 0, "failed": 2, "cancelled": 0}])
+
+    def test_a_callback_sent_late_does_not_serve_a_long_poll_twice(self):
+        # A callback whose commit failed is sent as a later change ends, never in the middle of one: here, in the
+        # middle of handing a delayed task to parked polls (found by an adversarial pass).
+        clock = FakeClock()
+        broker = K.Broker(clock=clock)
+        jobs = broker.queue("jobs")
+        task = jobs.insert([{"data": "x"}], batch={"id": "b1", "callback": {"queue": "jobs"}})[0]
+        jobs.insert({"data": "y", "delay": 1000})
+        jobs.lease()
+        parked = [jobs.begin_poll(max=5, wait=60000, wake=lambda: None) for _ in range(2)]
+        original = K.Broker._apply_callback
+
+        def fail_once(*args):
+            K.Broker._apply_callback = original
+            raise MemoryError("injected")
+        K.Broker._apply_callback = fail_once
+        self.addCleanup(setattr, K.Broker, "_apply_callback", original)
+        jobs.report([{"_id": task["_id"], "status": "done"}])
+        clock.advance(1000)
+        broker.next_due()  # the server's clock: y goes to a parked poll; the callback is sent as this change ends
+        stats = jobs.stats()
+        results = [[t["data"] for t in waiter.result or []] for waiter in parked]
+        self.assertEqual(sorted(map(len, results)), [1, 1], results)
+        self.assertEqual(results[0], ["y"])
+        self.assertEqual(results[1][0]["batch"], "b1")  # the callback task, to the next poll in line
+        self.assertEqual((stats["waiting_workers"], jobs.stats()["counts"]["in progress"]), (0, 2))
+        self.assertEqual(len(callbacks(broker, "jobs")), 1)
 
     @staticmethod
     def _exists(broker, batch_id):
