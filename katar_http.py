@@ -183,6 +183,7 @@ MAX_BATCH_FAILED_IDS = 10000  # ids of dead letters a batch keeps (and its callb
 BATCH_FAILED_SHOWN = 1000     # of which GET /v1/batches/<id> shows the first
 MAX_ENDED_BATCHES = 10000     # batches kept after their callback; past that, the oldest is forgotten
 BATCH_BYTES = 1000            # the memory estimate of a batch (and MEMO_BYTES a task in it not yet ended)
+FAILED_ID_BYTES = 100         # and of each dead letter's id it keeps
 MAX_POLL_QUEUES = 32         # queues one poll may name (POST /v1/poll)
 MAX_WEIGHT = 10 ** 6         # the highest weight of a queue in such a poll
 MAX_TEXT = 65536             # characters in an error
@@ -2747,6 +2748,7 @@ class Broker:
             if callback["queue"] not in self._queues:  # (lock held: not get(), whose error lists the queues)
                 raise NotFound(f"no queue {callback['queue']} for the callback of batch {batch_id}: make it first",
                                queue=callback["queue"], queues=heapq.nsmallest(100, self._queues))
+            self._admit(BATCH_BYTES + _value_bytes(callback))  # (--max-memory: batches count as tasks do)
             return [{"op": "batch", "id": batch_id, "callback": callback, "open": True if open is None else open,
                      "at": now}]
         if callback is not None and callback != batch.callback:
@@ -2856,6 +2858,7 @@ class Broker:
         batch.counts[status] += 1
         if status == FAILED and len(batch.failed_ids) < MAX_BATCH_FAILED_IDS:
             batch.failed_ids.append(task_id)
+            self._memory += FAILED_ID_BYTES
         self._memory -= MEMO_BYTES
         self._check_batch_end(batch, at)
 
@@ -2874,7 +2877,8 @@ class Broker:
                 state["ended_at"]
             for task_id in state["pending"]:
                 self._batch_of[task_id] = batch.id
-            self._memory += BATCH_BYTES + _value_bytes(batch.callback) + MEMO_BYTES * len(state["pending"])
+            self._memory += BATCH_BYTES + _value_bytes(batch.callback) + MEMO_BYTES * len(state["pending"]) + \
+                FAILED_ID_BYTES * len(batch.failed_ids)
             if batch.callback_id is not None:
                 self._completed[batch.id] = None
             elif batch.ended_at is not None:
@@ -2903,7 +2907,7 @@ class Broker:
         while len(self._completed) > MAX_ENDED_BATCHES:
             old_id, _ = self._completed.popitem(last=False)
             old = self._batches.pop(old_id)
-            self._memory -= BATCH_BYTES + _value_bytes(old.callback)
+            self._memory -= BATCH_BYTES + _value_bytes(old.callback) + FAILED_ID_BYTES * len(old.failed_ids)
             if self._undo is not None:
                 self._undo.append((self._put_back_forgotten, old))
 
@@ -3393,7 +3397,7 @@ class Broker:
 
     def _put_back_queue(self, name: str, options: Optional[Dict[str, Any]]) -> None:
         if options is None:
-            del self._queues[name]
+            self._queues.pop(name, None)  # (its making may be what failed)
         else:
             self._queues[name]._set_options(options)
 

@@ -7029,6 +7029,30 @@ class ScheduleTest(unittest.TestCase):
         self.assertEqual(len(queue.describe()["schedules"]), 1)
 
 
+class QueueUndoTest(unittest.TestCase):
+    def test_a_queue_whose_making_fails_is_undone_and_the_journal_goes_on(self):
+        # (found by an adversarial pass: the undo of a queue never made failed, and failed the journal)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        broker = K.Broker(journal=os.path.join(directory, "tasks.journal"))
+        self.addCleanup(broker.close)
+        jobs = broker.queue("jobs")
+        original = K.make_schedule
+
+        def fail(option):
+            raise MemoryError("injected")
+        K.make_schedule = fail
+        try:
+            with self.assertRaises(K.Unavailable):
+                broker.queue("new", schedules=[{"name": "s", "every": 1000}])
+        finally:
+            K.make_schedule = original
+        self.assertNotIn("new", broker)
+        self.assertIsNone(broker.health())
+        jobs.insert({"data": 1})
+        self.assertEqual(jobs.stats()["counts"]["queued"], 1)
+
+
 class ScheduleOverHttpTest(ServerTestCase):
     real_clock = True
 
@@ -7474,6 +7498,24 @@ class BatchTest(unittest.TestCase):
         self.assertEqual(results[1][0]["batch"], "b1")  # the callback task, to the next poll in line
         self.assertEqual((stats["waiting_workers"], jobs.stats()["counts"]["in progress"]), (0, 2))
         self.assertEqual(len(callbacks(broker, "jobs")), 1)
+
+    def test_batches_count_against_max_memory_with_their_dead_letters(self):
+        broker = K.Broker(max_memory=200000)
+        jobs = broker.queue("jobs")
+        broker.queue("reports")
+        before = broker.memory()[0]
+        ids = [r["_id"] for r in jobs.insert([{"data": n} for n in range(50)],
+                                             batch={"id": "b", "callback": {"queue": "reports"}})]
+        work_off(jobs, set(range(50)))
+        for task_id in ids:
+            jobs.cancel(task_id)
+        jobs.purge("cancelled")
+        broker.get("reports").purge("queued")
+        self.assertGreaterEqual(broker.memory()[0] - before, 50 * K.FAILED_ID_BYTES, "its dead letters' ids")
+        with self.assertRaises(K.Unavailable):  # (found by an adversarial pass: batches escaped the bound)
+            for n in range(100):
+                broker.put_batch(f"big{n}", {"queue": "reports", "data": "x" * 5000})
+        self.assertLessEqual(broker.memory()[0], broker.memory()[1])
 
     @staticmethod
     def _exists(broker, batch_id):
