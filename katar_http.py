@@ -5648,7 +5648,7 @@ def _openapi(limits: "Limits") -> Dict[str, Any]:
                          "description": f"ms to wait for the batch to end (cut to {limits.max_wait})"}]),
                 "put": _operation("putBatch", "Make a batch (empty, open for inserts), or close one", {
                     "200": _json("changed", _ref("Batch")), "201": _json("made", _ref("Batch"))},
-                    body="BatchInput", path=["batch"],
+                    body="BatchInput", path=["batch"], body_required=False,  # (an existing batch: no change)
                     example={"callback": {"queue": "reports", "data": {"kind": "nightly"}}})},
             "/v1/poll": {"post": _operation("pollQueues", "Report tasks, then lease from several queues at once", {
                 "200": _json("leased tasks, each naming its queue, and those to stop", _ref("Leased")),

@@ -4541,11 +4541,12 @@ class DescriptionTest(ServerTestCase):
                 content = operation.get("requestBody", {}).get("content", {}).get("application/json")
                 if content:
                     # A bare POST (the original's workers) and a bare PUT (a queue with the defaults) are fine.
+                    # (and a bare PUT of a batch that exists changes nothing; of a new one, it lacks the callback)
                     self.assertEqual(operation["requestBody"]["required"], method in ("post", "patch") and
-                                     path != "/v1/queue/{queue}" or path == "/v1/batches/{batch}", (path, method))
+                                     path != "/v1/queue/{queue}", (path, method))
                     self.assertEqual(self.call(method.upper(), path.format(queue="jobs", id="none-1",
                                                                            batch="none"))[0] == 400,
-                                     operation["requestBody"]["required"], (path, method))
+                                     operation["requestBody"]["required"] or "{batch}" in path, (path, method))
                     self.assertEqual(schema_errors(content["example"], content["schema"], root=document), [],
                                      (path, method))
                     checked += 1
