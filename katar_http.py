@@ -30,7 +30,8 @@ delays and backoffs run on the monotonic clock: setting the wall clock neither e
 With --journal FILE every change is appended to FILE (checksummed JSON lines) and fsync'd before it is
 acknowledged, many requests sharing one fsync; a restart, even after kill -9 or a power cut, replays FILE to the
 same state. A change is all or nothing: if it fails halfway it is undone and answered 503. --max-memory bounds
-what the queues hold: inserts beyond it are 503 while workers go on draining.
+what the queues hold: inserts beyond it are 503 while workers go on draining. A second server on the same journal
+with --standby waits for its lock (GET /healthz: 503 standby) and takes over the moment the first one dies.
 
 The same file is the client side: `python katar_http.py work URL QUEUE -- CMD` makes any program a worker,
 `put` inserts tasks, `stats` prints the queues' figures; `Client` does the same from Python. GET /metrics is
@@ -269,6 +270,10 @@ class JournalError(Exception):
     def __init__(self, message: str, line: Optional[int] = None) -> None:
         super().__init__(message)
         self.line = line
+
+
+class JournalLocked(JournalError):
+    """The journal is in use: another server holds its lock (a standby waits for it instead)."""
 
 
 class RequestTimeout(KatarError):
@@ -3491,8 +3496,20 @@ def _lock_file(fd: int, path: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise JournalError(f"{path} is in use by another katar_http server (pid {_lock_holder(fd)}); "
-                           f"one journal has one writer") from None
+        raise JournalLocked(f"{path} is in use by another katar_http server (pid {_lock_holder(fd)}); "
+                            f"one journal has one writer (or start this one with --standby)") from None
+
+
+def wait_for_lock(path: str) -> None:
+    """Block until nobody holds the lock of the journal at `path` (its holder died, or let it go), then let it go
+    at once: the caller then opens the journal, and takes the lock, or waits again if another was quicker (or if
+    the holder moved its lock to a compacted file: the lock moves with the file)."""
+    import fcntl  # (a standby needs POSIX advisory locks)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel wakes it when the holder's lock goes, even after kill -9
+    finally:
+        os.close(fd)
 
 
 def _lock_holder(fd: int) -> str:
@@ -4903,6 +4920,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_request(self, access: Access, path: str) -> Tuple[str, int, Any]:
         """Authenticate, route and run the request: (route, status, payload)."""
+        if self.server.standby and path != "/healthz":
+            raise Unavailable("this server is a standby: it serves once the active server's journal is free; "
+                              "send requests to the active server")
         scope = access.ADMIN
         if not access.open and path not in OPEN_PATHS:
             scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes
@@ -5097,6 +5117,8 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, Text(PAGE, "text/html; charset=utf-8")
 
     def route_health(self) -> Reply:
+        if self.server.standby:  # a balancer in front sends the traffic to the active server
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "standby", "version": __version__}
         trouble = self.server.broker.health()
         if trouble is not None:  # a balancer in front may send the traffic elsewhere
             return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "degraded", "reason": trouble, "version": __version__}
@@ -5966,6 +5988,7 @@ class HTTPServer:
         self._clock: Optional[asyncio.TimerHandle] = None
         self._clock_at = 0.0
         self._schedule_timer: Optional[asyncio.TimerHandle] = None
+        self.standby = False      # a standby answers /healthz 503 and refuses the rest until it takes over
         self._resources_warned = -10.0
         self.refusing = 0         # connections past the cap being answered 503 and closed
 
@@ -5980,6 +6003,12 @@ class HTTPServer:
         self._listener = await self.loop.create_server(lambda: Connection(self), sock=sock, ssl=self.tls,
                                                        ssl_handshake_timeout=handshake, backlog=1024)
         self.loop.call_later(AGE_SECONDS, self._run_ages)
+        self.arm_schedules()
+
+    def promote(self, broker: Broker) -> None:
+        """(On the loop.) A standby takes over: `broker` (replayed from the journal it now holds) is served."""
+        self.broker, self.standby = broker, False
+        broker.on_settled(self.settle_soon)
         self.arm_schedules()
 
     def arm_schedules(self) -> None:
@@ -6533,12 +6562,13 @@ class KatarServer:
 
     def __init__(self, broker: Broker, host: str = "127.0.0.1", port: int = 3000, *, limits: Limits = Limits(),
                  access: Optional[Access] = None, tls: Optional[ssl.SSLContext] = None, quiet: bool = True,
-                 allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = ()) -> None:
+                 allow_origins: Iterable[str] = (), allow_hosts: Iterable[str] = (), standby: bool = False) -> None:
         self.broker = broker
         self.fd_limit = raise_fd_limit()
         self.max_connections = limits.max_connections or max(16, self.fd_limit - FD_RESERVE)
         self.httpd = HTTPServer(broker, limits, access or Access(), tls, quiet, allow_origins, allow_hosts,
                                 self.max_connections)
+        self.httpd.standby = standby
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # Connections the kernel completes before they are accepted (it caps this at net.core.somaxconn): a fleet
         # of workers reconnecting at once must not wait seconds for dropped SYNs to be sent again.
@@ -6592,6 +6622,17 @@ class KatarServer:
             loop.close()
             self._thread = None
         self._socket.close()
+
+    def take_over(self, broker: Broker) -> None:
+        """A standby (standby=True: /healthz 503, every other route 503) serves `broker` from now on."""
+        old, self.broker = self.broker, broker
+        if self._loop is not None:
+            done = threading.Event()
+            self._loop.call_soon_threadsafe(lambda: (self.httpd.promote(broker), done.set()))
+            done.wait()
+        else:
+            self.httpd.promote(broker)
+        old.close()
 
     def config(self, queue: Union[str, Queue], config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Get, or set (replacing it, `interval` defaulting to 30000), the configuration workers receive."""
@@ -7105,6 +7146,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("durability")
     group.add_argument("--journal", metavar="FILE",
                        help="keep every change in this append-only file and reload it at start (default: memory only)")
+    group.add_argument("--standby", action="store_true",
+                       help="with --journal: if another server holds the journal, listen anyway (GET /healthz "
+                            "answers 503 standby, every other route 503) and take over the moment it stops")
     group.add_argument("--fsync", choices=FSYNC_MODES, default="always",
                        help="always: answer a change only once it is fsync'd (default, loses nothing); "
                             "interval: fsync every --fsync-interval (power loss may lose that much); "
@@ -7390,17 +7434,24 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
                     max_head_bytes=args.max_head_bytes, idle_timeout=args.idle_timeout,
                     request_timeout=args.request_timeout, first_request_timeout=args.first_request_timeout,
                     max_connections=args.max_connections)
+    if args.standby and not args.journal:
+        print("katar_http: --standby needs --journal FILE: the journal another server holds, to take over",
+              file=sys.stderr)
+        return 2
+    standby = False
     try:
-        journal = None
-        if args.journal:
-            journal = Journal(args.journal, fsync=args.fsync, fsync_interval=args.fsync_interval / 1000.0,
-                              repair=args.repair_journal)
-        broker = Broker(journal=journal, max_memory=args.max_memory)
+        broker = open_broker(args)
+    except JournalLocked as exc:
+        if not args.standby:
+            print(f"katar_http: {exc}", file=sys.stderr)
+            return 1
+        standby, broker = True, Broker(max_memory=args.max_memory)  # (serves nothing until it takes over)
     except (JournalError, OSError) as exc:
         print(f"katar_http: {exc}", file=sys.stderr)
         return 1
     try:
-        load_queues(broker, args.config, args.queue)
+        if not standby:
+            load_queues(broker, args.config, args.queue)
     except (OSError, ValueError, KatarError) as exc:
         print(f"katar_http: {exc}", file=sys.stderr)
         broker.close()
@@ -7408,23 +7459,68 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     try:
         server = KatarServer(broker, args.host, args.port, limits=limits, access=access, tls=tls,
                              quiet=args.quiet or args.log_level != "info", allow_origins=args.allow_origin,
-                             allow_hosts=args.allow_host)
+                             allow_hosts=args.allow_host, standby=standby)
     except OSError as exc:
         print(f"katar_http: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         broker.close()
         return 1
-    stop = threading.Event()
+    stop, outcome = threading.Event(), [0]
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     print(f"katar_http {__version__} (up to {server.max_connections} connections at once; open files "
-          f"{server.fd_limit}) listening on {server.url}", file=sys.stderr, flush=True)
+          f"{server.fd_limit}{'; a standby: waiting for the journal ' + args.journal if standby else ''}) "
+          f"listening on {server.url}", file=sys.stderr, flush=True)
     for queue in broker.queues():
         print(f"  queue {queue.name}: {server.url}/v1/queue/{queue.name}", file=sys.stderr, flush=True)
+    if standby:
+        threading.Thread(target=stand_by, args=(server, args, stop, outcome), name="katar_http standby",
+                         daemon=True).start()
     stop.wait()
     print("katar_http: stopping", file=sys.stderr, flush=True)
     server.close()
-    return 0
+    return outcome[0]
+
+
+def open_broker(args: argparse.Namespace) -> Broker:
+    """The broker the command line asks for: journalled (replayed) or in memory. JournalLocked if another server
+    holds the journal."""
+    journal = None
+    if args.journal:
+        journal = Journal(args.journal, fsync=args.fsync, fsync_interval=args.fsync_interval / 1000.0,
+                          repair=args.repair_journal)
+    return Broker(journal=journal, max_memory=args.max_memory)
+
+
+def stand_by(server: KatarServer, args: argparse.Namespace, stop: threading.Event, outcome: List[int]) -> None:
+    """A standby's thread: wait until the journal's lock is free (the active server stopped, or was killed: the
+    kernel lets its lock go), open and replay the journal, and have the server serve it. Should that fail (a
+    damaged journal, a bad --config), the server stops, exit status 1 or 2."""
+    while not stop.is_set():
+        try:
+            wait_for_lock(args.journal)
+            freed = time.monotonic()
+            broker = open_broker(args)
+        except JournalLocked:
+            continue  # another standby was quicker, or the active server compacted (its lock moved)
+        except (JournalError, OSError) as exc:
+            print(f"katar_http: cannot take over {args.journal}: {exc}", file=sys.stderr, flush=True)
+            outcome[0] = 1
+            stop.set()
+            return
+        try:
+            load_queues(broker, args.config, args.queue)
+        except (OSError, ValueError, KatarError) as exc:
+            print(f"katar_http: {exc}", file=sys.stderr, flush=True)
+            broker.close()
+            outcome[0] = 2
+            stop.set()
+            return
+        server.take_over(broker)
+        print(f"katar_http: took over {args.journal} {(time.monotonic() - freed) * 1000:.0f} ms after it was "
+              f"free ({sum(len(queue) for queue in broker.queues())} tasks); serving on {server.url}",
+              file=sys.stderr, flush=True)
+        return
 
 
 if __name__ == "__main__":

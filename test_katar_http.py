@@ -7617,5 +7617,137 @@ class BatchCrashTest(unittest.TestCase):
             client.close()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A standby: a second process on the same journal takes over when the active one dies
+# ---------------------------------------------------------------------------------------------------------------
+
+class StandbyTest(unittest.TestCase):
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        with open(os.path.join(self.directory, "queues.json"), "w") as handle:
+            json.dump({"queues": {"jobs": {"persistent": True, "lease": 600000}}}, handle)
+
+    def start(self, *more):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
+             "--journal", os.path.join(self.directory, "tasks.journal"),
+             "--config", os.path.join(self.directory, "queues.json"), *more],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.addCleanup(stop_process, process)
+        self.addCleanup(process.stderr.close)
+        return process, wait_until_listening(self, process)
+
+    @staticmethod
+    def health(url):
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+                return response.status, json.load(response)["status"]
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)["status"]
+
+    def test_kill_9_of_the_active_under_load_and_the_standby_serves_what_it_acknowledged(self):
+        active, first = self.start()
+        standby, second = self.start("--standby")
+        self.assertEqual((self.health(first), self.health(second)), ((200, "ok"), (503, "standby")))
+        client = K.Client(second)
+        with self.assertRaises(K.Unavailable):
+            client.stats("jobs")
+        client.close()
+        held = K.Client(first)
+        held_id = held.insert("jobs", [{"data": "held"}])[0]["_id"]
+        held.poll("jobs", worker="w0")
+        lease_before = held.task("jobs", held_id)["lease_expires_at"]
+        held.close()
+        lock = threading.Lock()
+        inserted, done, stop = set(), set(), threading.Event()
+
+        def call(clients, action):
+            """Try the active address, then the other: a client that knows both, as a balancer would."""
+            for client in clients:
+                try:
+                    return action(client)
+                except (OSError, http.client.HTTPException, K.Unavailable):
+                    continue
+            return None
+
+        def producer():
+            clients = [K.Client(first, timeout=5), K.Client(second, timeout=5)]
+            n = 0
+            while not stop.is_set():
+                n += 1
+                made = call(clients, lambda c: c.insert("jobs", [{"data": n}]))
+                if made:
+                    with lock:
+                        inserted.add(made[0]["_id"])
+                time.sleep(0.002)
+            for client in clients:
+                client.close()
+
+        def worker():
+            clients = [K.Client(first, timeout=5), K.Client(second, timeout=5)]
+            while not stop.is_set():
+                leased = call(clients, lambda c: c.poll("jobs", max=5, worker="w1", wait=100))
+                if not leased or not leased[0]:
+                    continue
+                reports = [{"_id": t["_id"], "attempt": t["attempt"], "status": "done"} for t in leased[0]]
+                with contextlib.suppress(K.Conflict):
+                    if call(clients, lambda c: c.report("jobs", reports) or True):
+                        with lock:
+                            done.update(r["_id"] for r in reports)
+            for client in clients:
+                client.close()
+
+        threads = [threading.Thread(target=producer), threading.Thread(target=worker)]
+        for thread in threads:
+            thread.start()
+        until(self, lambda: len(done) > 50, "the load under way")
+        active.kill()  # kill -9
+        killed = time.monotonic()
+        until(self, lambda: self.health(second) == (200, "ok"), "the standby taking over", timeout=10)
+        took = time.monotonic() - killed
+        count = len(inserted)
+        until(self, lambda: len(inserted) > count + 20, "inserts going on through the standby")
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertLess(took, 2.0, "the standby served within 2 s")
+        client = K.Client(second)
+        self.addCleanup(client.close)
+        tasks, after = {}, None
+        while True:
+            page = client.request("GET", "/v1/queue/jobs/tasks?limit=1000" + (f"&after={after}" if after else ""))[1]
+            tasks.update((task["_id"], task) for task in page["tasks"])
+            after = page["next"]
+            if after is None:
+                break
+        self.assertEqual(inserted - set(tasks), set(), "acknowledged inserts are all there")
+        self.assertEqual({tid for tid in done if tasks[tid]["status"] != "done"}, set(), "acknowledged done stay done")
+        self.assertTrue(all(len(tasks[tid]["history"]) == 1 for tid in done), "none delivered again after its done")
+        self.assertEqual(tasks[held_id]["lease_expires_at"], lease_before, "a live lease keeps its deadline")
+
+    def test_a_third_process_waits_or_is_refused_and_a_restarted_active_stands_by(self):
+        active, first = self.start()
+        standby, second = self.start("--standby")
+        third, url_third = self.start("--standby")
+        refused = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
+                                  "--journal", os.path.join(self.directory, "tasks.journal")],
+                                 capture_output=True, text=True, timeout=30)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("--standby", refused.stderr)
+        active.kill()
+        active.wait()
+        until(self, lambda: (200, "ok") in (self.health(second), self.health(url_third)), "one standby taking over")
+        time.sleep(0.3)
+        states = sorted([self.health(second), self.health(url_third)])
+        self.assertEqual(states, [(200, "ok"), (503, "standby")], "one active, never two")
+        again, url_again = self.start("--standby")  # the old active, restarted: it stands by
+        self.assertEqual(self.health(url_again), (503, "standby"))
+        no_journal = subprocess.run([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0",
+                                     "--standby"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(no_journal.returncode, 2)
+        self.assertIn("--standby needs --journal", no_journal.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
