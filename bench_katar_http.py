@@ -63,6 +63,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -679,6 +681,46 @@ def scale(options: argparse.Namespace) -> None:
     flow(options)  # and the rows of flow control at scale: 100,000 groups, a waiting rate-limited queue
 
 
+def first_2xx(port: int, path: str, timeout: float = 300.0) -> float:
+    """GET `path` again and again until it answers 2xx; the monotonic time it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                if 200 <= response.status < 300:
+                    return time.monotonic()
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.002)
+    raise SystemExit(f"no 2xx from {path} within {timeout} s")
+
+
+def takeover(options: argparse.Namespace) -> None:
+    """The time from kill -9 of the active server to the first 2xx of its standby, journals of N tasks."""
+    directory = tempfile.mkdtemp(prefix="katar-bench-")
+    rows = []
+    for count in options.takeover_tasks:
+        journal = os.path.join(directory, f"takeover-{count}.journal")
+        active = Server("katar", journal=journal, program=options.server)
+        prefill(active.port, count)
+        standby = Server("katar", journal=journal, program=options.server, extra=("--standby",))
+        size = os.path.getsize(journal)
+        killed = time.monotonic()
+        active.process.kill()
+        served = first_2xx(standby.port, f"/v1/queue/{QUEUE}/stats")
+        rows.append((count, size, served - killed))
+        active.process.wait()
+        standby.stop()
+        os.remove(journal)
+    shutil.rmtree(directory, ignore_errors=True)
+    print(f"\nkatar_http --takeover, {os.cpu_count()} cores, Python {sys.version.split()[0]}: kill -9 of the active "
+          f"server to the first 2xx of its standby (GET /v1/queue/{QUEUE}/stats)")
+    for count, size, seconds in rows:
+        print(f"{count:>9,} tasks ({size / 1e6:6.1f} MB journal): {seconds * 1000:8.0f} ms")
+    print_bars([(f"takeover s, {count:,} tasks", seconds, "<=", 2) for count, _, seconds in rows if count == 100000])
+    print("command: python3 " + " ".join([os.path.basename(__file__)] + sys.argv[1:]))
+
+
 def set_queue(port: int, queue: str, options: dict) -> None:
     connection = _connect(port)
     status, payload = connection.request("PUT", f"/v1/queue/{queue}", json.dumps(options).encode())
@@ -958,6 +1000,11 @@ def main() -> None:
     parser.add_argument("--flow-groups", type=int, default=100000, metavar="N", help="groups of --flow")
     parser.add_argument("--flow-tasks", type=int, default=50000, metavar="N",
                         help="tasks the --flow drains time, grouped and not (default 50000)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="kill -9 of an active server to its standby's first 2xx, for journals of N tasks")
+    parser.add_argument("--takeover-tasks", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[1000, 100000, 1000000], metavar="N,N,...",
+                        help="the journals of --takeover (default 1000,100000,1000000)")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     options.server = os.path.abspath(options.server)
@@ -965,6 +1012,8 @@ def main() -> None:
         options.connections_count = 500 if options.quick else 10000
     if options.baseline_server:
         run_baseline_server()
+    elif options.takeover:
+        takeover(options)
     elif options.connections:
         connections(options)
     elif options.flow:
