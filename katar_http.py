@@ -550,10 +550,7 @@ def next_fire(cron: Cron, after_ms: int, utc_offset_minutes: int = 0) -> Optiona
     local = epoch + datetime.timedelta(minutes=(after_ms + offset) // 60000 + 1)
     day = local.date()
     for _ in range(CRON_SEARCH_DAYS):
-        weekday = (day.weekday() + 1) % 7  # Python's Monday 0, cron's Sunday 0
-        by_day, by_weekday = day.day in cron.days, weekday in cron.weekdays
-        matches = (by_day and by_weekday) if cron.any_day or cron.any_weekday else (by_day or by_weekday)
-        if day.month in cron.months and matches:
+        if _cron_day(cron, day):
             for hour in sorted(cron.hours):
                 for minute in sorted(cron.minutes):
                     moment = datetime.datetime(day.year, day.month, day.day, hour, minute)
@@ -561,6 +558,15 @@ def next_fire(cron: Cron, after_ms: int, utc_offset_minutes: int = 0) -> Optiona
                         return (moment - epoch) // datetime.timedelta(milliseconds=1) - offset
         day += datetime.timedelta(days=1)
     return None
+
+
+def _cron_day(cron: Cron, day: datetime.date) -> bool:
+    """Whether `cron` fires on `day` (at some hour): its month, and its day of month and day of week as Vixie cron
+    reads them (both must match if either field starts with "*"; either may, if neither does)."""
+    weekday = (day.weekday() + 1) % 7  # Python's Monday 0, cron's Sunday 0
+    by_day, by_weekday = day.day in cron.days, weekday in cron.weekdays
+    matches = (by_day and by_weekday) if cron.any_day or cron.any_weekday else (by_day or by_weekday)
+    return day.month in cron.months and matches
 
 
 def prev_fire(cron: Cron, upto_ms: int, utc_offset_minutes: int = 0) -> Optional[int]:
@@ -571,10 +577,7 @@ def prev_fire(cron: Cron, upto_ms: int, utc_offset_minutes: int = 0) -> Optional
     local = epoch + datetime.timedelta(minutes=(upto_ms + offset) // 60000)
     day = local.date()
     for _ in range(CRON_SEARCH_DAYS):
-        weekday = (day.weekday() + 1) % 7
-        by_day, by_weekday = day.day in cron.days, weekday in cron.weekdays
-        matches = (by_day and by_weekday) if cron.any_day or cron.any_weekday else (by_day or by_weekday)
-        if day.month in cron.months and matches:
+        if _cron_day(cron, day):
             for hour in sorted(cron.hours, reverse=True):
                 for minute in sorted(cron.minutes, reverse=True):
                     moment = datetime.datetime(day.year, day.month, day.day, hour, minute)
@@ -1057,7 +1060,7 @@ class Queue:
                 broker._admit(sum(TASK_BYTES + row[6] for row in rows))
                 records.append({"op": "insert", "q": self.name, "at": now, "tasks": rows})
             if batch is not None:
-                before, after, batch_id = broker._plan_batch(batch, len(rows), now)
+                before, after, batch_id = broker._plan_batch(batch, now)
                 if rows:
                     records[0]["batch"] = batch_id
                 records = before + records + after
@@ -2766,8 +2769,8 @@ class Broker:
             return [{"op": "batch", "id": batch_id, "open": False, "at": now}]
         return []
 
-    def _plan_batch(self, spec: Any, adding: int, now: int) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
-        """Lock held: for an insert of `adding` new tasks that carries `batch` {"id", "callback"?, "open"?}: the
+    def _plan_batch(self, spec: Any, now: int) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
+        """Lock held: for an insert that carries `batch` {"id", "callback"?, "open"?}: the
         records to commit before the insert (the batch made) and after it (closed: the insert that makes a batch
         closes it unless `open` is true), and the batch's id."""
         if not isinstance(spec, dict):
