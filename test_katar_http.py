@@ -1,9 +1,9 @@
 """Tests for katar_http: a real server on port 0, real HTTP through urllib and http.client, a fake clock where
 time matters. Run: python3 -m unittest -v test_katar_http
 
-Longer runs by hand: KATAR_SOAK_SECONDS (default 7) is the length of the compaction soak's load, KATAR_CRASH_ROUNDS
-(default 10) the number of kill -9 rounds aimed at compactions, KATAR_KILL_ROUNDS (default 16) those of kill -9
-under load at random moments, e.g.
+Longer runs by hand: KATAR_SOAK_SECONDS (default 5) is the length of the compaction soak's load, KATAR_CRASH_ROUNDS
+(default 8) the number of kill -9 rounds aimed at compactions, KATAR_KILL_ROUNDS (default 12) those of kill -9
+under load at random moments, KATAR_FUZZ_REQUESTS (default 4000) the hostile requests of the fuzz test, e.g.
     KATAR_SOAK_SECONDS=600 python3 -m unittest -v test_katar_http.CompactionSoakTest"""
 
 import collections
@@ -3037,7 +3037,7 @@ class CompactionSoakTest(CompactionLoadTestCase):
     """Writers on several queues while the journal is compacted over and over: nothing acknowledged is lost across a
     clean restart, nor across a kill -9 after more of the same."""
 
-    seconds = float(os.environ.get("KATAR_SOAK_SECONDS", "7"))
+    seconds = float(os.environ.get("KATAR_SOAK_SECONDS", "5"))
     persistent_tasks = 20000  # per persistent queue over the whole soak: a long soak inserts into them more slowly
 
     def run_load(self, server, load, seconds, until=lambda: True):
@@ -3092,7 +3092,7 @@ class CompactionCrashTest(CompactionLoadTestCase):
     """kill -9 in the middle of a compaction (mostly) or at any moment, under load, round after round: every restart
     loads the journal and nothing acknowledged is lost or comes back."""
 
-    rounds = int(os.environ.get("KATAR_CRASH_ROUNDS", "10"))
+    rounds = int(os.environ.get("KATAR_CRASH_ROUNDS", "8"))
 
     def kill_inside_compaction(self, server, chance):
         """Watch the temporary file of a compaction (JOURNAL.compact; a stale one left by an earlier kill is waited
@@ -3160,7 +3160,7 @@ def start_journalled_server(test, directory):
 class CrashTest(unittest.TestCase):
     """kill -9 under load, again and again: nothing acknowledged is lost, nothing acknowledged done comes back."""
 
-    rounds = int(os.environ.get("KATAR_KILL_ROUNDS", "16"))
+    rounds = int(os.environ.get("KATAR_KILL_ROUNDS", "12"))
 
     def start_server(self, directory):
         process, url = start_journalled_server(self, directory)
@@ -4255,7 +4255,7 @@ def response_statuses(answer):
 
 
 class FuzzTest(unittest.TestCase):
-    requests = 6000
+    requests = int(os.environ.get("KATAR_FUZZ_REQUESTS", "4000"))
 
     def test_thousands_of_hostile_requests_cause_no_5xx_no_hang_and_no_corruption(self):
         directory = tempfile.mkdtemp()
