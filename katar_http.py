@@ -3178,7 +3178,10 @@ class Broker:
 
     def run_ages(self) -> None:
         """End the tasks whose age is up (expire_after, retain) and close the key windows that are (key_ttl), in
-        every queue that has any; the server calls it every AGE_SECONDS, so that ages end without a request."""
+        every queue that has any; the server calls it every AGE_SECONDS, so that ages end without a request. And
+        check that the journal's lock is still this server's (Journal.check_lock)."""
+        if self._journal is not None:
+            self._journal.check_lock()
         with self._changing():
             now = self._now()
             for queue in self._queues.values():
@@ -3517,17 +3520,20 @@ def wait_for_lock(path: str) -> None:
 
 def _lock_holder(fd: int) -> str:
     """The pid that holds the lock on the open file `fd`, as /proc/locks tells it (Linux), or "unknown"."""
+    holders = _lock_holders(fd)
+    return holders[0] if holders else "unknown"
+
+
+def _lock_holders(fd: int) -> Optional[List[str]]:
+    """The pids holding a flock on the open file `fd`, as /proc/locks tells them (Linux); None where it cannot."""
     status = os.fstat(fd)
     device = "%02x:%02x:%d" % (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                fields = line.split()
-                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
-                    return fields[4]
+            return [fields[4] for fields in map(str.split, handle)
+                    if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device]
     except OSError:
-        pass
-    return "unknown"
+        return None
 
 
 class Journal:
@@ -3582,6 +3588,9 @@ class Journal:
         self.records = 0                   # records in the file, to decide when to compact
         self._compacting: Optional[List[bytes]] = None  # records appended since the snapshot being written
         self._compaction_running = False
+        self._lock_misses = 0              # checks in a row that found the lock not this process's (check_lock)
+        self._lock_lost = False            # then, for good: no reset brings the journal back
+        self._lock_seen = False            # the lock was once seen in /proc/locks: its absence then means lost
         self._compact_after = 0.0          # monotonic time before which no compaction starts (after a failure)
         self._compact_wait = COMPACT_RETRY[0]
         self._closed = False
@@ -3944,6 +3953,8 @@ class Journal:
             while self._flushing:
                 self._cond.wait()
             keep = self._durable_bytes()
+            if self._lock_lost:
+                raise OSError(errno.ENOLCK, f"this server lost the lock of {self.path}: it writes nothing more")
             if not self._names(self._fd, at_least=keep):
                 raise OSError(errno.ESTALE, self._taken_away())
             self._pending = []
@@ -3965,6 +3976,28 @@ class Journal:
         if os.fstat(self._fd).st_size < size:  # truncated by another program: what memory came from is gone
             raise OSError(errno.ESTALE, self._taken_away())
         self._scan(apply, size, False)
+
+    def check_lock(self) -> None:
+        """Fail the journal, for good, if this process no longer holds its lock (where the platform can tell: Linux's
+        /proc/locks, once it has shown the lock there), twice in a row (a compaction moving the lock may be seen half-way once): a standby may have
+        taken over, and two servers must never write one journal. The server asks once a second."""
+        with self._cond:
+            fd = self._fd
+            if fd is None or self._closed or self.failed is not None or self._compaction_running:
+                return
+            holders = _lock_holders(fd)
+            if holders is not None and str(os.getpid()) in holders:
+                self._lock_misses, self._lock_seen = 0, True
+                return
+            if holders is None or not self._lock_seen:
+                return  # the platform cannot tell (no /proc/locks; NFS lists its emulated flocks as POSIX locks)
+            self._lock_misses += 1
+            if self._lock_misses >= 2:
+                self._lock_lost = True
+                self._fail(OSError(errno.ENOLCK, f"this server no longer holds the lock of {self.path} (held by "
+                                                 f"{', '.join(holders) or 'nobody'}): another server may write it "
+                                                 f"now, so this one writes nothing more; restart it (as a standby)"))
+                self._wake()
 
     def trouble(self) -> Optional[str]:
         """Why records cannot be made durable now, or None."""

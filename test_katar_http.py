@@ -7726,6 +7726,33 @@ class StandbyTest(unittest.TestCase):
         self.assertTrue(all(len(tasks[tid]["history"]) == 1 for tid in done), "none delivered again after its done")
         self.assertEqual(tasks[held_id]["lease_expires_at"], lease_before, "a live lease keeps its deadline")
 
+    def test_an_active_server_that_no_longer_holds_the_lock_writes_nothing_more(self):
+        broker = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
+        self.addCleanup(broker.close)
+        jobs = broker.queue("jobs")
+        jobs.insert({"data": 1})
+        broker.run_ages()  # the server's check, once a second: the lock is this process's
+        self.assertIsNone(broker.health())
+        original = K._lock_holders
+        K._lock_holders = lambda fd: ["1"]  # as /proc/locks would show a lock taken away (a lost NFS lease)
+        self.addCleanup(setattr, K, "_lock_holders", original)
+        broker.run_ages()
+        jobs.insert({"data": 2})  # once is not enough (a compaction moves the lock)...
+        broker.run_ages()  # ...twice is
+        with self.assertRaises(K.Unavailable):
+            jobs.insert({"data": 3})
+        with self.assertRaises(K.Unavailable):  # and for good: no reset brings the journal back
+            jobs.insert({"data": 4})
+        self.assertIn("no longer holds the lock", broker.health())
+        K._lock_holders = original  # even were the lock found again: this server writes nothing more
+        broker.run_ages()
+        with self.assertRaises(K.Unavailable):
+            jobs.insert({"data": 5})
+        broker.close()
+        again = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
+        self.addCleanup(again.close)
+        self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], [1, 2])
+
     def test_a_third_process_waits_or_is_refused_and_a_restarted_active_stands_by(self):
         active, first = self.start()
         standby, second = self.start("--standby")
