@@ -6814,6 +6814,13 @@ class Client:
         return self.request("GET", "/v1/queues")[1]["queues"]
 
 
+def shard_for(urls: List[str], queue: str) -> str:
+    """The server of `urls` that holds `queue`, for setups that spread queues over servers without a proxy: the one
+    whose hash with the queue's name is highest (rendezvous hashing). Every tool picks the same one, in any order of
+    the URLs, and adding or removing a server moves only the queues of that server."""
+    return max(urls, key=lambda url: hashlib.sha256(f"{url}\n{queue}".encode()).digest())
+
+
 Polled = Union[str, List[str], Dict[str, float]]  # what a worker polls: one queue, several in order, or weighted
 
 
@@ -7336,7 +7343,8 @@ def build_tool_parser(tool: str) -> argparse.ArgumentParser:
              "put": "Insert tasks: DATA as JSON, or one JSON value per line on stdin; prints their ids.",
              "stats": "Print the figures of every queue, or of QUEUE, as a table."}[tool]
     parser = argparse.ArgumentParser(prog=f"katar_http.py {tool}", description=about)
-    parser.add_argument("url", metavar="URL", help="the server, like http://127.0.0.1:3000")
+    parser.add_argument("url", metavar="URL", help="the server, like http://127.0.0.1:3000; or several, separated by "
+                        "commas, over which the queues are spread (each queue's server: shard_for)")
     parser.add_argument("--token", help="bearer token (default: $KATAR_TOKEN)")
     parser.add_argument("--cafile", metavar="FILE", help="trust this certificate for https:// (a self-signed one)")
     if tool == "stats":
@@ -7376,18 +7384,25 @@ def run_tool(tool: str, argv: List[str], environ: Dict[str, str]) -> int:
         command, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     args = build_tool_parser(tool).parse_args(argv)
     args.command = command
+    urls = [url.strip().rstrip("/") for url in args.url.split(",") if url.strip()]
     try:
+        polled = parse_polled(args.queue) if tool == "work" else args.queue
+        names = [] if polled is None else [polled] if isinstance(polled, str) else list(polled)
+        shards = sorted({shard_for(urls, name) for name in names}) if names else urls
+        if tool == "work" and len(shards) > 1:
+            raise ValueError(f"the queues {', '.join(names)} live on different servers ({', '.join(shards)}): "
+                             f"start one work per server")
         tls = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
-        client = Client(args.url, token=args.token or environ.get("KATAR_TOKEN"), tls=tls)
+        clients = [Client(url, token=args.token or environ.get("KATAR_TOKEN"), tls=tls) for url in shards]
     except (ValueError, OSError, ssl.SSLError) as exc:
         print(f"katar_http {tool}: {exc}", file=sys.stderr)
         return 2
     try:
         if tool == "work":
-            return run_worker(client, args)
+            return run_worker(clients[0], args)
         if tool == "put":
-            return run_put(client, args)
-        return run_stats(client, args)
+            return run_put(clients[0], args)
+        return run_stats(clients, args)
     except KatarError as exc:
         print(f"katar_http {tool}: {exc.status} {exc}", file=sys.stderr)
         return 1
@@ -7434,10 +7449,10 @@ def run_put(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_stats(client: Client, args: argparse.Namespace) -> int:
+def run_stats(clients: List[Client], args: argparse.Namespace) -> int:
     columns = ("queued", "in progress", "paused", "done", "failed", "cancelled")
     rows = [["queue", *columns, "waiting", "oldest queued"]]
-    for stats in client.stats(args.queue):
+    for stats in (stats for client in clients for stats in client.stats(args.queue)):
         age = stats["oldest_queued_age_ms"]
         rows.append([stats["queue"], *(str(stats["counts"][c]) for c in columns), str(stats["waiting_workers"]),
                      "-" if age is None else f"{age / 1000:.1f} s"])

@@ -7776,5 +7776,53 @@ class StandbyTest(unittest.TestCase):
         self.assertIn("--standby needs --journal", no_journal.stderr)
 
 
+class ShardedToolsTest(unittest.TestCase):
+    """put, stats and work given several server URLs: each queue goes to one server, the same every time."""
+
+    def setUp(self):
+        self.servers = []
+        for _ in range(3):
+            broker = K.Broker()
+            for n in range(10):
+                broker.queue(f"q{n}", persistent=True)
+            server = K.serve(broker, port=0)
+            self.addCleanup(server.close)
+            self.servers.append(server)
+        self.urls = [server.url for server in self.servers]
+
+    def tool(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = K.main(list(argv))
+        return status, out.getvalue(), err.getvalue()
+
+    def test_each_queue_goes_to_one_server_the_same_every_time_in_any_order_of_the_urls(self):
+        for urls in (self.urls, self.urls[::-1], self.urls[1:] + self.urls[:1]):
+            for n in range(10):
+                status, out, err = self.tool("put", ",".join(urls), f"q{n}", '{"n": %d}' % n)
+                self.assertEqual(status, 0, err)
+        holders = {}
+        for n in range(10):
+            counts = [server.broker.get(f"q{n}").stats()["total"] for server in self.servers]
+            self.assertEqual(sorted(counts), [0, 0, 3], f"q{n}: one server holds all three")
+            holders[f"q{n}"] = self.urls[counts.index(3)]
+            self.assertEqual(holders[f"q{n}"], K.shard_for(self.urls, f"q{n}"))
+        self.assertGreater(len(set(holders.values())), 1, "the queues are spread over the servers")
+        status, out, _ = self.tool("stats", ",".join(self.urls), "q3")
+        self.assertEqual(status, 0)
+        self.assertEqual([line.split()[:2] for line in out.splitlines()[1:]], [["q3", "3"]])
+        status, out, _ = self.tool("stats", ",".join(self.urls))  # every server's queues
+        self.assertEqual(sum(int(line.split()[1]) for line in out.splitlines()[1:]), 30)
+        # Removing a server moves only its own queues.
+        fewer = [url for url in self.urls if url != self.urls[0]]
+        for queue, holder in holders.items():
+            if holder != self.urls[0]:
+                self.assertEqual(K.shard_for(fewer, queue), holder)
+        apart = next((a, b) for a in holders for b in holders if holders[a] != holders[b])
+        status, _, err = self.tool("work", ",".join(self.urls), ",".join(apart), "--", "true")
+        self.assertEqual(status, 2)
+        self.assertIn("live on different servers", err)
+
+
 if __name__ == "__main__":
     unittest.main()
