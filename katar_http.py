@@ -5161,7 +5161,8 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, {"status": "ok", "version": __version__}
 
     def route_queues(self) -> Reply:
-        return HTTPStatus.OK, {"queues": [queue.stats() for queue in self.server.broker.queues()]}
+        return HTTPStatus.OK, {"queues": [queue.stats() for queue in self.server.broker.queues()],
+                               "server": self.server.identity}
 
     def route_workers(self) -> Reply:
         return HTTPStatus.OK, {"workers": self.server.broker.workers(self.query_value("queue"))}
@@ -5583,7 +5584,12 @@ def _api_schemas(limits: "Limits") -> Dict[str, Any]:
             "totals": _object({name: _schema("integer") for name in TOTALS}, required=TOTALS, closed=False)},
             required=["queue", "counts", "total", "oldest_queued", "oldest_queued_age_ms", "waiting_workers",
                       "paused", "totals"], closed=False),
-        "QueueList": _object({"queues": _schema("array", items=_ref("Stats"))}, required=["queues"]),
+        "QueueList": _object({"queues": _schema("array", items=_ref("Stats")), "server": _object({
+            "host": _schema("string", description="the machine's name"),
+            "address": _schema("string", description="the address and port it listens on"),
+            "pid": _schema("integer")}, required=["host", "address", "pid"],
+            description="which server answered (queues spread over several servers)")},
+            required=["queues", "server"]),
         "ConfigurationInput": _object(
             {"interval": _integer(0, MAX_INTERVAL_MS, description=f"default {DEFAULT_INTERVAL_MS}")}, closed=False,
             description=f"what workers will receive: `interval`, and any other keys; at most {limits.max_data} "
@@ -5774,7 +5780,7 @@ td:first-child,th:first-child{text-align:left}#status{color:#666}button{margin-l
 @media (max-width:40em){.dead,.dead tr,.dead td,.dead td.id,.dead td.attempt,.dead td.actions{display:block;width:auto}
 .dead tr{padding:.4em 0;border-bottom:1px solid #ddd}.dead td{border:0;padding:.1em 0}}
 </style></head><body>
-<h1>katar_http</h1>
+<h1>katar_http <span id="server"></span></h1>
 <form id="auth"><label>Admin token <input id="token" type="password" size="30" autocomplete="off"></label>
 <button>Use</button> <span id="status"></span></form>
 <div class="scroll"><table id="queues"><thead><tr><th>queue</th><th>queued</th><th>in progress</th><th>paused</th><th>done</th>
@@ -5919,7 +5925,8 @@ const refreshLetters = queues => taskSections("letters", queues, s => s.counts.f
   });
 async function refresh() {
   try {
-    const {queues} = await call("GET", "/v1/queues");
+    const {queues, server} = await call("GET", "/v1/queues");
+    document.getElementById("server").textContent = "on " + server.host + " (" + server.address + ")";
     const body = document.querySelector("#queues tbody");
     const shown = new Set();
     queues.forEach((s, index) => {
@@ -6025,12 +6032,16 @@ class HTTPServer:
         self._clock_at = 0.0
         self._schedule_timer: Optional[asyncio.TimerHandle] = None
         self.standby = False      # a standby answers /healthz 503 and refuses the rest until it takes over
+        self.identity: Dict[str, Any] = {}  # which server this is (GET /v1/queues): its host, address, pid
         self._resources_warned = -10.0
         self.refusing = 0         # connections past the cap being answered 503 and closed
 
     async def open(self, sock: socket.socket) -> None:
         """Start serving the listening socket `sock` on the running loop."""
         self.loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        address = sock.getsockname()
+        self.identity = {"host": socket.gethostname(), "pid": os.getpid(),
+                         "address": ("[%s]:%d" if ":" in address[0] else "%s:%d") % address[:2]}
         self.loop.set_exception_handler(self._loop_error)
         self.broker.on_settled(self.settle_soon)
         # (The handshake is asyncio's, on the loop, with its own deadline; loop.start_tls per connection, which would

@@ -7818,6 +7818,9 @@ class ShardedToolsTest(unittest.TestCase):
         for queue, holder in holders.items():
             if holder != self.urls[0]:
                 self.assertEqual(K.shard_for(fewer, queue), holder)
+        for server in self.servers:  # each server says which it is
+            with urllib.request.urlopen(server.url + "/v1/queues", timeout=5) as response:
+                self.assertEqual(json.load(response)["server"]["address"], f"127.0.0.1:{server.port}")
         apart = next((a, b) for a in holders for b in holders if holders[a] != holders[b])
         status, _, err = self.tool("work", ",".join(self.urls), ",".join(apart), "--", "true")
         self.assertEqual(status, 2)
