@@ -1437,12 +1437,13 @@ class Queue:
             raise BadRequest(f"{where}: {exc}", **exc.fields) from None
         return data, priority, delay, key, status, size + len(key or "") + len(group or ""), group
 
-    def _admit(self, count: int) -> None:
+    def _admit(self, count: int, producer: bool = True) -> None:
         """Lock held: refuse an insert of `count` tasks that would take the queue past its max_queued (503, nothing
-        inserted). Only inserts are refused: retries, hand-backs, leases, reports and purges go on."""
+        inserted; counted in `refused` if a producer's, not a schedule's). Only inserts are refused: retries,
+        hand-backs, leases, reports and purges go on."""
         limit, waiting = self.options["max_queued"], len(self._by_status[QUEUED]) + len(self._by_status[PAUSED])
         if limit and waiting + count > limit:
-            self.totals["refused"] += count
+            self.totals["refused"] += count if producer else 0
             raise Unavailable(f"queue {self.name} holds {waiting} waiting tasks, and at most {limit} (its "
                               f"max_queued): nothing was inserted; retry once workers have drained some",
                               queue=self.name, max_queued=limit)
@@ -1725,11 +1726,9 @@ class Queue:
                     rows.append([self._broker._next_id(), option["data"], option["priority"], QUEUED, key, 0,
                                  _value_bytes(option["data"]) + len(key)])
         if fired:
-            limit = self.options["max_queued"]
-            if rows and limit and len(self._by_status[QUEUED]) + len(self._by_status[PAUSED]) + len(rows) > limit:
-                return now + SCHEDULE_RETRY_MS
             try:
                 if rows:
+                    self._admit(len(rows), producer=False)
                     self._broker._admit(sum(TASK_BYTES + row[6] for row in rows))
                 self._broker._commit(([{"op": "insert", "q": self.name, "at": now, "tasks": rows}] if rows else []) +
                                      [{"op": "fire", "q": self.name, "at": now, "slots": fired}])
@@ -2661,15 +2660,14 @@ class Broker:
         self._callbacks_due: Dict[str, None] = {}
         self._completed: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._batch_waiters: Dict[str, List[Waiter]] = {}
-        self._sending = False
         self._latest = 0   # the latest time a replayed record carries
         self._journal: Optional[Journal] = None
-        self._durability = Durability(self._lock, None, self._rebuild, self._snapshot, self._follow_up)
+        self._durability = Durability(self._lock, None, self._rebuild, self._snapshot, self._send_callbacks)
         if journal is not None:
             journal = Journal(journal) if isinstance(journal, str) else journal
             self._load(journal)
             self._journal = journal
-            self._durability = Durability(self._lock, journal, self._rebuild, self._snapshot, self._follow_up)
+            self._durability = Durability(self._lock, journal, self._rebuild, self._snapshot, self._send_callbacks)
             if self._now() < self._latest:  # the wall clock is behind the journal: time goes on from its end
                 self._origin = (float(self._latest), clock.monotonic())
             if journal.records == 0:
@@ -2948,31 +2946,25 @@ class Broker:
         self._completed[batch.id] = None
         self._completed.move_to_end(batch.id, last=False)
 
-    def _follow_up(self) -> None:
-        """Lock held, as a change ends (Durability.follow_up): send the callbacks of the batches it ended."""
-        if self._callbacks_due and not self._sending:
-            self._send_callbacks()
-
     def _send_callbacks(self) -> None:
-        """Lock held, at the end of a change: insert the callback task of each batch that ended, in a commit of its
-        own with the "callback" record that says so, and hand it to a waiting poll; one the disk refuses is sent
-        after the next change (the ages' timer makes one a second), or at restart."""
-        self._sending = True
-        try:
-            for batch_id in list(self._callbacks_due):
-                batch = self._batches[batch_id]
-                queue = self._queues[batch.callback["queue"]]
-                now, task_id, data = self._now(), self._next_id(), batch.callback_data()
-                key = f"batch:{batch.id}"
-                row = [task_id, data, batch.callback["priority"], QUEUED, key, 0, _value_bytes(data) + len(key)]
-                try:
-                    self._commit([{"op": "insert", "q": queue.name, "at": now, "tasks": [row]},
-                                  {"op": "callback", "id": batch.id, "task": task_id, "at": now}])
-                except Unavailable:
-                    return
-                queue._serve_waiters(now)
-        finally:
-            self._sending = False
+        """Lock held, as a change ends (Durability.follow_up, never inside one of its steps): insert the callback
+        task of each batch the change ended, in a commit of its own with the "callback" record that says so, and
+        hand it to a waiting poll; one the disk refuses is sent after the next change (the ages' timer makes one a
+        second), or at restart."""
+        if not self._callbacks_due:
+            return  # (every change ends here: the usual case costs one test)
+        for batch_id in list(self._callbacks_due):
+            batch = self._batches[batch_id]
+            queue = self._queues[batch.callback["queue"]]
+            now, task_id, data = self._now(), self._next_id(), batch.callback_data()
+            key = f"batch:{batch.id}"
+            row = [task_id, data, batch.callback["priority"], QUEUED, key, 0, _value_bytes(data) + len(key)]
+            try:
+                self._commit([{"op": "insert", "q": queue.name, "at": now, "tasks": [row]},
+                              {"op": "callback", "id": batch.id, "task": task_id, "at": now}])
+            except Unavailable:
+                return
+            queue._serve_waiters(now)
 
     # -- one poll over several queues -----------------------------------------------------------------------------
 
