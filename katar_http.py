@@ -5169,11 +5169,8 @@ class Handler(BaseHTTPRequestHandler):
         reports, max_tasks, wait, worker = self.poll_fields(body)
         outcome = queue.begin_poll(reports, max=max_tasks, wait=wait, worker=worker, lease=body.get("lease"),
                                    throttle=body.get("throttle", 0), wake=self.channel.wake)
-        heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
-        if isinstance(outcome, Waiter):
-            queue.heard_from(worker, self.client_address[0], heartbeat=heartbeat, waiting=1)
-            return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_poll, queue, outcome))
-        return self.leased(queue, outcome, queue.heard_from(worker, self.client_address[0], outcome, heartbeat))
+        return self.polled(outcome, reports, worker, queue.end_wait, queue.heard_from,
+                           functools.partial(self.hand_back, queue))
 
     def route_multi_poll(self) -> Reply:
         broker = self.server.broker
@@ -5188,39 +5185,8 @@ class Handler(BaseHTTPRequestHandler):
         reports, max_tasks, wait, worker = self.poll_fields(body)
         outcome = broker.begin_poll(queues, reports, max=max_tasks, wait=wait, worker=worker, lease=body.get("lease"),
                                     wake=self.channel.wake)
-        heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by begin_poll)
-        names = list(queues)
-        if isinstance(outcome, Waiter):
-            broker.heard_from(names, worker, self.client_address[0], heartbeat=heartbeat, waiting=1)
-            return HTTPStatus.OK, Parked(outcome, functools.partial(self.finish_multi_poll, names, outcome))
-        return self.leased_over(outcome, broker.heard_from(names, worker, self.client_address[0], outcome, heartbeat))
-
-    def finish_multi_poll(self, names: List[str], waiter: Waiter) -> Reply:
-        broker = self.server.broker
-        leased = broker.end_wait(waiter)
-        if leased and self.channel.gone:
-            self.hand_back_over(leased)  # the worker hung up while it waited
-            broker.heard_from(names, waiter.worker, self.client_address[0], waiting=-1)
-            return HTTPStatus.NO_CONTENT, None
-        return self.leased_over(leased, broker.heard_from(names, waiter.worker, self.client_address[0], leased,
-                                                          waiting=-1))
-
-    def leased_over(self, tasks: List[Dict[str, Any]], cancel: List[str]) -> Reply:
-        """The answer of a poll of several queues: as leased(), each task naming its `queue`."""
-        if not tasks and not cancel:
-            return HTTPStatus.NO_CONTENT, None
-        if tasks:
-            self.undo = functools.partial(self.hand_back_over, tasks)
-        return HTTPStatus.OK, dict(tasks=tasks, **({"cancel": cancel} if cancel else {}))
-
-    def hand_back_over(self, tasks: List[Dict[str, Any]]) -> None:
-        """hand_back() for tasks of several queues."""
-        by_queue: Dict[str, List[Dict[str, Any]]] = {}
-        for task in tasks:
-            by_queue.setdefault(task["queue"], []).append(task)
-        for name, its_tasks in by_queue.items():
-            with contextlib.suppress(KatarError):
-                self.hand_back(self.server.broker.get(name), its_tasks)
+        return self.polled(outcome, reports, worker, broker.end_wait,
+                           functools.partial(broker.heard_from, list(queues)), self.hand_back_over)
 
     def poll_fields(self, body: Dict[str, Any]) -> Tuple[Any, Optional[int], float, Any]:
         """A poll body's reports (their values bounded), `max` (bounded by --max-tasks), `wait` (cut to --max-wait)
@@ -5235,22 +5201,36 @@ class Handler(BaseHTTPRequestHandler):
             max_tasks = _check_int("max", max_tasks, 0, self.server.limits.max_tasks)
         return reports, max_tasks, self.capped_wait(body.get("wait", 0)), body.get("worker")
 
-    def finish_poll(self, queue: Queue, waiter: Waiter) -> Reply:
-        leased = queue.end_wait(waiter)
-        if leased and self.channel.gone:
-            self.hand_back(queue, leased)  # the worker hung up while it waited
-            queue.heard_from(waiter.worker, self.client_address[0], waiting=-1)
-            return HTTPStatus.NO_CONTENT, None
-        return self.leased(queue, leased, queue.heard_from(waiter.worker, self.client_address[0], leased, waiting=-1))
+    def polled(self, outcome: Union[List[Dict[str, Any]], Waiter], reports: List[Any], worker: Optional[str],
+               end_wait: Callable[[Waiter], List[Dict[str, Any]]], heard_from: Callable[..., List[str]],
+               hand_back: Callable[[List[Dict[str, Any]]], None]) -> Reply:
+        """A poll's answer (of one queue, or of several: the core's `end_wait` and `heard_from`, and how to
+        `hand_back` tasks): the tasks leased now, or the parked wait for them."""
+        address = self.client_address[0]
+        if not isinstance(outcome, Waiter):
+            heartbeat = any(report.get("status") == IN_PROGRESS for report in reports)  # (checked by the core)
+            return self.leased(outcome, heard_from(worker, address, outcome, heartbeat), hand_back)
+        heard_from(worker, address, heartbeat=any(report.get("status") == IN_PROGRESS for report in reports),
+                   waiting=1)
 
-    def leased(self, queue: Queue, tasks: List[Dict[str, Any]], cancel: List[str]) -> Reply:
+        def finish() -> Reply:
+            leased = end_wait(outcome)
+            if leased and self.channel.gone:
+                hand_back(leased)  # the worker hung up while it waited
+                heard_from(outcome.worker, address, waiting=-1)
+                return HTTPStatus.NO_CONTENT, None
+            return self.leased(leased, heard_from(outcome.worker, address, leased, waiting=-1), hand_back)
+        return HTTPStatus.OK, Parked(outcome, finish)
+
+    def leased(self, tasks: List[Dict[str, Any]], cancel: List[str],
+               hand_back: Callable[[List[Dict[str, Any]]], None]) -> Reply:
         """A poll's answer: the tasks leased, and `cancel` (only when there is any, so that the original's
         answer keeps its shape), the deliveries the worker should stop (see Queue.heard_from); 204 when there is
         neither."""
         if not tasks and not cancel:
             return HTTPStatus.NO_CONTENT, None
         if tasks:
-            self.undo = functools.partial(self.hand_back, queue, tasks)  # if the answer never reaches the worker
+            self.undo = functools.partial(hand_back, tasks)  # if the answer never reaches the worker
         return HTTPStatus.OK, dict(tasks=tasks, **({"cancel": cancel} if cancel else {}))
 
     @staticmethod
@@ -5259,6 +5239,15 @@ class Handler(BaseHTTPRequestHandler):
         than when their lease runs out (that would count as a failed attempt and hold them from live workers)."""
         with contextlib.suppress(KatarError):
             queue.report([{"_id": task["_id"], "attempt": task["attempt"], "status": QUEUED} for task in tasks])
+
+    def hand_back_over(self, tasks: List[Dict[str, Any]]) -> None:
+        """hand_back() for tasks of several queues (each names its own)."""
+        by_queue: Dict[str, List[Dict[str, Any]]] = {}
+        for task in tasks:
+            by_queue.setdefault(task["queue"], []).append(task)
+        for name, its_tasks in by_queue.items():
+            with contextlib.suppress(KatarError):
+                self.hand_back(self.server.broker.get(name), its_tasks)
 
     def route_put_queue(self, name: str) -> Reply:
         body = self.read_object()
