@@ -1489,7 +1489,9 @@ def stop_process(process, group=False):
     process.wait(10)
 
 
-class CommandLineTest(unittest.TestCase):
+class ServerProcessTestCase(unittest.TestCase):
+    """Tests that start katar_http.py as a process of its own (no tests here: subclasses share `start`)."""
+
     def start(self, *args):
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", *args],
                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -1500,6 +1502,9 @@ class CommandLineTest(unittest.TestCase):
     def get(self, url):
         with urllib.request.urlopen(url, timeout=5) as response:
             return json.load(response)
+
+
+class CommandLineTest(ServerProcessTestCase):
 
     def test_queue_flag_sets_the_interval_and_sigterm_answers_long_polls_then_exits_0(self):
         process, url = self.start("--queue", "jobs:1000", "--queue", "mail", "--quiet")
@@ -3413,7 +3418,9 @@ eak9vuUasw3u6cqoMLORVWfzBQ==
 """
 
 
-class TlsTest(unittest.TestCase):
+class TlsTestCase(unittest.TestCase):
+    """Tests that serve over TLS (no tests here: subclasses share `certificate`)."""
+
     def certificate(self):
         """A certificate for localhost and 127.0.0.1: made now with openssl where it exists, else the fixture."""
         directory = tempfile.mkdtemp()
@@ -3431,6 +3438,9 @@ class TlsTest(unittest.TestCase):
         with open(pem, "w") as out:
             out.write(TEST_CERTIFICATE)
         return pem
+
+
+class TlsTest(TlsTestCase):
 
     def test_an_https_round_trip_with_tls_1_2_or_newer(self):
         pem = self.certificate()
@@ -5671,7 +5681,7 @@ class EventLoopTest(ServerTestCase):
         self.assertEqual((task["attempts_spent"], jobs.stats()["totals"]["released"]), (0, 1))
 
 
-class TlsHandshakeTest(TlsTest):
+class TlsHandshakeTest(TlsTestCase):
 
     def test_a_tls_client_that_stops_mid_handshake_is_cut_off_and_others_are_served(self):
         pem = self.certificate()
@@ -5695,7 +5705,7 @@ class TlsHandshakeTest(TlsTest):
         self.assertGreaterEqual(time.monotonic() - started, 0.4)
 
 
-class StopTest(CommandLineTest):
+class StopTest(ServerProcessTestCase):
 
     def test_sigterm_answers_parked_polls_finishes_writes_in_flight_and_loses_no_acknowledged_insert(self):
         directory = tempfile.mkdtemp()
@@ -7808,11 +7818,24 @@ class ShardedToolsTest(unittest.TestCase):
             holders[f"q{n}"] = self.urls[counts.index(3)]
             self.assertEqual(holders[f"q{n}"], K.shard_for(self.urls, f"q{n}"))
         self.assertGreater(len(set(holders.values())), 1, "the queues are spread over the servers")
+        # Every server restarted on its address (its queues made again, empty): each queue goes where it went.
+        for index, server in enumerate(self.servers):
+            server.close()
+            broker = K.Broker()
+            for n in range(10):
+                broker.queue(f"q{n}", persistent=True)
+            self.servers[index] = K.serve(broker, port=server.port)
+            self.addCleanup(self.servers[index].close)
+        for n in range(10):
+            self.assertEqual(self.tool("put", ",".join(self.urls[::-1]), f"q{n}", "1")[0], 0)
+            counts = {server.url: server.broker.get(f"q{n}").stats()["total"] for server in self.servers}
+            self.assertEqual(counts[holders[f"q{n}"]], 1, f"q{n}: the same server after the restart")
+            self.assertEqual(sum(counts.values()), 1)
         status, out, _ = self.tool("stats", ",".join(self.urls), "q3")
         self.assertEqual(status, 0)
-        self.assertEqual([line.split()[:2] for line in out.splitlines()[1:]], [["q3", "3"]])
+        self.assertEqual([line.split()[:2] for line in out.splitlines()[1:]], [["q3", "1"]])
         status, out, _ = self.tool("stats", ",".join(self.urls))  # every server's queues
-        self.assertEqual(sum(int(line.split()[1]) for line in out.splitlines()[1:]), 30)
+        self.assertEqual(sum(int(line.split()[1]) for line in out.splitlines()[1:]), 10)
         # Removing a server moves only its own queues.
         fewer = [url for url in self.urls if url != self.urls[0]]
         for queue, holder in holders.items():
@@ -7825,6 +7848,192 @@ class ShardedToolsTest(unittest.TestCase):
         status, _, err = self.tool("work", ",".join(self.urls), ",".join(apart), "--", "true")
         self.assertEqual(status, 2)
         self.assertIn("live on different servers", err)
+
+
+class ProxyTest(unittest.TestCase):
+    """Three shards, each an active server and its standby on one journal, behind HAProxy or nginx configured by the
+    README's own files: 30 queues spread over the shards, a producer and a worker that know only the proxy, and one
+    shard's active server killed under them while its standby takes over behind the proxy."""
+
+    QUEUES = [f"q{n}" for n in range(30)]
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        os.chmod(self.directory, 0o755)  # nginx's workers (another user, when run as root) reach its sockets here
+
+    def server(self, shard, *more):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "katar_http.py"), "--port", "0", "--quiet",
+             "--journal", os.path.join(self.directory, f"shard{shard}.journal"), *more],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.addCleanup(stop_process, process)
+        self.addCleanup(process.stderr.close)
+        return process
+
+    def start_shards(self):
+        """{shard: {"active": (process, url), "standby": (process, url)}}, the actives started first."""
+        shards = {n: {"active": self.server(n)} for n in (1, 2, 3)}
+        for n in shards:
+            process = shards[n]["active"]
+            shards[n]["active"] = (process, wait_until_listening(self, process))
+        for n in shards:
+            shards[n]["standby"] = self.server(n, "--standby")
+        for n in shards:
+            process = shards[n]["standby"]
+            shards[n]["standby"] = (process, wait_until_listening(self, process))
+        return shards
+
+    def config(self, name, shards):
+        """The README's `name` block with the shards' real addresses in place of 10.0.N.1:3000 (shard N's active)
+        and 10.0.N.2:3000 (its standby), and a free port of 127.0.0.1 for the proxy; returns (text, proxy URL)."""
+        (text, line), = blocks(name)
+        for n, pair in shards.items():
+            for role, host in (("active", 1), ("standby", 2)):
+                placeholder = f"10.0.{n}.{host}:3000"
+                self.assertIn(placeholder, text, f"README line {line}: the {name} block names {placeholder}")
+                text = text.replace(placeholder, urlsplit(pair[role][1]).netloc)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return text, port
+
+    def start_haproxy(self, shards):
+        text, port = self.config("haproxy.cfg", shards)
+        self.assertIn("bind :8080", text)
+        unique = os.path.basename(self.directory)  # abstract socket names are one namespace for the machine
+        text = text.replace("bind :8080", f"bind 127.0.0.1:{port}").replace("abns@katar-", f"abns@{unique}-")
+        path = os.path.join(self.directory, "haproxy.cfg")
+        with open(path, "w") as handle:
+            handle.write(text)
+        process = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        self.addCleanup(stop_process, process)
+        return f"http://127.0.0.1:{port}"
+
+    def start_nginx(self, shards):
+        text, port = self.config("nginx.conf", shards)
+        self.assertIn("listen 8080;", text)
+        self.assertIn("/run/katar/", text)
+        text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};").replace("/run/katar/",
+                                                                                self.directory + "/")
+        path = os.path.join(self.directory, "nginx.conf")
+        with open(path, "w") as handle:
+            handle.write(text)
+        process = subprocess.Popen(
+            ["nginx", "-p", self.directory, "-e", os.path.join(self.directory, "error.log"), "-c", path,
+             "-g", f"daemon off; pid {os.path.join(self.directory, 'nginx.pid')};"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(stop_process, process)
+        return f"http://127.0.0.1:{port}"
+
+    @unittest.skipUnless(shutil.which("haproxy"), "haproxy is not installed (Debian package haproxy): the README's "
+                                                  "HAProxy configuration cannot be run")
+    def test_three_shards_behind_haproxy_and_a_takeover_behind_it(self):
+        shards = self.start_shards()
+        self.exercise(self.start_haproxy(shards), shards)
+
+    @unittest.skipUnless(shutil.which("nginx"), "nginx is not installed (Debian package nginx): the README's nginx "
+                                                "configuration cannot be run")
+    def test_three_shards_behind_nginx_and_a_takeover_behind_it(self):
+        shards = self.start_shards()
+        self.exercise(self.start_nginx(shards), shards)
+
+    def exercise(self, proxy, shards):
+        client = K.Client(proxy, timeout=5)
+        self.addCleanup(client.close)
+
+        def made(queue):
+            try:
+                client.request("PUT", "/v1/queue/" + queue, {"persistent": True, "lease": 600000})
+                return True
+            except (OSError, http.client.HTTPException, K.Unavailable):  # the proxy starting, a standby answering
+                return False
+
+        for queue in self.QUEUES:
+            until(self, lambda: made(queue), f"queue {queue} made through the proxy")
+        # Each queue on exactly one shard, and every shard holding some.
+        held = {}
+        for n, pair in shards.items():
+            with urllib.request.urlopen(pair["active"][1] + "/v1/queues", timeout=5) as response:
+                held[n] = {stats["queue"] for stats in json.load(response)["queues"]}
+        self.assertEqual(sorted(q for names in held.values() for q in names), sorted(self.QUEUES),
+                         "every queue on exactly one shard")
+        self.assertTrue(all(held.values()), f"the 30 queues spread over the three shards: {held}")
+        lock, stop = threading.Lock(), threading.Event()
+        inserted, done = {}, {}  # task id -> queue
+
+        def producer():
+            producer_client = K.Client(proxy, timeout=5)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                queue = self.QUEUES[n % len(self.QUEUES)]
+                with contextlib.suppress(OSError, http.client.HTTPException, K.KatarError):
+                    task = producer_client.insert(queue, [{"data": n, "key": f"k{n}"}])[0]
+                    with lock:
+                        inserted[task["_id"]] = queue
+                time.sleep(0.002)
+            producer_client.close()
+
+        def worker():
+            worker_client = K.Client(proxy, timeout=5)
+            while not stop.is_set():
+                for queue in self.QUEUES:
+                    with contextlib.suppress(OSError, http.client.HTTPException, K.KatarError):
+                        tasks = worker_client.lease(queue, max=5, worker="w1")
+                        if tasks:
+                            reports = [{"_id": t["_id"], "attempt": t["attempt"], "status": "done"} for t in tasks]
+                            worker_client.report(queue, reports)
+                            with lock:
+                                done.update((t["_id"], queue) for t in tasks)
+            worker_client.close()
+
+        threads = [threading.Thread(target=producer), threading.Thread(target=worker)]
+        for thread in threads:
+            thread.start()
+        try:
+            until(self, lambda: len(done) > 60, "tasks leased and done through the proxy")
+            # Kill shard 1's active server: its queues come back through the proxy, from its standby.
+            victim = sorted(held[1])[0]
+            shards[1]["active"][0].kill()
+            killed = time.monotonic()
+
+            def answers():
+                try:
+                    return client.stats(victim)[0]["queue"] == victim
+                except (OSError, http.client.HTTPException, K.KatarError):
+                    return False
+
+            until(self, answers, f"queue {victim} served again through the proxy", timeout=10)
+            took = time.monotonic() - killed
+            count = sum(1 for queue in list(inserted.values()) if queue in held[1])
+            until(self, lambda: sum(1 for q in list(inserted.values()) if q in held[1]) > count + 10,
+                  "inserts into the killed shard's queues going on")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        self.assertLess(took, 3.0, "the standby served through the proxy within 3 s of the kill")
+        with urllib.request.urlopen(shards[1]["standby"][1] + "/v1/queues", timeout=5) as response:
+            self.assertEqual({stats["queue"] for stats in json.load(response)["queues"]}, held[1],
+                             "the killed shard's queues are on its standby, and no other's")
+        # Through the proxy, as one server: every acknowledged insert there, every acknowledged done still done.
+        tasks = {}
+        for queue in self.QUEUES:
+            after = None
+            while True:
+                page = client.request("GET", f"/v1/queue/{queue}/tasks?limit=1000" +
+                                      (f"&after={after}" if after else ""))[1]
+                tasks.update((task["_id"], task) for task in page["tasks"])
+                after = page["next"]
+                if after is None:
+                    break
+        self.assertEqual({tid for tid, queue in inserted.items() if tasks.get(tid, {}).get("queue") != queue},
+                         set(), "acknowledged inserts are all there, in their queues")
+        self.assertEqual({tid for tid in done if tasks[tid]["status"] != "done"}, set(),
+                         "acknowledged done stay done")
+        self.assertGreater(sum(1 for queue in done.values() if queue in held[1]), 0)
 
 
 if __name__ == "__main__":
