@@ -3517,15 +3517,32 @@ def _lock_holder(fd: int) -> str:
 
 
 def _lock_holders(fd: int) -> Optional[List[str]]:
-    """The pids holding a flock on the open file `fd`, as /proc/locks tells them (Linux); None where it cannot."""
+    """The pids of this machine holding a lock on the open file `fd`, as /proc/locks tells them (Linux); None where
+    it cannot. An flock is listed as FLOCK, or as POSIX on NFS (where the client turns it into a whole-file lock
+    held on the NFS server)."""
     status = os.fstat(fd)
     device = "%02x:%02x:%d" % (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as handle:
             return [fields[4] for fields in map(str.split, handle)
-                    if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device]
+                    if len(fields) > 5 and fields[1] in ("FLOCK", "POSIX") and fields[5] == device]
     except OSError:
         return None
+
+
+def _lock_refused(fd: int) -> bool:
+    """Ask again for the lock this process holds on the open file `fd`, without waiting: where the lock lives in this
+    kernel that changes nothing; on NFS it asks the NFS server, which refuses once the lock went to another machine
+    (this one's lease ran out while the network was cut, and a standby took it). True if refused."""
+    try:
+        import fcntl  # POSIX
+    except ImportError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+    return False
 
 
 class Journal:
@@ -3854,8 +3871,8 @@ class Journal:
             if self.fsync == "always":
                 self._fsync(self._fd)
             if not self._names(self._fd, self._written + size):  # taken away (before or while it was written)
-                with contextlib.suppress(OSError):
-                    if os.fstat(self._fd).st_size >= self._written + size:
+                with contextlib.suppress(OSError):  # (never a file whose lock went to another server)
+                    if os.fstat(self._fd).st_size >= self._written + size and not _lock_refused(self._fd):
                         os.ftruncate(self._fd, self._written)  # the open file keeps only what was acknowledged
                 raise OSError(errno.ESTALE, self._taken_away())
         except (OSError, MemoryError) as exc:
@@ -3945,7 +3962,9 @@ class Journal:
             while self._flushing:
                 self._cond.wait()
             keep = self._durable_bytes()
-            if self._lock_lost:
+            if not self._lock_lost and _lock_refused(self._fd):  # the failure may be the lock's loss (NFS: EIO)
+                self._lock_lost = True
+            if self._lock_lost:  # then the file may be another server's now: never cut it
                 raise OSError(errno.ENOLCK, f"this server lost the lock of {self.path}: it writes nothing more")
             if not self._names(self._fd, at_least=keep):
                 raise OSError(errno.ESTALE, self._taken_away())
@@ -3970,26 +3989,35 @@ class Journal:
         self._scan(apply, size, False)
 
     def check_lock(self) -> None:
-        """Fail the journal, for good, if this process no longer holds its lock (where the platform can tell: Linux's
-        /proc/locks, once it has shown the lock there), twice in a row (a compaction moving the lock may be seen half-way once): a standby may have
-        taken over, and two servers must never write one journal. The server asks once a second."""
+        """Fail the journal, for good, if this process no longer holds its lock: a standby may have taken over, and
+        two servers must never write one journal. The server asks once a second. Two ways to tell, where the
+        platform can: the lock asked for again is refused (NFS: the NFS server gave it to another machine), or
+        /proc/locks, once it has shown the lock there, no longer shows it this process's twice in a row (a
+        compaction moving the lock may be seen half-way once)."""
         with self._cond:
             fd = self._fd
             if fd is None or self._closed or self.failed is not None or self._compaction_running:
+                return
+            if _lock_refused(fd):
+                self._lose_lock("refused when asked for again")
                 return
             holders = _lock_holders(fd)
             if holders is not None and str(os.getpid()) in holders:
                 self._lock_misses, self._lock_seen = 0, True
                 return
             if holders is None or not self._lock_seen:
-                return  # the platform cannot tell (no /proc/locks; NFS lists its emulated flocks as POSIX locks)
+                return  # the platform cannot tell
             self._lock_misses += 1
             if self._lock_misses >= 2:
-                self._lock_lost = True
-                self._fail(OSError(errno.ENOLCK, f"this server no longer holds the lock of {self.path} (held by "
-                                                 f"{', '.join(holders) or 'nobody'}): another server may write it "
-                                                 f"now, so this one writes nothing more; restart it (as a standby)"))
-                self._wake()
+                self._lose_lock(f"held by {', '.join(holders) or 'nobody'}")
+
+    def _lose_lock(self, how: str) -> None:
+        """The lock is no longer this process's: fail the journal for good (self._cond held)."""
+        self._lock_lost = True
+        self._fail(OSError(errno.ENOLCK, f"this server no longer holds the lock of {self.path} ({how}): another "
+                                         f"server may write it now, so this one writes nothing more; restart it "
+                                         f"(as a standby)"))
+        self._wake()
 
     def trouble(self) -> Optional[str]:
         """Why records cannot be made durable now, or None."""

@@ -7763,6 +7763,65 @@ class StandbyTest(unittest.TestCase):
         self.addCleanup(again.close)
         self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], [1, 2])
 
+    def test_an_active_server_whose_lock_is_refused_when_asked_again_writes_nothing_more(self):
+        # On NFS the lock is the NFS server's: asked for again once a second, it is refused once another machine
+        # took it (this one's lease ran out in a partition). Where no lock is refused, nothing changes.
+        broker = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
+        self.addCleanup(broker.close)
+        jobs = broker.queue("jobs")
+        jobs.insert({"data": 1})
+        for _ in range(3):
+            broker.run_ages()
+        jobs.insert({"data": 2})
+        self.assertIsNone(broker.health())
+        original = K._lock_refused
+        K._lock_refused = lambda fd: True
+        self.addCleanup(setattr, K, "_lock_refused", original)
+        broker.run_ages()  # once is enough: a refusal is not a compaction half-way
+        with self.assertRaises(K.Unavailable):
+            jobs.insert({"data": 3})
+        self.assertIn("refused when asked for again", broker.health())
+        K._lock_refused = original
+        broker.run_ages()
+        with self.assertRaises(K.Unavailable):  # for good
+            jobs.insert({"data": 4})
+        broker.close()
+        again = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
+        self.addCleanup(again.close)
+        self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], [1, 2])
+
+    def test_a_journal_that_failed_is_not_cut_back_once_its_lock_is_refused(self):
+        # A write that fails is undone by cutting the file back to its last acknowledged byte; a server whose lock
+        # is refused must not cut a file another server may be writing. Two failures: the file found longer than
+        # this server wrote (another appended), and an fsync that fails (on NFS: EIO, once the lock is lost).
+        original = K._lock_refused
+        self.addCleanup(setattr, K, "_lock_refused", original)
+
+        def failing_fsync(fd):
+            raise OSError(errno.EIO, "injected: the NFS client lost its lock")
+
+        for failure in ("another server appended", "fsync failed"):
+            with self.subTest(failure):
+                K._lock_refused = original
+                path = os.path.join(self.directory, failure.replace(" ", "-") + ".journal")
+                broker = K.Broker(journal=path)
+                self.addCleanup(broker.close)
+                jobs = broker.queue("jobs")
+                jobs.insert({"data": 1})
+                size = os.path.getsize(path)
+                with open(path, "ab") as other:  # what another server would have appended by then
+                    other.write(b"x" * 100 + b"\n")
+                K._lock_refused = lambda fd: True
+                if failure == "fsync failed":
+                    broker._journal._fsync = failing_fsync
+                with self.assertRaises(K.Unavailable):
+                    jobs.insert({"data": 2})
+                broker._journal._fsync = os.fsync
+                with self.assertRaises(K.Unavailable):  # and no reset: the file may be another server's now
+                    jobs.insert({"data": 3})
+                self.assertGreater(os.path.getsize(path), size + 100, "the file was not cut back")
+                self.assertEqual(read_file(path).count("x" * 100), 1)
+
     def test_a_third_process_waits_or_is_refused_and_a_restarted_active_stands_by(self):
         active, first = self.start()
         standby, second = self.start("--standby")
