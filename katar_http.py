@@ -31,7 +31,10 @@ With --journal FILE every change is appended to FILE (checksummed JSON lines) an
 acknowledged, many requests sharing one fsync; a restart, even after kill -9 or a power cut, replays FILE to the
 same state. A change is all or nothing: if it fails halfway it is undone and answered 503. --max-memory bounds
 what the queues hold: inserts beyond it are 503 while workers go on draining. A second server on the same journal
-with --standby waits for its lock (GET /healthz: 503 standby) and takes over the moment the first one dies.
+with --standby waits for its lock (GET /healthz: 503 standby) and takes over the moment the first one dies; the
+active one checks once a second that the lock is still its own, and writes nothing more if not. Queues spread over
+several such servers behind a proxy that hashes the queue's name (the README has HAProxy's and nginx's files), or
+without one: the tools take several URLs and pick each queue's server by shard_for.
 
 The same file is the client side: `python katar_http.py work URL QUEUE -- CMD` makes any program a worker,
 `put` inserts tasks, `stats` prints the queues' figures; `Client` does the same from Python. GET /metrics is
