@@ -7648,6 +7648,13 @@ class StandbyTest(unittest.TestCase):
         self.addCleanup(process.stderr.close)
         return process, wait_until_listening(self, process)
 
+    def assert_journal_holds(self, broker, data):
+        """Close `broker`; the journal, opened again, holds tasks of `data` in queue jobs, and no others."""
+        broker.close()
+        again = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
+        self.addCleanup(again.close)
+        self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], data)
+
     @staticmethod
     def health(url):
         try:
@@ -7758,10 +7765,7 @@ class StandbyTest(unittest.TestCase):
         broker.run_ages()
         with self.assertRaises(K.Unavailable):
             jobs.insert({"data": 5})
-        broker.close()
-        again = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
-        self.addCleanup(again.close)
-        self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], [1, 2])
+        self.assert_journal_holds(broker, [1, 2])
 
     def test_an_active_server_whose_lock_is_refused_when_asked_again_writes_nothing_more(self):
         # On NFS the lock is the NFS server's: asked for again once a second, it is refused once another machine
@@ -7785,10 +7789,7 @@ class StandbyTest(unittest.TestCase):
         broker.run_ages()
         with self.assertRaises(K.Unavailable):  # for good
             jobs.insert({"data": 4})
-        broker.close()
-        again = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
-        self.addCleanup(again.close)
-        self.assertEqual([t["data"] for t in again.get("jobs").tasks()["tasks"]], [1, 2])
+        self.assert_journal_holds(broker, [1, 2])
 
     def test_a_journal_that_failed_is_not_cut_back_once_its_lock_is_refused(self):
         # A write that fails is undone by cutting the file back to its last acknowledged byte; a server whose lock
