@@ -3514,23 +3514,17 @@ def wait_for_lock(path: str) -> None:
 
 
 def _lock_holder(fd: int) -> str:
-    """The pid that holds the lock on the open file `fd`, as /proc/locks tells it (Linux), or "unknown"."""
-    holders = _lock_holders(fd)
-    return holders[0] if holders else "unknown"
-
-
-def _lock_holders(fd: int) -> Optional[List[str]]:
-    """The pids of this machine holding a lock on the open file `fd`, as /proc/locks tells them (Linux); None where
-    it cannot. An flock is listed as FLOCK, or as POSIX on NFS (where the client turns it into a whole-file lock
-    held on the NFS server)."""
+    """The pid that holds the flock on the open file `fd`, as /proc/locks tells it (Linux), or "unknown": for the
+    message of a second server refused. (Only a message: /proc/locks is read a page at a time while other processes
+    change it, and can skip a line, so it is never the evidence that this process lost its own lock.)"""
     status = os.fstat(fd)
     device = "%02x:%02x:%d" % (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            return [fields[4] for fields in map(str.split, handle)
-                    if len(fields) > 5 and fields[1] in ("FLOCK", "POSIX") and fields[5] == device]
+            return next((fields[4] for fields in map(str.split, handle)
+                         if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device), "unknown")
     except OSError:
-        return None
+        return "unknown"
 
 
 def _lock_refused(fd: int) -> bool:
@@ -3600,9 +3594,7 @@ class Journal:
         self.records = 0                   # records in the file, to decide when to compact
         self._compacting: Optional[List[bytes]] = None  # records appended since the snapshot being written
         self._compaction_running = False
-        self._lock_misses = 0              # checks in a row that found the lock not this process's (check_lock)
-        self._lock_lost = False            # then, for good: no reset brings the journal back
-        self._lock_seen = False            # the lock was once seen in /proc/locks: its absence then means lost
+        self._lock_lost = False            # the lock was refused (check_lock): for good, no reset brings it back
         self._compact_after = 0.0          # monotonic time before which no compaction starts (after a failure)
         self._compact_wait = COMPACT_RETRY[0]
         self._closed = False
@@ -3993,26 +3985,15 @@ class Journal:
 
     def check_lock(self) -> None:
         """Fail the journal, for good, if this process no longer holds its lock: a standby may have taken over, and
-        two servers must never write one journal. The server asks once a second. Two ways to tell, where the
-        platform can: the lock asked for again is refused (NFS: the NFS server gave it to another machine), or
-        /proc/locks, once it has shown the lock there, no longer shows it this process's twice in a row (a
-        compaction moving the lock may be seen half-way once)."""
+        two servers must never write one journal. The server asks once a second. The lock is asked for again,
+        without waiting: where the lock lives in this kernel it cannot be taken away and nothing changes; on NFS the
+        NFS server refuses it once it went to another machine."""
         with self._cond:
             fd = self._fd
             if fd is None or self._closed or self.failed is not None or self._compaction_running:
                 return
             if _lock_refused(fd):
                 self._lose_lock("refused when asked for again")
-                return
-            holders = _lock_holders(fd)
-            if holders is not None and str(os.getpid()) in holders:
-                self._lock_misses, self._lock_seen = 0, True
-                return
-            if holders is None or not self._lock_seen:
-                return  # the platform cannot tell
-            self._lock_misses += 1
-            if self._lock_misses >= 2:
-                self._lose_lock(f"held by {', '.join(holders) or 'nobody'}")
 
     def _lose_lock(self, how: str) -> None:
         """The lock is no longer this process's: fail the journal for good (self._cond held)."""

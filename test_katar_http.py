@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -7743,29 +7744,36 @@ class StandbyTest(unittest.TestCase):
         self.assertTrue(all(len(tasks[tid]["history"]) == 1 for tid in done), "none delivered again after its done")
         self.assertEqual(tasks[held_id]["lease_expires_at"], lease_before, "a live lease keeps its deadline")
 
-    def test_an_active_server_that_no_longer_holds_the_lock_writes_nothing_more(self):
+    def test_other_processes_taking_and_dropping_locks_never_make_an_active_server_give_up_its_journal(self):
+        # Locks come and go all over a machine; /proc/locks, read a page at a time meanwhile, skips lines (here
+        # about one read in seven misses the journal's), so no check may take a line missing there for the lock
+        # lost: that would stop a healthy server for good.
         broker = K.Broker(journal=os.path.join(self.directory, "tasks.journal"))
         self.addCleanup(broker.close)
         jobs = broker.queue("jobs")
-        jobs.insert({"data": 1})
-        broker.run_ages()  # the server's check, once a second: the lock is this process's
+        others = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import fcntl, os, sys
+            held = [os.open(os.path.join(sys.argv[1], "held%d" % n), os.O_RDWR | os.O_CREAT) for n in range(2000)]
+            for fd in held:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            churn = [os.open(os.path.join(sys.argv[1], "churn%d" % n), os.O_RDWR | os.O_CREAT) for n in range(50)]
+            print("holding", flush=True)
+            while True:
+                for fd in churn:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                for fd in churn:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            """), self.directory], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(stop_process, others)
+        self.addCleanup(others.stdout.close)
+        self.assertEqual(others.stdout.readline(), "holding\n")
+        for n in range(300):
+            broker.run_ages()  # the server's check, once a second
+            if n % 30 == 0:
+                jobs.insert({"data": n})
         self.assertIsNone(broker.health())
-        original = K._lock_holders
-        K._lock_holders = lambda fd: ["1"]  # as /proc/locks would show a lock taken away (a lost NFS lease)
-        self.addCleanup(setattr, K, "_lock_holders", original)
-        broker.run_ages()
-        jobs.insert({"data": 2})  # once is not enough (a compaction moves the lock)...
-        broker.run_ages()  # ...twice is
-        with self.assertRaises(K.Unavailable):
-            jobs.insert({"data": 3})
-        with self.assertRaises(K.Unavailable):  # and for good: no reset brings the journal back
-            jobs.insert({"data": 4})
-        self.assertIn("no longer holds the lock", broker.health())
-        K._lock_holders = original  # even were the lock found again: this server writes nothing more
-        broker.run_ages()
-        with self.assertRaises(K.Unavailable):
-            jobs.insert({"data": 5})
-        self.assert_journal_holds(broker, [1, 2])
+        jobs.insert({"data": "after"})
+        self.assertEqual(len(jobs.tasks()["tasks"]), 11)
 
     def test_an_active_server_whose_lock_is_refused_when_asked_again_writes_nothing_more(self):
         # On NFS the lock is the NFS server's: asked for again once a second, it is refused once another machine
