@@ -6821,8 +6821,9 @@ class Client:
 def shard_for(urls: List[str], queue: str) -> str:
     """The server of `urls` that holds `queue`, for setups that spread queues over servers without a proxy: the one
     whose hash with the queue's name is highest (rendezvous hashing). Every tool picks the same one, in any order of
-    the URLs, and adding or removing a server moves only the queues of that server."""
-    return max(urls, key=lambda url: hashlib.sha256(f"{url}\n{queue}".encode()).digest())
+    the URLs, and adding or removing a server moves only the queues of that server. A URL is hashed without the
+    spaces around it and its trailing slashes (as the tools give it); otherwise as written."""
+    return max(urls, key=lambda url: hashlib.sha256(f"{url.strip().rstrip('/')}\n{queue}".encode()).digest())
 
 
 Polled = Union[str, List[str], Dict[str, float]]  # what a worker polls: one queue, several in order, or weighted
@@ -7388,7 +7389,7 @@ def run_tool(tool: str, argv: List[str], environ: Dict[str, str]) -> int:
         command, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     args = build_tool_parser(tool).parse_args(argv)
     args.command = command
-    urls = [url.strip().rstrip("/") for url in args.url.split(",") if url.strip()]
+    urls = list(dict.fromkeys(url.strip().rstrip("/") for url in args.url.split(",") if url.strip()))
     try:
         polled = parse_polled(args.queue) if tool == "work" else args.queue
         names = [] if polled is None else [polled] if isinstance(polled, str) else list(polled)

@@ -7904,6 +7904,12 @@ class ShardedToolsTest(unittest.TestCase):
         self.assertEqual([line.split()[:2] for line in out.splitlines()[1:]], [["q3", "1"]])
         status, out, _ = self.tool("stats", ",".join(self.urls))  # every server's queues
         self.assertEqual(sum(int(line.split()[1]) for line in out.splitlines()[1:]), 10)
+        # Spaces and trailing slashes change nothing, in the tools or in shard_for; a URL given twice counts once.
+        for n in range(10):
+            self.assertEqual(K.shard_for([f" {url}/ " for url in self.urls], f"q{n}").strip().rstrip("/"),
+                             holders[f"q{n}"])
+        status, out, _ = self.tool("stats", ",".join(self.urls + [self.urls[0] + "/"]))
+        self.assertEqual(sum(int(line.split()[1]) for line in out.splitlines()[1:]), 10)
         # Removing a server moves only its own queues.
         fewer = [url for url in self.urls if url != self.urls[0]]
         for queue, holder in holders.items():
@@ -7975,8 +7981,8 @@ class ProxyTest(unittest.TestCase):
         with open(path, "w") as handle:
             handle.write(text)
         process = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        self.addCleanup(stop_process, process)
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        self.addCleanup(stop_process, process, group=True)
         return f"http://127.0.0.1:{port}"
 
     def start_nginx(self, shards):
@@ -7991,8 +7997,8 @@ class ProxyTest(unittest.TestCase):
         process = subprocess.Popen(
             ["nginx", "-p", self.directory, "-e", os.path.join(self.directory, "error.log"), "-c", path,
              "-g", f"daemon off; pid {os.path.join(self.directory, 'nginx.pid')};"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(stop_process, process)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.addCleanup(stop_process, process, group=True)  # its workers with it
         return f"http://127.0.0.1:{port}"
 
     @unittest.skipUnless(shutil.which("haproxy"), "haproxy is not installed (Debian package haproxy): the README's "
@@ -8028,6 +8034,13 @@ class ProxyTest(unittest.TestCase):
         self.assertEqual(sorted(q for names in held.values() for q in names), sorted(self.QUEUES),
                          "every queue on exactly one shard")
         self.assertTrue(all(held.values()), f"the 30 queues spread over the three shards: {held}")
+        # A name spelled with escapes reaches its queue's shard; so does HTTP/1.0 without a Host header.
+        self.assertEqual(client.request("GET", "/v1/queue/%71%31%37/stats")[1]["queue"], "q17")
+        with socket.create_connection(("127.0.0.1", urlsplit(proxy).port), timeout=5) as raw:
+            raw.sendall(b"GET /v1/queue/q23/stats HTTP/1.0\r\n\r\n")
+            answer = b"".join(iter(lambda: raw.recv(65536), b""))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:200])
+        self.assertEqual(json.loads(answer.split(b"\r\n\r\n", 1)[1])["queue"], "q23")
         lock, stop = threading.Lock(), threading.Event()
         inserted, done = {}, {}  # task id -> queue
 
