@@ -32,7 +32,7 @@ acknowledged, many requests sharing one fsync; a restart, even after kill -9 or 
 same state. A change is all or nothing: if it fails halfway it is undone and answered 503. --max-memory bounds
 what the queues hold: inserts beyond it are 503 while workers go on draining. A second server on the same journal
 with --standby waits for its lock (GET /healthz: 503 standby) and takes over the moment the first one dies; the
-active one checks once a second that the lock is still its own, and writes nothing more if not. Queues spread over
+active one checks once a second that the lock is still its own, and serves nothing more if not. Queues spread over
 several such servers behind a proxy that hashes the queue's name (the README has HAProxy's and nginx's files), or
 without one: the tools take several URLs and pick each queue's server by shard_for.
 
@@ -3294,6 +3294,11 @@ class Broker:
         longer than STALL_SECONDS), or None."""
         return self._journal.trouble() if self._journal is not None else None
 
+    def lost_journal(self) -> bool:
+        """Whether this broker lost its journal's lock to another server: what it holds may be out of date, so a
+        server serves nothing more from it."""
+        return self._journal is not None and self._journal.lock_lost
+
     def memory(self) -> Tuple[int, int]:
         """The estimate of the bytes the queues hold, and its bound (0: none)."""
         return self._memory, self.max_memory
@@ -4002,6 +4007,11 @@ class Journal:
                                          f"server may write it now, so this one writes nothing more; restart it "
                                          f"(as a standby)"))
         self._wake()
+
+    @property
+    def lock_lost(self) -> bool:
+        """Whether the lock was refused (check_lock): another server may own the file now."""
+        return self._lock_lost
 
     def trouble(self) -> Optional[str]:
         """Why records cannot be made durable now, or None."""
@@ -4963,6 +4973,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.standby and path != "/healthz":
             raise Unavailable("this server is a standby: it serves once the active server's journal is free; "
                               "send requests to the active server")
+        if path != "/healthz" and self.server.broker.lost_journal():  # (reads too: what it holds may be stale)
+            raise Unavailable("this server lost its journal's lock to another server, which may serve the queues "
+                              "now: send requests to the active server, and restart this one with --standby")
         scope = access.ADMIN
         if not access.open and path not in OPEN_PATHS:
             scope = access.scope(self.headers.get("authorization"))  # before routing: 401 reveals no routes

@@ -7801,10 +7801,23 @@ class StandbyTest(unittest.TestCase):
         original = K._lock_refused
         K._lock_refused = lambda fd: True
         self.addCleanup(setattr, K, "_lock_refused", original)
-        broker.run_ages()  # once is enough: a refusal is not a compaction half-way
+        server = K.serve(broker, port=0)
+        self.addCleanup(server.close)
+        client = K.Client(server.url)
+        self.addCleanup(client.close)
+        self.assertEqual(client.stats("jobs")[0]["counts"]["queued"], 2)
+        broker.run_ages()  # once is enough
         with self.assertRaises(K.Unavailable):
             jobs.insert({"data": 3})
         self.assertIn("refused when asked for again", broker.health())
+        # Over HTTP it serves nothing more, reads included (another server may hold newer state): /healthz says why.
+        for method, path in (("GET", "/v1/queue/jobs/stats"), ("GET", "/v1/queues"), ("POST", "/v1/queue/jobs")):
+            with self.assertRaises(K.Unavailable) as refused:
+                client.request(method, path, {} if method == "POST" else None)
+            self.assertIn("lost its journal's lock", str(refused.exception))
+        with self.assertRaises(K.Unavailable) as health:
+            client.request("GET", "/healthz")
+        self.assertEqual(health.exception.fields.get("status"), "degraded")
         K._lock_refused = original
         broker.run_ages()
         with self.assertRaises(K.Unavailable):  # for good
