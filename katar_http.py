@@ -3998,15 +3998,11 @@ class Journal:
             if fd is None or self._closed or self.failed is not None or self._compaction_running:
                 return
             if _lock_refused(fd):
-                self._lose_lock("refused when asked for again")
-
-    def _lose_lock(self, how: str) -> None:
-        """The lock is no longer this process's: fail the journal for good (self._cond held)."""
-        self._lock_lost = True
-        self._fail(OSError(errno.ENOLCK, f"this server no longer holds the lock of {self.path} ({how}): another "
-                                         f"server may write it now, so this one writes nothing more; restart it "
-                                         f"(as a standby)"))
-        self._wake()
+                self._lock_lost = True
+                self._fail(OSError(errno.ENOLCK, f"this server no longer holds the lock of {self.path} (refused "
+                                                 f"when asked for again): another server may write it now, so this "
+                                                 f"one writes nothing more; restart it (as a standby)"))
+                self._wake()
 
     @property
     def lock_lost(self) -> bool:
