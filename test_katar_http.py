@@ -7149,7 +7149,7 @@ class ScheduleCrashTest(unittest.TestCase):
         stamps = [datetime.datetime.strptime(key.split(":", 2)[2], "%Y-%m-%dT%H:%M:%S.%fZ") for key in keys]
         self.assertEqual(sorted(stamps), stamps)
         gaps = {(later - earlier).total_seconds() for earlier, later in zip(stamps, stamps[1:])}
-        self.assertEqual(gaps, {1.0}, "no slot went missing across the kill")
+        self.assertEqual(gaps, {1.0}, f"no slot went missing across the kill: {keys}, {before} before the first slot after the restart")
 
 
 # ---------------------------------------------------------------------------------------------------------------
